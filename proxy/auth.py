@@ -1,0 +1,70 @@
+"""Virtual keys: the proxy's own API keys, stored only as SHA-256 hashes.
+
+A client sends ``Authorization: Bearer <key>``; the key is hashed and looked up by its
+digest, and the digest is compared with ``hmac.compare_digest``, so neither the lookup
+nor the comparison leaks the secret through timing. The OpenRouter key is a different
+thing entirely and never reaches this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from proxy.errors import AuthenticationFailed
+from proxy.types import Principal
+
+__all__ = ["KEY_PREFIX", "Keyring", "hash_key", "new_key"]
+
+KEY_PREFIX = "sk-proxy-"
+
+
+def hash_key(secret: str) -> str:
+    """The hex SHA-256 of a virtual key, as stored in config."""
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def new_key() -> str:
+    """A fresh random virtual key: ``sk-proxy-`` and 43 URL-safe characters (256 bits)."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    digest: bytes
+    principal: Principal
+
+
+class Keyring:
+    """Resolve bearer tokens to ``Principal``s.
+
+    Built once from ``(sha256_hex, name, team, tier)`` tuples; ``authenticate`` raises
+    ``AuthenticationFailed`` (401) for a missing, malformed or unknown key.
+    """
+
+    def __init__(self, entries: Iterable[tuple[str, str, str | None, str | None]]) -> None:
+        self._by_digest: dict[bytes, _Entry] = {}
+        for sha256_hex, name, team, tier in entries:
+            digest = bytes.fromhex(sha256_hex)
+            principal = Principal(key_id=sha256_hex[:12], name=name, team=team, tier=tier)
+            self._by_digest[digest] = _Entry(digest, principal)
+
+    def __len__(self) -> int:
+        return len(self._by_digest)
+
+    def authenticate(self, authorization: bytes | None) -> Principal:
+        """Resolve the raw ``Authorization`` header value."""
+        if not authorization:
+            raise AuthenticationFailed("Missing API key: send your proxy key as 'Authorization: Bearer <key>'.")
+        scheme, _, token = authorization.partition(b" ")
+        token = token.strip()
+        if scheme.lower() != b"bearer" or not token:
+            raise AuthenticationFailed("Malformed Authorization header: expected 'Bearer <key>'.")
+        digest = hashlib.sha256(token).digest()
+        entry = self._by_digest.get(digest)
+        if entry is None or not hmac.compare_digest(entry.digest, digest):
+            raise AuthenticationFailed("Incorrect API key provided.")
+        return entry.principal

@@ -1,0 +1,231 @@
+"""Every error the proxy sends to a client, and the one function that renders it.
+
+Each error knows its HTTP status and its OpenAI ``type``/``code``/``param``; the client
+always receives OpenAI's envelope::
+
+    {"error": {"message": str, "type": str, "param": str | null, "code": str | int | null}}
+
+plus ``metadata`` (and ``availability``) when relaying an OpenRouter error, so nothing
+OpenRouter said is lost. The hierarchy::
+
+    ProxyError
+    ├── InternalError ............. 500 server_error            (a bug; details only in the log)
+    ├── InvalidRequest ............ 400 invalid_request_error   (bad JSON, missing/typed fields)
+    ├── AuthenticationFailed ...... 401 invalid_request_error / invalid_api_key
+    ├── PermissionDenied .......... 403 permission_error
+    ├── NotFound .................. 404 invalid_request_error / not_found
+    ├── MethodNotAllowed .......... 405 invalid_request_error / method_not_allowed
+    ├── BodyTooLarge .............. 413 invalid_request_error / request_too_large
+    ├── UpstreamStatusError ....... OpenRouter's own status, relayed (4xx/5xx)
+    ├── UpstreamKeyRejected ....... 502 upstream_authentication_error (OpenRouter said 401)
+    ├── UpstreamOutOfCredits ...... 503 upstream_insufficient_credits (OpenRouter said 402)
+    ├── UpstreamUnreachable ....... 502 upstream_connection_error
+    │   └── UpstreamCut ........... the body broke off after the response started
+    └── UpstreamTimeout ........... 504 upstream_timeout
+
+Errors that retrying cannot fix carry ``x-should-retry: false``, which the OpenAI SDKs
+honour. Third-party exceptions are translated into these at their boundary (the upstream
+module for HTTP client errors), never here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import orjson
+
+__all__ = [
+    "AuthenticationFailed",
+    "BodyTooLarge",
+    "InternalError",
+    "InvalidRequest",
+    "MethodNotAllowed",
+    "NotFound",
+    "PermissionDenied",
+    "ProxyError",
+    "UpstreamCut",
+    "UpstreamKeyRejected",
+    "UpstreamOutOfCredits",
+    "UpstreamStatusError",
+    "UpstreamTimeout",
+    "UpstreamUnreachable",
+    "render_error",
+]
+
+
+class ProxyError(Exception):
+    """Base of every error sent to a client. Subclasses set the class attributes."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    code: ClassVar[str | None] = None
+    should_retry: ClassVar[bool | None] = None
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def status_code(self) -> int:
+        return self.status
+
+    def error_object(self) -> dict[str, Any]:
+        """The inner ``error`` object of the OpenAI envelope."""
+        return {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+
+    def extra_headers(self) -> list[tuple[bytes, bytes]]:
+        return []
+
+    def retry_hint(self) -> bool | None:
+        return self.should_retry
+
+
+class InternalError(ProxyError):
+    code = "internal_error"
+
+
+class InvalidRequest(ProxyError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+    should_retry = False
+
+
+class AuthenticationFailed(ProxyError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+    should_retry = False
+
+
+class PermissionDenied(ProxyError):
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
+    should_retry = False
+
+
+class NotFound(ProxyError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+    should_retry = False
+
+
+class MethodNotAllowed(ProxyError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+    should_retry = False
+
+
+class BodyTooLarge(ProxyError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+    should_retry = False
+
+
+# OpenRouter status -> OpenAI error type, for relayed errors (openrouter-api.md §4.2).
+_RELAYED_TYPES = {
+    400: "invalid_request_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_exceeded",
+}
+_NOT_RETRYABLE = frozenset({400, 403, 404, 413, 422})
+
+
+class UpstreamStatusError(ProxyError):
+    """An error status from OpenRouter, relayed with its status, ``code`` and ``metadata``.
+
+    ``upstream`` is OpenRouter's inner ``error`` object (§4.1: ``message``, numeric
+    ``code``, optional ``metadata`` and ``availability``); ``retry_after`` is the upstream
+    ``Retry-After`` header value, passed on to the client.
+    """
+
+    def __init__(self, status: int, upstream: dict[str, Any], *, retry_after: str | None = None) -> None:
+        message = upstream.get("message")
+        super().__init__(message if isinstance(message, str) else f"OpenRouter returned HTTP {status}")
+        self.upstream_status = status
+        self.upstream = upstream
+        self.retry_after = retry_after
+
+    def status_code(self) -> int:
+        return self.upstream_status
+
+    def error_object(self) -> dict[str, Any]:
+        code = self.upstream.get("code", self.upstream_status)
+        default_type = "server_error" if self.upstream_status >= 500 else "invalid_request_error"
+        obj: dict[str, Any] = {
+            "message": self.message,
+            "type": _RELAYED_TYPES.get(self.upstream_status, default_type),
+            "param": None,
+            "code": code,
+        }
+        for extra in ("metadata", "availability"):
+            if extra in self.upstream:
+                obj[extra] = self.upstream[extra]
+        return obj
+
+    def extra_headers(self) -> list[tuple[bytes, bytes]]:
+        if self.retry_after is None:
+            return []
+        return [(b"retry-after", self.retry_after.encode("latin-1"))]
+
+    def retry_hint(self) -> bool | None:
+        return False if self.upstream_status in _NOT_RETRYABLE else None
+
+
+class UpstreamKeyRejected(ProxyError):
+    """OpenRouter answered 401: the proxy's own upstream key is wrong. The operator's problem."""
+
+    status = 502
+    type = "upstream_authentication_error"
+    code = "upstream_key_rejected"
+    should_retry = False
+
+
+class UpstreamOutOfCredits(ProxyError):
+    """OpenRouter answered 402: the proxy's account or key is out of credits."""
+
+    status = 503
+    type = "upstream_insufficient_credits"
+    code = "upstream_payment_required"
+    should_retry = False
+
+
+class UpstreamUnreachable(ProxyError):
+    status = 502
+    type = "upstream_connection_error"
+    code = "upstream_unreachable"
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+    type = "upstream_timeout"
+    code = "upstream_timeout"
+
+
+_JSON = (b"content-type", b"application/json")
+
+
+def render_error(error: ProxyError, request_id: str | None = None) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """Render ``error`` as ``(status, headers, body)`` in OpenAI's error envelope."""
+    body = orjson.dumps({"error": error.error_object()})
+    headers = [_JSON, (b"content-length", str(len(body)).encode())]
+    if request_id is not None:
+        headers.append((b"x-request-id", request_id.encode()))
+    if error.retry_hint() is False:
+        headers.append((b"x-should-retry", b"false"))
+    headers.extend(error.extra_headers())
+    return error.status_code(), headers, body
+
+
+class UpstreamCut(UpstreamUnreachable):
+    """The upstream body broke off or timed out after the response had started."""
+
+    code = "upstream_stream_cut"

@@ -1,0 +1,82 @@
+"""Metering: turn what upstream said into ``Usage`` and a ``UsageRecord``'s JSON line.
+
+Sources: OpenRouter's ``usage`` object (openrouter-api.md §2.3): ``prompt_tokens``,
+``completion_tokens``, ``total_tokens``, ``cost`` (USD credits),
+``prompt_tokens_details.cached_tokens``, ``completion_tokens_details.reasoning_tokens``.
+Anything missing or mistyped counts as 0 (cost as ``None``): metering never fails a
+request.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from proxy.types import Usage, UsageRecord
+
+__all__ = ["record_json", "usage_from"]
+
+
+def _int(obj: Any, key: str) -> int:
+    value = obj.get(key) if isinstance(obj, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def usage_from(usage: Any) -> Usage | None:
+    """``Usage`` from OpenRouter's ``usage`` dict, or ``None`` when there is none."""
+    if not isinstance(usage, dict):
+        return None
+    cost = usage.get("cost")
+    prompt = _int(usage, "prompt_tokens")
+    completion = _int(usage, "completion_tokens")
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=_int(usage, "total_tokens") or prompt + completion,
+        cached_tokens=_int(usage.get("prompt_tokens_details"), "cached_tokens"),
+        reasoning_tokens=_int(usage.get("completion_tokens_details"), "reasoning_tokens"),
+        cost_usd=float(cost) if isinstance(cost, int | float) and not isinstance(cost, bool) else None,
+    )
+
+
+def record_json(record: UsageRecord) -> bytes:
+    """The usage-log line for ``record`` (JSON object + ``\\n``), flat and stable.
+
+    Keys: ``ts, request_id, key, team, requested_model, routed_model, rule, model,
+    provider, generation_id, stream, status, prompt_tokens, completion_tokens,
+    total_tokens, cached_tokens, reasoning_tokens, cost_usd, finish_reason, latency_s,
+    ttfb_s, ttft_s, done, cancelled, error_code, malformed_events`` (+ ``extra``).
+    """
+    usage = record.usage or Usage()
+    line: dict[str, Any] = {
+        "ts": round(record.ts, 6),
+        "request_id": record.request_id,
+        "key": record.key_name,
+        "team": record.team,
+        "requested_model": record.requested_model,
+        "routed_model": record.routed_model,
+        "rule": record.rule,
+        "model": record.model,
+        "provider": record.provider,
+        "generation_id": record.generation_id,
+        "stream": record.stream,
+        "status": record.status,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "cached_tokens": usage.cached_tokens,
+        "reasoning_tokens": usage.reasoning_tokens,
+        "cost_usd": usage.cost_usd,
+        "finish_reason": record.finish_reason,
+        "latency_s": round(record.latency_s, 6),
+        "ttfb_s": None if record.ttfb_s is None else round(record.ttfb_s, 6),
+        "ttft_s": None if record.ttft_s is None else round(record.ttft_s, 6),
+        "done": record.done,
+        "cancelled": record.cancelled,
+        "error_code": record.error_code,
+        "malformed_events": record.malformed_events,
+    }
+    if record.extra:
+        line["extra"] = record.extra
+    return orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)

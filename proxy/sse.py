@@ -1,0 +1,145 @@
+"""A side parser for OpenRouter's SSE stream: it reads, it never changes or delays.
+
+The proxy forwards every upstream chunk to the client as it arrives and hands the same
+bytes to ``SSETap.feed``. The tap splits events (``\\n\\n``-separated, CRLF tolerated),
+counts keep-alive comments and data events, and parses JSON only where it must:
+
+* the first data event (generation ``id``, ``model``, ``provider``);
+* events that may carry ``usage``, a top-level ``error`` or a non-null ``finish_reason``
+  (found by a byte search first; a JSON string cannot contain an unescaped ``"usage"``,
+  so the search only ever over-selects).
+
+It understands the three shapes of OpenRouter's final usage chunk (openrouter-api.md
+§3.4: a one-choice chunk after a separate finish chunk, ``choices: []``, and the repeated
+finish choice) because it keys off the top-level ``usage`` object, not the choices; an
+in-band error event (§3.5, top-level ``error``); and streams that end without
+``data: [DONE]`` (``finish()``). A malformed event is counted in ``malformed`` and
+otherwise ignored: the tap never raises from ``feed``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+__all__ = ["SSETap"]
+
+_MAX_PENDING = 1 << 20  # an "event" longer than 1 MiB without a separator is dropped
+_DONE = b"[DONE]"
+
+
+class SSETap:
+    """Incremental observer of one SSE response. See the module docstring.
+
+    After the stream: ``generation_id``, ``model``, ``provider`` (from the first data
+    event), ``usage`` (the last top-level ``usage`` object seen, a dict), ``error`` (the
+    last in-band ``error`` object), ``finish_reason``, ``done`` (``[DONE]`` seen),
+    ``data_events``, ``comments``, ``malformed``.
+    """
+
+    __slots__ = (
+        "_pending",
+        "comments",
+        "data_events",
+        "done",
+        "error",
+        "finish_reason",
+        "generation_id",
+        "malformed",
+        "model",
+        "provider",
+        "usage",
+    )
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self.comments = 0
+        self.data_events = 0
+        self.malformed = 0
+        self.done = False
+        self.generation_id: str | None = None
+        self.model: str | None = None
+        self.provider: str | None = None
+        self.usage: dict[str, Any] | None = None
+        self.error: dict[str, Any] | None = None
+        self.finish_reason: str | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        """Observe the next chunk of upstream bytes (any split, any size)."""
+        data = self._pending + chunk if self._pending else chunk
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n")
+        if b"\n\n" not in data:
+            self._keep(data)
+            return
+        events = data.split(b"\n\n")
+        self._keep(events.pop())
+        for event in events:
+            if event:
+                self._event(event)
+
+    def finish(self) -> None:
+        """The upstream body ended: treat any unterminated tail as a last event."""
+        tail, self._pending = self._pending.strip(b"\n"), b""
+        if tail:
+            self._event(tail)
+
+    def _keep(self, rest: bytes) -> None:
+        if len(rest) > _MAX_PENDING:
+            self.malformed += 1
+            rest = b""
+        self._pending = rest
+
+    def _event(self, event: bytes) -> None:
+        if event[:1] == b":":
+            self.comments += 1
+            return
+        payload = None
+        for line in event.split(b"\n"):
+            if line.startswith(b"data:"):
+                value = line[5:]
+                if value[:1] == b" ":
+                    value = value[1:]
+                payload = value if payload is None else payload + b"\n" + value
+            elif line[:1] == b":":
+                self.comments += 1
+        if payload is None:
+            return
+        if payload == _DONE:
+            self.done = True
+            return
+        self.data_events += 1
+        first = self.data_events == 1
+        if not (first or b'"usage"' in payload or b'"error"' in payload or b'"finish_reason":"' in payload):
+            return
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            self.malformed += 1
+            return
+        if not isinstance(obj, dict):
+            self.malformed += 1
+            return
+        if first:
+            self._identity(obj)
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            self.usage = usage
+        error = obj.get("error")
+        if isinstance(error, dict):
+            self.error = error
+        choices = obj.get("choices")
+        if isinstance(choices, list):
+            for choice in choices:
+                if isinstance(choice, dict) and isinstance(choice.get("finish_reason"), str):
+                    self.finish_reason = choice["finish_reason"]
+
+    def _identity(self, obj: dict[str, Any]) -> None:
+        for name in ("id", "model", "provider"):
+            value = obj.get(name)
+            if isinstance(value, str):
+                if name == "id":
+                    self.generation_id = value
+                else:
+                    setattr(self, name, value)

@@ -1,0 +1,174 @@
+"""Shared fixtures: real uvicorn servers on free loopback ports, run in threads.
+
+Factories, not globals: ``serve(app)`` starts any ASGI app and returns its base URL;
+``proxy_server(...)`` builds a proxy with test keys in front of the emulator.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+
+from proxy.app import ProxyApp, create_app
+from proxy.auth import hash_key
+from proxy.config import Settings, load_settings
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_FIXTURES = REPO.parent / "shared" / "openrouter" / "fixtures"
+UPSTREAM_KEY = "sk-or-test-upstream-secret-key-do-not-leak"
+ALICE_KEY = "sk-proxy-test-alice-0000000000000000000000000"
+BOB_KEY = "sk-proxy-test-bob-11111111111111111111111111111"
+
+
+class ServerThread:
+    """uvicorn serving ``app`` on 127.0.0.1:<free port> in a daemon thread."""
+
+    def __init__(self, app: Any, *, lifespan: str = "on") -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        config = uvicorn.Config(
+            app, lifespan=lifespan, log_config=None, log_level=None, access_log=False,
+            loop="uvloop", http="httptools", timeout_graceful_shutdown=2,
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("test server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., ServerThread]]:
+    started: list[ServerThread] = []
+
+    def _serve(app: Any, **kwargs: Any) -> ServerThread:
+        server = ServerThread(app, **kwargs).start()
+        started.append(server)
+        return server
+
+    yield _serve
+    for server in reversed(started):
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def emulator_app() -> Any:
+    from proxy.emulator import create_app as create_emulator
+
+    return create_emulator(fixtures_dir=SHARED_FIXTURES if SHARED_FIXTURES.is_dir() else None, api_key=UPSTREAM_KEY)
+
+
+@pytest.fixture(scope="session")
+def emulator(emulator_app: Any) -> Iterator[ServerThread]:
+    server = ServerThread(emulator_app, lifespan="off").start()
+    yield server
+    server.stop()
+
+
+def write_config(tmp_path: Path, upstream_url: str, extra: str = "") -> Path:
+    """A config.yaml in ``tmp_path`` with two keys (alice/research, bob/web)."""
+    policies = tmp_path / "policies"
+    policies.mkdir(exist_ok=True)
+    (policies / "routing.yaml").write_text(
+        "aliases:\n  gpt-4o-mini: openai/gpt-4o-mini\n  fast: gpt-4o-mini\n  claude: anthropic/claude-haiku-4.5\n"
+    )
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        f"""
+server:
+  max_body_bytes: 65536
+upstream:
+  base_url: {upstream_url}
+  app_url: https://example.test/app
+  app_title: proxy-tests
+  read_timeout_s: 5
+usage:
+  log_path: usage.jsonl
+  flush_interval_s: 0.05
+keys:
+  - name: alice
+    team: research
+    sha256: {hash_key(ALICE_KEY)}
+  - name: bob
+    team: web
+    sha256: {hash_key(BOB_KEY)}
+{extra}
+"""
+    )
+    return path
+
+
+@dataclass
+class ProxyUnderTest:
+    server: ServerThread
+    app: ProxyApp
+    settings: Settings
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.server.url}/v1"
+
+    @property
+    def usage_log(self) -> Path:
+        path = self.settings.usage.log_path
+        assert path is not None
+        return path
+
+    def records(self, count: int | None = None, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """Usage records written so far; waits until ``count`` exist (the log flushes async)."""
+        import orjson
+
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = self.usage_log.read_bytes().splitlines() if self.usage_log.exists() else []
+            records = [orjson.loads(line) for line in lines if line.strip()]
+            if count is None or len(records) >= count or time.monotonic() > deadline:
+                return records
+            time.sleep(0.02)
+
+
+@pytest.fixture
+def proxy_server(
+    tmp_path: Path, serve: Callable[..., ServerThread], emulator: ServerThread
+) -> Callable[..., ProxyUnderTest]:
+    def _make(*, upstream_url: str | None = None, extra: str = "", api_key: str = UPSTREAM_KEY) -> ProxyUnderTest:
+        path = write_config(tmp_path, upstream_url or f"{emulator.url}/api/v1", extra)
+        settings = load_settings(path, {"OPENROUTER_API_KEY": api_key})
+        app = create_app(settings)
+        return ProxyUnderTest(serve(app), app, settings)
+
+    return _make
+
+
+@pytest.fixture
+def proxy(proxy_server: Callable[..., ProxyUnderTest]) -> ProxyUnderTest:
+    return proxy_server()

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy.config import DEFAULT_BASE_URL, load_settings
+from proxy.yamlsrc import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_config_is_valid_and_env_overrides_apply() -> None:
+    settings = load_settings(REPO / "config.yaml", {})
+    assert settings.upstream.base_url == DEFAULT_BASE_URL
+    assert settings.upstream.api_key is None and settings.store.redis_url is None
+    env = {"OPENROUTER_API_KEY": "sk-or-secret", "OPENROUTER_BASE_URL": "http://127.0.0.1:9/api/v1/",
+           "REDIS_URL": "redis://127.0.0.1:6379/0"}
+    settings = load_settings(REPO / "config.yaml", env)
+    assert settings.upstream.base_url == "http://127.0.0.1:9/api/v1"
+    assert settings.upstream.api_key is not None and settings.upstream.api_key.get_secret_value() == "sk-or-secret"
+    assert "sk-or-secret" not in repr(settings)
+    assert settings.store.redis_url == "redis://127.0.0.1:6379/0"
+    assert settings.usage.log_path == REPO / "var" / "usage.jsonl"
+    assert settings.policies_dir == REPO / "policies"
+
+
+def test_every_problem_is_reported_with_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "server:\n  port: 99999\n  colour: blue\nupstream:\n  base_url: ftp://x\n"
+        "keys:\n  - name: a\n    sha256: nothex\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, {})
+    found = sorted((p.line, p.message.split(":")[0]) for p in info.value.problems)
+    assert found == [(2, "server.port"), (3, "server.colour"), (5, "upstream.base_url"), (8, "keys.0.sha256")]
+
+
+def test_duplicate_keys_and_forbidden_forward_headers(tmp_path: Path) -> None:
+    digest = "a" * 64
+    path = tmp_path / "config.yaml"
+    path.write_text(f"keys:\n  - name: a\n    sha256: {digest}\n  - name: a\n    sha256: {digest}\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, {})
+    assert len(info.value.problems) == 2 and info.value.problems[0].line == 4
+    path.write_text("upstream:\n  forward_headers: [Authorization]\n")
+    with pytest.raises(ConfigError):
+        load_settings(path, {})

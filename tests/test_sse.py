@@ -1,0 +1,138 @@
+"""The SSE side parser against OpenRouter's fixture streams, split every way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.metering import usage_from
+from proxy.sse import SSETap
+
+from .conftest import SHARED_FIXTURES
+
+BASIC = (SHARED_FIXTURES / "stream_basic.sse").read_bytes()
+EMPTY_CHOICES = (SHARED_FIXTURES / "stream_basic_usage_empty_choices.sse").read_bytes()
+
+
+def tap_of(data: bytes, sizes: list[int] | None = None) -> SSETap:
+    tap = SSETap()
+    if sizes is None:
+        tap.feed(data)
+    else:
+        pos = 0
+        for size in sizes:
+            tap.feed(data[pos : pos + size])
+            pos += size
+        tap.feed(data[pos:])
+    tap.finish()
+    return tap
+
+
+def separate_2025_form(stream: bytes) -> bytes:
+    """The ≤Dec-2025 shape (§3.4): the usage chunk has one empty-delta choice, finish null."""
+    events = stream.split(b"\n\n")
+    for i, event in enumerate(events):
+        if b'"usage"' in event:
+            events[i] = event.replace(
+                b'"choices":[{"index":0,"delta":{"content":"","role":"assistant"},"finish_reason":"stop",'
+                b'"native_finish_reason":"stop"}]',
+                b'"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null,'
+                b'"native_finish_reason":null,"logprobs":null}]',
+            )
+    return b"\n\n".join(events)
+
+
+@pytest.mark.parametrize("name", ["basic", "empty_choices", "separate_2025"])
+def test_usage_in_all_three_shapes(name: str) -> None:
+    data = {"basic": BASIC, "empty_choices": EMPTY_CHOICES, "separate_2025": separate_2025_form(BASIC)}[name]
+    tap = tap_of(data)
+    usage = usage_from(tap.usage)
+    assert usage is not None
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (14, 9, 23)
+    assert usage.cost_usd == pytest.approx(0.0000075)
+    assert tap.done is True
+    assert tap.generation_id == "gen-1787300412-Kq7RmZtW2pXv9LcN4bHd"
+    assert tap.model == "openai/gpt-4o-mini"
+    assert tap.provider == "OpenAI"
+    assert tap.finish_reason == "stop"
+    assert tap.comments == 2
+    assert tap.malformed == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=200), max_size=60))
+def test_any_split_gives_the_same_result(sizes: list[int]) -> None:
+    whole = tap_of(BASIC)
+    split = tap_of(BASIC, sizes)
+    assert split.usage == whole.usage
+    assert (split.data_events, split.comments, split.done) == (whole.data_events, whole.comments, whole.done)
+    assert split.generation_id == whole.generation_id
+
+
+def test_reasoning_and_tool_call_streams() -> None:
+    reasoning = tap_of((SHARED_FIXTURES / "stream_reasoning.sse").read_bytes())
+    usage = usage_from(reasoning.usage)
+    assert usage is not None and usage.reasoning_tokens > 0
+    assert reasoning.comments == 3
+    tools = tap_of((SHARED_FIXTURES / "stream_tool_call.sse").read_bytes())
+    assert tools.finish_reason == "tool_calls"
+    assert usage_from(tools.usage) is not None
+
+
+def test_midstream_error_is_captured() -> None:
+    tap = tap_of((SHARED_FIXTURES / "stream_midstream_error.sse").read_bytes())
+    assert tap.error is not None
+    assert tap.error["code"] == 502
+    assert tap.error["metadata"]["error_type"] == "provider_unavailable"
+    assert tap.finish_reason == "error"
+    assert tap.done is True
+
+
+def test_stream_without_done_and_without_final_separator() -> None:
+    body = BASIC.replace(b"data: [DONE]\n\n", b"").rstrip(b"\n")
+    tap = tap_of(body)
+    assert tap.done is False
+    assert usage_from(tap.usage) is not None
+
+
+def test_malformed_event_is_counted_not_raised() -> None:
+    events = BASIC.split(b"\n\n")
+    events.insert(4, b'data: {"id": "broken", "usage": {')
+    events.insert(5, b'data: ["usage", 2]')
+    tap = tap_of(b"\n\n".join(events))
+    assert tap.malformed == 2
+    assert usage_from(tap.usage) is not None
+    assert tap.done is True
+
+
+def test_crlf_line_endings_split_anywhere() -> None:
+    crlf = BASIC.replace(b"\n", b"\r\n")
+    for cut in range(1, 40):
+        tap = tap_of(crlf, [cut] * (len(crlf) // cut))
+        assert tap.done and usage_from(tap.usage) is not None
+
+
+def test_content_that_mentions_usage_is_not_mistaken() -> None:
+    event = (
+        b'data: {"id":"g","choices":[{"index":0,"delta":{"content":"usage","role":"assistant"},'
+        b'"finish_reason":null}]}\n\n'
+    )
+    tap = tap_of(event + event)
+    assert tap.usage is None
+    assert tap.data_events == 2
+
+
+def test_oversized_event_without_separator_is_dropped() -> None:
+    tap = SSETap()
+    tap.feed(b"data: " + b"x" * (2 << 20))
+    tap.feed(b"\n\n" + BASIC)
+    tap.finish()
+    assert tap.malformed >= 1
+    assert tap.done is True
+
+
+def test_fixture_dir_exists() -> None:
+    assert Path(SHARED_FIXTURES).is_dir(), "shared/openrouter/fixtures must sit beside the repository"

@@ -1,0 +1,91 @@
+"""The same store tests against the in-memory store and a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from proxy.store import MemoryStore, Store, StoreUnavailable, open_store
+from proxy.store.base import day_of
+from proxy.types import Usage, UsageRecord
+
+from .redis_server import redis_server
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    with redis_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store_url(request: pytest.FixtureRequest) -> str | None:
+    if request.param == "memory":
+        return None
+    url: str = request.getfixturevalue("redis_url")
+    return url
+
+
+def record(key: str, model: str, *, cost: float | None, status: int = 200, ts: float | None = None) -> UsageRecord:
+    return UsageRecord(
+        request_id="r", ts=ts or time.time(), key_name=key, team="t", requested_model=model, routed_model=model,
+        rule=None, model=model, provider="OpenAI", generation_id="gen-1", stream=False, status=status,
+        usage=Usage(prompt_tokens=10, completion_tokens=5, total_tokens=15, cost_usd=cost),
+        finish_reason="stop", latency_s=0.1, ttfb_s=0.05,
+    )
+
+
+async def _exercise(store: Store) -> None:
+    today = day_of(time.time())
+    before = {(t.key, t.model): t for t in await store.usage_totals(today)}
+    base = before.get(("alice", "m/one"))
+    base_requests = base.requests if base else 0
+    await asyncio.gather(*(store.add_usage(record("alice", "m/one", cost=0.0000075)) for _ in range(100)))
+    await store.add_usage(record("alice", "m/one", cost=None, status=502))
+    await store.add_usage(record("bob", "m/two", cost=0.1))
+    totals = {(t.key, t.model): t for t in await store.usage_totals(today)}
+    alice = totals[("alice", "m/one")]
+    assert alice.requests - base_requests == 101
+    assert alice.errors >= 1
+    assert alice.prompt_tokens >= 1010
+    # 100 x 0.0000075 USD, summed exactly (integer nano-USD), not 0.0007499999...
+    assert round(alice.cost_usd - (base.cost_usd if base else 0), 12) == 0.00075
+    assert totals[("bob", "m/two")].cost_usd >= 0.1
+    assert await store.ping() is True
+
+
+def test_usage_totals_are_exact(store_url: str | None) -> None:
+    async def main() -> None:
+        store = open_store(store_url)
+        try:
+            await _exercise(store)
+        finally:
+            await store.aclose()
+
+    asyncio.run(main())
+
+
+def test_days_are_kept_apart() -> None:
+    async def main() -> None:
+        store = MemoryStore()
+        await store.add_usage(record("a", "m", cost=1.0, ts=86400 * 10))
+        await store.add_usage(record("a", "m", cost=2.0, ts=86400 * 11))
+        assert [t.cost_usd for t in await store.usage_totals(day_of(86400 * 10))] == [1.0]
+
+    asyncio.run(main())
+
+
+def test_unreachable_redis_raises_store_unavailable() -> None:
+    async def main() -> None:
+        store = open_store("redis://127.0.0.1:1/0")
+        try:
+            assert await store.ping() is False
+            with pytest.raises(StoreUnavailable):
+                await store.add_usage(record("a", "m", cost=1.0))
+        finally:
+            await store.aclose()
+
+    asyncio.run(main())
