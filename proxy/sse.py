@@ -13,7 +13,8 @@ It understands the three shapes of OpenRouter's final usage chunk (openrouter-ap
 §3.4: a one-choice chunk after a separate finish chunk, ``choices: []``, and the repeated
 finish choice) because it keys off the top-level ``usage`` object, not the choices; an
 in-band error event (§3.5, top-level ``error``); and streams that end without
-``data: [DONE]`` (``finish()``). A malformed event is counted in ``malformed`` and
+``data: [DONE]`` (``finish()``). A malformed event (not a JSON object by a cheap
+first/last-byte check, or failing to parse where parsed) is counted in ``malformed`` and
 otherwise ignored: the tap never raises from ``feed``.
 """
 
@@ -111,6 +112,9 @@ class SSETap:
             return
         self.data_events += 1
         first = self.data_events == 1
+        if payload[:1] != b"{" or payload[-1:] != b"}":
+            self.malformed += 1
+            return
         if not (first or b'"usage"' in payload or b'"error"' in payload or b'"finish_reason":"' in payload):
             return
         try:

@@ -90,7 +90,7 @@ def emulator(emulator_app: Any) -> Iterator[ServerThread]:
     server.stop()
 
 
-def write_config(tmp_path: Path, upstream_url: str, extra: str = "") -> Path:
+def write_config(tmp_path: Path, upstream_url: str, extra: str = "", read_timeout_s: float = 5) -> Path:
     """A config.yaml in ``tmp_path`` with two keys (alice/research, bob/web)."""
     policies = tmp_path / "policies"
     policies.mkdir(exist_ok=True)
@@ -106,7 +106,7 @@ upstream:
   base_url: {upstream_url}
   app_url: https://example.test/app
   app_title: proxy-tests
-  read_timeout_s: 5
+  read_timeout_s: {read_timeout_s}
 usage:
   log_path: usage.jsonl
   flush_interval_s: 0.05
@@ -160,8 +160,10 @@ class ProxyUnderTest:
 def proxy_server(
     tmp_path: Path, serve: Callable[..., ServerThread], emulator: ServerThread
 ) -> Callable[..., ProxyUnderTest]:
-    def _make(*, upstream_url: str | None = None, extra: str = "", api_key: str = UPSTREAM_KEY) -> ProxyUnderTest:
-        path = write_config(tmp_path, upstream_url or f"{emulator.url}/api/v1", extra)
+    def _make(
+        *, upstream_url: str | None = None, extra: str = "", api_key: str = UPSTREAM_KEY, read_timeout_s: float = 5
+    ) -> ProxyUnderTest:
+        path = write_config(tmp_path, upstream_url or f"{emulator.url}/api/v1", extra, read_timeout_s)
         settings = load_settings(path, {"OPENROUTER_API_KEY": api_key})
         app = create_app(settings)
         return ProxyUnderTest(serve(app), app, settings)

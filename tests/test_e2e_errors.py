@@ -1,0 +1,172 @@
+"""Bad input, auth failures and upstream errors, as a client of the running proxy sees them."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Any
+
+import httpx
+import pytest
+
+from .conftest import ALICE_KEY, UPSTREAM_KEY, ProxyUnderTest
+
+AUTH = {"Authorization": f"Bearer {ALICE_KEY}"}
+GOOD: dict[str, Any] = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def post(proxy: ProxyUnderTest, body: Any = None, *, content: bytes | None = None, headers: Any = None) -> httpx.Response:
+    return httpx.post(
+        f"{proxy.base_url}/chat/completions", json=body if content is None else None, content=content,
+        headers=AUTH if headers is None else headers, timeout=10,
+    )
+
+
+def error_of(response: httpx.Response) -> dict[str, Any]:
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert set(body) == {"error"}
+    error: dict[str, Any] = body["error"]
+    assert {"message", "type", "param", "code"} <= set(error)
+    assert "Traceback" not in response.text
+    return error
+
+
+@pytest.mark.parametrize(
+    ("body", "content", "param"),
+    [
+        (None, b"{oops", None),
+        ({"messages": GOOD["messages"]}, None, "model"),
+        ({"model": "openai/gpt-4o-mini"}, None, "messages"),
+        ({**GOOD, "messages": [{"role": 1}]}, None, "messages[0].role"),
+        ({**GOOD, "stream": "yes"}, None, "stream"),
+        ({**GOOD, "max_tokens": -1}, None, "max_tokens"),
+    ],
+)
+def test_bad_input_is_400_with_param(proxy: ProxyUnderTest, body: Any, content: bytes | None, param: str | None) -> None:
+    response = post(proxy, body, content=content)
+    assert response.status_code == 400
+    error = error_of(response)
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    assert response.headers["x-should-retry"] == "false"
+
+
+def test_body_over_the_limit_is_413(proxy: ProxyUnderTest) -> None:
+    big = {**GOOD, "messages": [{"role": "user", "content": "x" * 70_000}]}
+    response = post(proxy, big)
+    assert response.status_code == 413
+    assert error_of(response)["code"] == "request_too_large"
+
+    def chunks() -> Any:
+        for _ in range(80):
+            yield b"x" * 1000
+
+    response = httpx.post(f"{proxy.base_url}/chat/completions", content=chunks(), headers=AUTH, timeout=10)
+    assert response.status_code == 413
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer sk-proxy-wrong"}, {"Authorization": "Basic abc"}])
+def test_missing_or_wrong_key_is_401(proxy: ProxyUnderTest, headers: dict[str, str]) -> None:
+    response = post(proxy, GOOD, headers=headers)
+    assert response.status_code == 401
+    assert error_of(response)["code"] == "invalid_api_key"
+
+
+def test_wrong_method_and_unknown_path_are_openai_shaped(proxy: ProxyUnderTest) -> None:
+    response = httpx.get(f"{proxy.base_url}/chat/completions", headers=AUTH)
+    assert response.status_code == 405 and error_of(response)["code"] == "method_not_allowed"
+    response = httpx.get(f"{proxy.url}/v1/nothing-here", headers=AUTH)
+    assert response.status_code == 404 and error_of(response)["code"] == "not_found"
+    assert httpx.get(f"{proxy.url}/healthz").json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "retry"),
+    [
+        ("error-400", 400, "false"),
+        ("error-403", 403, "false"),
+        ("error-404", 404, "false"),
+        ("error-408", 408, None),
+        ("error-429", 429, None),
+        ("error-500", 500, None),
+        ("error-502", 502, None),
+        ("error-503", 503, None),
+    ],
+)
+def test_upstream_errors_are_relayed_with_code_and_metadata(
+    proxy: ProxyUnderTest, fault: str, status: int, retry: str | None
+) -> None:
+    for stream in (False, True):
+        response = post(proxy, {**GOOD, "stream": stream, "emulator": {"fault": fault}})
+        assert response.status_code == status
+        error = error_of(response)
+        assert error["code"] == status
+        assert response.headers.get("x-should-retry") == retry
+        if fault == "error-403":
+            assert error["type"] == "permission_error" and error["metadata"]["reasons"]
+        if fault == "error-429":
+            assert error["type"] == "rate_limit_exceeded"
+        if fault == "error-503":
+            assert response.headers["retry-after"] == "30"
+            assert error["availability"]["code"] == "temporarily_unavailable"
+        if fault == "error-502":
+            assert error["metadata"]["provider_name"]
+            assert "user_id" not in response.json()
+    records = proxy.records(2)
+    assert [r["status"] for r in records] == [status, status]
+
+
+def test_upstream_401_and_402_are_the_operators_problem(
+    proxy_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    wrong_key = proxy_server(api_key="sk-or-wrong-key-for-this-test")
+    response = post(wrong_key, GOOD)
+    assert response.status_code == 502
+    error = error_of(response)
+    assert error["type"] == "upstream_authentication_error"
+    assert response.headers["x-should-retry"] == "false"
+    assert any(r.levelno >= logging.ERROR and "401" in r.getMessage() for r in caplog.records)
+
+    response = post(wrong_key, {**GOOD, "emulator": {"fault": "error-402"}})
+    assert response.status_code in (502, 503)
+    assert "sk-or-wrong-key-for-this-test" not in response.text
+
+
+def test_upstream_402_becomes_503(proxy: ProxyUnderTest) -> None:
+    response = post(proxy, {**GOOD, "emulator": {"fault": "error-402"}})
+    assert response.status_code == 503
+    assert error_of(response)["type"] == "upstream_insufficient_credits"
+    assert response.headers["x-should-retry"] == "false"
+
+
+def test_unreachable_upstream_is_502_and_a_slow_one_504(proxy_server: Any) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    down = proxy_server(upstream_url=f"http://127.0.0.1:{closed_port}/api/v1")
+    response = post(down, GOOD)
+    assert response.status_code == 502
+    assert error_of(response)["code"] == "upstream_unreachable"
+    slow = proxy_server(read_timeout_s=0.3)
+    response = post(slow, {**GOOD, "emulator": {"first_byte_delay_ms": 1500}})
+    assert response.status_code == 504
+    assert error_of(response)["code"] == "upstream_timeout"
+
+
+def test_the_upstream_key_never_reaches_a_client_or_a_log(
+    proxy: ProxyUnderTest, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    seen = []
+    for fault in ("error-400", "error-401", "error-402", "error-429", "error-502", "error-503", None):
+        body = {**GOOD, "emulator": {"fault": fault}} if fault else GOOD
+        for stream in (False, True):
+            response = post(proxy, {**body, "stream": stream})
+            seen.append(response.text + repr(response.headers))
+    seen.append(httpx.get(f"{proxy.base_url}/models", headers=AUTH).text)
+    out, err = capfd.readouterr()
+    logged = caplog.text + out + err + proxy.usage_log.read_text()
+    for text in [*seen, logged]:
+        assert UPSTREAM_KEY not in text
+        assert ALICE_KEY not in text

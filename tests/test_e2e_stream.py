@@ -1,0 +1,134 @@
+"""SSE passthrough through a real proxy: byte for byte, unbuffered, cut streams."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+
+from .conftest import ALICE_KEY, SHARED_FIXTURES, ProxyUnderTest
+
+AUTH = {"Authorization": f"Bearer {ALICE_KEY}"}
+FIXTURE_STREAMS = sorted(p.name for p in SHARED_FIXTURES.glob("*.sse"))
+
+
+def chat_body(**extra: Any) -> dict[str, Any]:
+    return {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}], **extra}
+
+
+@pytest.mark.parametrize("name", FIXTURE_STREAMS)
+def test_fixture_streams_arrive_byte_for_byte(proxy: ProxyUnderTest, name: str) -> None:
+    expected = (SHARED_FIXTURES / name).read_bytes()
+    with httpx.stream(
+        "POST", f"{proxy.base_url}/chat/completions", headers=AUTH,
+        json=chat_body(stream=True, emulator={"fixture": name}), timeout=10,
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        received = b"".join(response.iter_raw())
+    assert received == expected
+    (rec,) = proxy.records(1)
+    assert rec["done"] is True and rec["malformed_events"] == 0
+    if name == "stream_midstream_error.sse":
+        assert rec["error_code"] == "502"
+    else:
+        assert rec["completion_tokens"] > 0 and rec["cost_usd"] > 0
+
+
+def test_non_stream_fixture_is_forwarded_as_received(proxy: ProxyUnderTest) -> None:
+    expected = (SHARED_FIXTURES / "completion_tool_call.json").read_bytes()
+    response = httpx.post(
+        f"{proxy.base_url}/chat/completions", headers=AUTH,
+        json=chat_body(emulator={"fixture": "completion_tool_call.json"}), timeout=10,
+    )
+    assert response.content == expected
+    (rec,) = proxy.records(1)
+    assert (rec["prompt_tokens"], rec["completion_tokens"], rec["cost_usd"]) == (96, 52, 0.0000456)
+    assert rec["finish_reason"] == "tool_calls"
+
+
+def test_chunks_are_not_buffered(proxy: ProxyUnderTest) -> None:
+    arrivals: list[float] = []
+    with httpx.stream(
+        "POST", f"{proxy.base_url}/chat/completions", headers=AUTH,
+        json=chat_body(stream=True, emulator={"chunk_delay_ms": 50, "completion_tokens": 12}), timeout=10,
+    ) as response:
+        start = time.monotonic()
+        for chunk in response.iter_raw():
+            if b"data: {" in chunk:
+                arrivals.append(time.monotonic() - start)
+    assert len(arrivals) >= 10
+    # 12+ events 50 ms apart: the first is seen long before the last, and they trickle in.
+    assert arrivals[-1] - arrivals[0] >= 0.4
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    assert sum(1 for g in gaps if g >= 0.03) >= 8
+
+
+def test_stream_cut_after_first_byte_ends_with_an_in_band_error(proxy: ProxyUnderTest) -> None:
+    client = openai.OpenAI(base_url=proxy.base_url, api_key=ALICE_KEY, max_retries=0, timeout=10)
+    stream = client.chat.completions.create(
+        model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True,
+        extra_body={"emulator": {"fault": "cut"}},
+    )
+    received = []
+    with pytest.raises(openai.APIError):
+        for chunk in stream:
+            received.append(chunk)
+    assert received, "content before the cut is delivered"
+    (rec,) = proxy.records(1)
+    assert rec["error_code"] == "upstream_stream_cut" and rec["done"] is False
+
+
+def test_raw_cut_stream_has_no_done_and_one_error_event(proxy: ProxyUnderTest) -> None:
+    with httpx.stream(
+        "POST", f"{proxy.base_url}/chat/completions", headers=AUTH,
+        json=chat_body(stream=True, emulator={"fault": "cut"}), timeout=10,
+    ) as response:
+        body = b"".join(response.iter_raw())
+    events = [e for e in body.split(b"\n\n") if e.startswith(b"data: ")]
+    assert b"[DONE]" not in body
+    last = orjson.loads(events[-1][6:])
+    assert last["error"]["code"] == 502 and last["choices"][0]["finish_reason"] == "error"
+    assert sum(1 for e in events if b'"error"' in e) == 1
+
+
+def test_stream_without_done_is_recorded_with_usage(proxy: ProxyUnderTest) -> None:
+    with httpx.stream(
+        "POST", f"{proxy.base_url}/chat/completions", headers=AUTH,
+        json=chat_body(stream=True, emulator={"fault": "no-done"}), timeout=10,
+    ) as response:
+        body = b"".join(response.iter_raw())
+    assert b"[DONE]" not in body and b'"usage"' in body
+    (rec,) = proxy.records(1)
+    assert rec["done"] is False and rec["completion_tokens"] > 0 and rec["status"] == 200
+
+
+def test_malformed_event_is_forwarded_and_noted(proxy: ProxyUnderTest) -> None:
+    with httpx.stream(
+        "POST", f"{proxy.base_url}/chat/completions", headers=AUTH,
+        json=chat_body(stream=True, emulator={"fault": "malformed"}), timeout=10,
+    ) as response:
+        body = b"".join(response.iter_raw())
+    assert body.endswith(b"data: [DONE]\n\n")
+    (rec,) = proxy.records(1)
+    assert rec["done"] is True
+
+
+def test_client_hang_up_cancels_the_upstream_stream(proxy: ProxyUnderTest, emulator_app: Any) -> None:
+    with httpx.stream(
+        "POST", f"{proxy.base_url}/chat/completions", headers=AUTH,
+        json=chat_body(stream=True, emulator={"fault": "stall"}), timeout=10,
+    ) as response:
+        for chunk in response.iter_raw():
+            if b"data: {" in chunk:
+                break
+    (rec,) = proxy.records(1, timeout=5)
+    assert rec["cancelled"] is True and rec["status"] == 200
+    deadline = time.monotonic() + 3
+    while not emulator_app.requests[-1].cancelled and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert emulator_app.requests[-1].cancelled is True
