@@ -37,8 +37,14 @@ class ServerThread:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         config = uvicorn.Config(
-            app, lifespan=lifespan, log_config=None, log_level=None, access_log=False,
-            loop="uvloop", http="httptools", timeout_graceful_shutdown=2,
+            app,
+            lifespan=lifespan,
+            log_config=None,
+            log_level=None,
+            access_log=False,
+            loop="uvloop",
+            http="httptools",
+            timeout_graceful_shutdown=2,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)

@@ -7,7 +7,9 @@ from proxy.errors import AuthenticationFailed
 
 
 def keyring() -> Keyring:
-    return Keyring([(hash_key("sk-proxy-alice"), "alice", "research", None), (hash_key("sk-proxy-bob"), "bob", None, "free")])
+    return Keyring(
+        [(hash_key("sk-proxy-alice"), "alice", "research", None), (hash_key("sk-proxy-bob"), "bob", None, "free")]
+    )
 
 
 def test_known_key_resolves_to_its_principal() -> None:

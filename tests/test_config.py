@@ -14,8 +14,11 @@ def test_shipped_config_is_valid_and_env_overrides_apply() -> None:
     settings = load_settings(REPO / "config.yaml", {})
     assert settings.upstream.base_url == DEFAULT_BASE_URL
     assert settings.upstream.api_key is None and settings.store.redis_url is None
-    env = {"OPENROUTER_API_KEY": "sk-or-secret", "OPENROUTER_BASE_URL": "http://127.0.0.1:9/api/v1/",
-           "REDIS_URL": "redis://127.0.0.1:6379/0"}
+    env = {
+        "OPENROUTER_API_KEY": "sk-or-secret",
+        "OPENROUTER_BASE_URL": "http://127.0.0.1:9/api/v1/",
+        "REDIS_URL": "redis://127.0.0.1:6379/0",
+    }
     settings = load_settings(REPO / "config.yaml", env)
     assert settings.upstream.base_url == "http://127.0.0.1:9/api/v1"
     assert settings.upstream.api_key is not None and settings.upstream.api_key.get_secret_value() == "sk-or-secret"

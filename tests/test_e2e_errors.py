@@ -15,10 +15,15 @@ AUTH = {"Authorization": f"Bearer {ALICE_KEY}"}
 GOOD: dict[str, Any] = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
 
-def post(proxy: ProxyUnderTest, body: Any = None, *, content: bytes | None = None, headers: Any = None) -> httpx.Response:
+def post(
+    proxy: ProxyUnderTest, body: Any = None, *, content: bytes | None = None, headers: Any = None
+) -> httpx.Response:
     return httpx.post(
-        f"{proxy.base_url}/chat/completions", json=body if content is None else None, content=content,
-        headers=AUTH if headers is None else headers, timeout=10,
+        f"{proxy.base_url}/chat/completions",
+        json=body if content is None else None,
+        content=content,
+        headers=AUTH if headers is None else headers,
+        timeout=10,
     )
 
 
@@ -43,7 +48,9 @@ def error_of(response: httpx.Response) -> dict[str, Any]:
         ({**GOOD, "max_tokens": -1}, None, "max_tokens"),
     ],
 )
-def test_bad_input_is_400_with_param(proxy: ProxyUnderTest, body: Any, content: bytes | None, param: str | None) -> None:
+def test_bad_input_is_400_with_param(
+    proxy: ProxyUnderTest, body: Any, content: bytes | None, param: str | None
+) -> None:
     response = post(proxy, body, content=content)
     assert response.status_code == 400
     error = error_of(response)
@@ -116,9 +123,7 @@ def test_upstream_errors_are_relayed_with_code_and_metadata(
     assert [r["status"] for r in records] == [status, status]
 
 
-def test_upstream_401_and_402_are_the_operators_problem(
-    proxy_server: Any, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_upstream_401_and_402_are_the_operators_problem(proxy_server: Any, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     wrong_key = proxy_server(api_key="sk-or-wrong-key-for-this-test")
     response = post(wrong_key, GOOD)

@@ -102,7 +102,9 @@ def test_tool_calls_streamed_and_not(proxy: ProxyUnderTest) -> None:
     assert calls and calls[0].function.name == "get_weather"  # type: ignore[union-attr]
 
     names, arguments = set(), ""
-    for chunk in client.chat.completions.create(model="openai/gpt-4o-mini", messages=MESSAGES, tools=TOOLS, stream=True):
+    for chunk in client.chat.completions.create(
+        model="openai/gpt-4o-mini", messages=MESSAGES, tools=TOOLS, stream=True
+    ):
         for choice in chunk.choices:
             for call in choice.delta.tool_calls or []:
                 if call.function and call.function.name:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any
 
@@ -24,8 +25,11 @@ def chat_body(**extra: Any) -> dict[str, Any]:
 def test_fixture_streams_arrive_byte_for_byte(proxy: ProxyUnderTest, name: str) -> None:
     expected = (SHARED_FIXTURES / name).read_bytes()
     with httpx.stream(
-        "POST", f"{proxy.base_url}/chat/completions", headers=AUTH,
-        json=chat_body(stream=True, emulator={"fixture": name}), timeout=10,
+        "POST",
+        f"{proxy.base_url}/chat/completions",
+        headers=AUTH,
+        json=chat_body(stream=True, emulator={"fixture": name}),
+        timeout=10,
     ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -42,8 +46,10 @@ def test_fixture_streams_arrive_byte_for_byte(proxy: ProxyUnderTest, name: str) 
 def test_non_stream_fixture_is_forwarded_as_received(proxy: ProxyUnderTest) -> None:
     expected = (SHARED_FIXTURES / "completion_tool_call.json").read_bytes()
     response = httpx.post(
-        f"{proxy.base_url}/chat/completions", headers=AUTH,
-        json=chat_body(emulator={"fixture": "completion_tool_call.json"}), timeout=10,
+        f"{proxy.base_url}/chat/completions",
+        headers=AUTH,
+        json=chat_body(emulator={"fixture": "completion_tool_call.json"}),
+        timeout=10,
     )
     assert response.content == expected
     (rec,) = proxy.records(1)
@@ -54,8 +60,11 @@ def test_non_stream_fixture_is_forwarded_as_received(proxy: ProxyUnderTest) -> N
 def test_chunks_are_not_buffered(proxy: ProxyUnderTest) -> None:
     arrivals: list[float] = []
     with httpx.stream(
-        "POST", f"{proxy.base_url}/chat/completions", headers=AUTH,
-        json=chat_body(stream=True, emulator={"chunk_delay_ms": 50, "completion_tokens": 12}), timeout=10,
+        "POST",
+        f"{proxy.base_url}/chat/completions",
+        headers=AUTH,
+        json=chat_body(stream=True, emulator={"chunk_delay_ms": 50, "completion_tokens": 12}),
+        timeout=10,
     ) as response:
         start = time.monotonic()
         for chunk in response.iter_raw():
@@ -64,14 +73,16 @@ def test_chunks_are_not_buffered(proxy: ProxyUnderTest) -> None:
     assert len(arrivals) >= 10
     # 12+ events 50 ms apart: the first is seen long before the last, and they trickle in.
     assert arrivals[-1] - arrivals[0] >= 0.4
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     assert sum(1 for g in gaps if g >= 0.03) >= 8
 
 
 def test_stream_cut_after_first_byte_ends_with_an_in_band_error(proxy: ProxyUnderTest) -> None:
     client = openai.OpenAI(base_url=proxy.base_url, api_key=ALICE_KEY, max_retries=0, timeout=10)
     stream = client.chat.completions.create(
-        model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True,
+        model="openai/gpt-4o-mini",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
         extra_body={"emulator": {"fault": "cut"}},
     )
     received = []
@@ -85,8 +96,11 @@ def test_stream_cut_after_first_byte_ends_with_an_in_band_error(proxy: ProxyUnde
 
 def test_raw_cut_stream_has_no_done_and_one_error_event(proxy: ProxyUnderTest) -> None:
     with httpx.stream(
-        "POST", f"{proxy.base_url}/chat/completions", headers=AUTH,
-        json=chat_body(stream=True, emulator={"fault": "cut"}), timeout=10,
+        "POST",
+        f"{proxy.base_url}/chat/completions",
+        headers=AUTH,
+        json=chat_body(stream=True, emulator={"fault": "cut"}),
+        timeout=10,
     ) as response:
         body = b"".join(response.iter_raw())
     events = [e for e in body.split(b"\n\n") if e.startswith(b"data: ")]
@@ -98,8 +112,11 @@ def test_raw_cut_stream_has_no_done_and_one_error_event(proxy: ProxyUnderTest) -
 
 def test_stream_without_done_is_recorded_with_usage(proxy: ProxyUnderTest) -> None:
     with httpx.stream(
-        "POST", f"{proxy.base_url}/chat/completions", headers=AUTH,
-        json=chat_body(stream=True, emulator={"fault": "no-done"}), timeout=10,
+        "POST",
+        f"{proxy.base_url}/chat/completions",
+        headers=AUTH,
+        json=chat_body(stream=True, emulator={"fault": "no-done"}),
+        timeout=10,
     ) as response:
         body = b"".join(response.iter_raw())
     assert b"[DONE]" not in body and b'"usage"' in body
@@ -109,8 +126,11 @@ def test_stream_without_done_is_recorded_with_usage(proxy: ProxyUnderTest) -> No
 
 def test_malformed_event_is_forwarded_and_noted(proxy: ProxyUnderTest) -> None:
     with httpx.stream(
-        "POST", f"{proxy.base_url}/chat/completions", headers=AUTH,
-        json=chat_body(stream=True, emulator={"fault": "malformed"}), timeout=10,
+        "POST",
+        f"{proxy.base_url}/chat/completions",
+        headers=AUTH,
+        json=chat_body(stream=True, emulator={"fault": "malformed"}),
+        timeout=10,
     ) as response:
         body = b"".join(response.iter_raw())
     assert body.endswith(b"data: [DONE]\n\n")
@@ -120,8 +140,11 @@ def test_malformed_event_is_forwarded_and_noted(proxy: ProxyUnderTest) -> None:
 
 def test_client_hang_up_cancels_the_upstream_stream(proxy: ProxyUnderTest, emulator_app: Any) -> None:
     with httpx.stream(
-        "POST", f"{proxy.base_url}/chat/completions", headers=AUTH,
-        json=chat_body(stream=True, emulator={"fault": "stall"}), timeout=10,
+        "POST",
+        f"{proxy.base_url}/chat/completions",
+        headers=AUTH,
+        json=chat_body(stream=True, emulator={"fault": "stall"}),
+        timeout=10,
     ) as response:
         for chunk in response.iter_raw():
             if b"data: {" in chunk:

@@ -31,10 +31,22 @@ def store_url(request: pytest.FixtureRequest) -> str | None:
 
 def record(key: str, model: str, *, cost: float | None, status: int = 200, ts: float | None = None) -> UsageRecord:
     return UsageRecord(
-        request_id="r", ts=ts or time.time(), key_name=key, team="t", requested_model=model, routed_model=model,
-        rule=None, model=model, provider="OpenAI", generation_id="gen-1", stream=False, status=status,
+        request_id="r",
+        ts=ts or time.time(),
+        key_name=key,
+        team="t",
+        requested_model=model,
+        routed_model=model,
+        rule=None,
+        model=model,
+        provider="OpenAI",
+        generation_id="gen-1",
+        stream=False,
+        status=status,
         usage=Usage(prompt_tokens=10, completion_tokens=5, total_tokens=15, cost_usd=cost),
-        finish_reason="stop", latency_s=0.1, ttfb_s=0.05,
+        finish_reason="stop",
+        latency_s=0.1,
+        ttfb_s=0.05,
     )
 
 

@@ -1,0 +1,157 @@
+"""The command line: check, keys new, usage, and serve as the README runs it."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+import orjson
+import pytest
+
+from proxy.auth import hash_key
+from proxy.cli import main
+from proxy.report import build_report, parse_since, render
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_check_accepts_the_shipped_config(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--config", str(REPO / "config.yaml")]) == 0
+    assert "ok" in capsys.readouterr().out
+
+
+def test_check_lists_every_problem_with_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "routing.yaml").write_text("aliases:\n  x: y\n  y: x\n")
+    config = tmp_path / "config.yaml"
+    config.write_text("server:\n  port: -1\n")
+    assert main(["check", "--config", str(config)]) == 1
+    out = capsys.readouterr().out
+    assert f"{config}:2: server.port" in out
+    config.write_text("server:\n  port: 8080\n")
+    assert main(["check", "--config", str(config)]) == 1
+    assert "routing.yaml:2: aliases: alias cycle x -> y -> x" in capsys.readouterr().out
+
+
+def test_keys_new_prints_a_key_and_its_hash(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["keys", "new", "--name", "alice", "--team", "research"]) == 0
+    out = capsys.readouterr().out
+    key = re.search(r"sk-proxy-[A-Za-z0-9_-]+", out)
+    assert key is not None
+    assert f"sha256: {hash_key(key.group(0))}" in out
+    assert "team: research" in out
+
+
+def test_usage_report_groups_totals_and_skips_bad_lines() -> None:
+    lines = [
+        orjson.dumps(
+            {
+                "ts": 1_000_000.0,
+                "key": "a",
+                "routed_model": "m1",
+                "status": 200,
+                "prompt_tokens": 3,
+                "completion_tokens": 2,
+                "total_tokens": 5,
+                "cost_usd": 0.1,
+                "latency_s": 1.0,
+            }
+        ),
+        orjson.dumps(
+            {
+                "ts": 1_000_001.0,
+                "key": "a",
+                "routed_model": "m1",
+                "status": 502,
+                "cost_usd": None,
+                "error_code": "502",
+                "latency_s": 3.0,
+            }
+        ),
+        orjson.dumps({"ts": 1_000_002.0, "key": "b", "routed_model": "m2", "status": 200, "cost_usd": 0.2}),
+        b"not json",
+    ]
+    report = build_report(lines, ("key", "model"))
+    assert report.skipped == 1
+    a = report.rows[("a", "m1")]
+    assert (a.requests, a.errors, a.total_tokens, a.latency_s) == (2, 1, 5, 4.0)
+    assert str(report.total.cost_usd) == "0.3"  # exact decimal sum, not 0.30000000000000004
+    table = render(report)
+    assert table.splitlines()[-1].startswith("TOTAL") and "0.30000000" in table
+    assert render(report, "csv").splitlines()[0].startswith("key,model,requests")
+    assert orjson.loads(render(report, "json"))["total"]["requests"] == "3"
+    assert build_report(lines, ("key",), since=1_000_001.5).total.requests == 1
+    assert parse_since("2d", now=200_000.0) == 200_000.0 - 2 * 86400
+    with pytest.raises(ValueError):
+        parse_since("yesterday")
+
+
+def test_serve_with_the_emulator_prints_a_dev_key_that_works(tmp_path: Path) -> None:
+    """What README's run command does: no keys configured, emulator upstream."""
+    shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
+    shutil.copytree(REPO / "policies", tmp_path / "policies")
+    exe = Path(sys.executable).with_name("openrouter-proxy")
+    with socket_port() as port:
+        pass
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENROUTER_API_KEY", "PROXY_DEV_KEY_SHA256")}
+    proc = subprocess.Popen(
+        [str(exe), "serve", "--upstream", "emulator", "--port", str(port), "--config", str(tmp_path / "config.yaml")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=tmp_path,
+    )
+    try:
+        assert proc.stdout is not None
+        output = b""
+        deadline = time.monotonic() + 20
+        while b"Application startup complete" not in output and time.monotonic() < deadline:
+            output += proc.stdout.readline()
+        key = re.search(rb"sk-proxy-[A-Za-z0-9_-]+", output)
+        assert key is not None, output.decode()
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key.group(0).decode(), max_retries=0)
+        chunks = list(
+            client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True
+            )
+        )
+        assert any(c.usage for c in chunks)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    log = tmp_path / "var" / "usage.jsonl"
+    (rec,) = [orjson.loads(line) for line in log.read_bytes().splitlines()]
+    assert rec["key"] == "dev" and rec["routed_model"] == "openai/gpt-4o-mini" and rec["cost_usd"] > 0
+
+
+def test_serve_refuses_to_start_without_an_upstream_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OPENROUTER_API_KEY", raising=False)
+    monkeypatch.delenv("OPENROUTER_BASE_URL", raising=False)
+    assert main(["serve", "--config", str(REPO / "config.yaml")]) == 2
+    assert "--upstream emulator" in capsys.readouterr().err
+
+
+class socket_port:
+    """A free loopback port number (released on exit, then bound by the server)."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        port: int = self.sock.getsockname()[1]
+        return port
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
