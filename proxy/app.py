@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from proxy.admission import Admission, NoLimits
 from proxy.asgi import Receive, Scope, Send
 from proxy.auth import Keyring
 from proxy.background import BackgroundServer
@@ -36,6 +37,7 @@ from proxy.errors import MethodNotAllowed, NotFound, ProxyError, render_error
 from proxy.ledger import UsageLog
 from proxy.pipeline import ChatCompletions
 from proxy.routing import Router, load_router
+from proxy.sinks import StoreTotalsSink
 from proxy.store import Store, open_store
 from proxy.upstream import OpenRouterClient
 
@@ -56,6 +58,8 @@ class Runtime:
     client: OpenRouterClient
     store: Store
     usage_log: UsageLog
+    totals: StoreTotalsSink
+    admission: Admission
     catalog: ModelCatalog
     chat: ChatCompletions
     emulator: BackgroundServer | None
@@ -107,20 +111,23 @@ class ProxyApp:
         store = open_store(settings.store.redis_url)
         usage_log = UsageLog(settings.usage.log_path, settings.usage.flush_interval_s)
         await usage_log.start()
+        totals = StoreTotalsSink(store)
         catalog = ModelCatalog(lambda: client.get_json("/models"), upstream.models_ttl_s)
+        admission: Admission = NoLimits()
         chat = ChatCompletions(
             keyring=self.keyring,
             router=self.router,
             client=client,
-            store=store,
-            usage_log=usage_log,
+            admission=admission,
+            sinks=[usage_log, totals],
             max_body_bytes=settings.server.max_body_bytes,
         )
-        self.runtime = Runtime(client, store, usage_log, catalog, chat, emulator)
+        self.runtime = Runtime(client, store, usage_log, totals, admission, catalog, chat, emulator)
         try:
             yield
         finally:
             self.runtime = None
+            await totals.drain()
             await usage_log.close()
             await store.aclose()
             await client.aclose()

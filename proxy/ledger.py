@@ -39,7 +39,7 @@ class UsageLog:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         self._task = asyncio.create_task(self._run(), name="usage-log-flush")
 
-    def append(self, record: UsageRecord) -> None:
+    def emit(self, record: UsageRecord) -> None:
         if self._fd is not None:
             self._buffer.append(record_json(record))
 

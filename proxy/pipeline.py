@@ -2,9 +2,9 @@
 
 The one place that knows the order of the stages::
 
-    authenticate (auth) -> read + validate (parse) -> plan (routing)
+    authenticate (auth) -> read + validate (parse) -> plan (routing) -> admit (admission)
       -> forward (upstream) -> relay: streamed byte for byte (SSETap on the side) or whole
-      -> meter (metering) -> usage log (ledger) + store totals (store)
+      -> meter (metering) -> settle (admission) -> record sinks (usage log, totals, ...)
 
 Streaming: upstream bytes are sent to the client as they arrive, unchanged; the tap only
 reads them. A client that hangs up cancels the upstream request at once. If the upstream
@@ -26,16 +26,16 @@ from typing import Any
 
 import orjson
 
+from proxy.admission import Admission
 from proxy.asgi import ClientDisconnected, DisconnectWatch, Receive, Scope, Send, read_body, send_error
 from proxy.auth import Keyring
 from proxy.errors import InternalError, MethodNotAllowed, ProxyError, UpstreamCut
-from proxy.ledger import UsageLog
 from proxy.metering import usage_from
 from proxy.parse import parse_chat_request
 from proxy.routing import Router
+from proxy.sinks import RecordSink
 from proxy.sse import SSETap
-from proxy.store import Store, StoreUnavailable
-from proxy.types import Principal, RoutePlan, Usage, UsageRecord
+from proxy.types import Principal, RoutePlan, Ticket, Usage, UsageRecord
 from proxy.upstream import OpenRouterClient, UpstreamResponse
 
 __all__ = ["ChatCompletions"]
@@ -56,6 +56,7 @@ class _Outcome:
     principal: Principal | None = None
     requested_model: str | None = None
     plan: RoutePlan | None = None
+    ticket: Ticket | None = None
     stream: bool = False
     usage: Usage | None = None
     model: str | None = None
@@ -80,15 +81,15 @@ class ChatCompletions:
         keyring: Keyring,
         router: Router,
         client: OpenRouterClient,
-        store: Store,
-        usage_log: UsageLog,
+        admission: Admission,
+        sinks: list[RecordSink],
         max_body_bytes: int,
     ) -> None:
         self.keyring = keyring
         self.router = router
         self.client = client
-        self.store = store
-        self.usage_log = usage_log
+        self.admission = admission
+        self.sinks = sinks
         self.max_body_bytes = max_body_bytes
         self._forward = client.forward_headers
 
@@ -118,6 +119,7 @@ class ChatCompletions:
             call = parse_chat_request(await read_body(receive, self.max_body_bytes, content_length))
             out.requested_model, out.stream = call.model, call.stream
             out.plan = plan = self.router.plan(call, out.principal)
+            out.ticket = await self.admission.admit(out.principal, call, plan)
             await self._forward_call(plan.body or call.raw, forwarded, plan, request_id, started, out, receive, send)
         except ProxyError as exc:
             out.error_code = exc.code or str(exc.status_code())
@@ -130,7 +132,7 @@ class ChatCompletions:
             if not out.started:
                 out.status = await send_error(send, InternalError("The gateway hit an internal error."), request_id)
         finally:
-            self._settle(out, request_id, ts, started)
+            await self._settle(out, request_id, ts, started)
 
     async def _forward_call(
         self,
@@ -158,6 +160,8 @@ class ChatCompletions:
             ]
             if plan.rule:
                 headers.append((b"x-proxy-route", plan.rule.encode()))
+            if out.ticket is not None:
+                headers.extend(out.ticket.headers)
             content_type = next((v for n, v in response.headers if n == b"content-type"), b"")
             if content_type.startswith(_EVENT_STREAM):
                 await self._relay_stream(response, headers, started, out, watch, send)
@@ -230,7 +234,7 @@ class ChatCompletions:
             if tap.error is not None and out.error_code is None:
                 out.error_code = str(tap.error.get("code", "stream_error"))
 
-    def _settle(self, out: _Outcome, request_id: str, ts: float, started: float) -> None:
+    async def _settle(self, out: _Outcome, request_id: str, ts: float, started: float) -> None:
         principal = out.principal
         plan = out.plan
         record = UsageRecord(
@@ -257,15 +261,13 @@ class ChatCompletions:
             malformed_events=out.malformed_events,
             extra=out.extra or None,
         )
-        self.usage_log.append(record)
-        if principal is not None:
-            asyncio.get_running_loop().create_task(self._add_usage(record))
-
-    async def _add_usage(self, record: UsageRecord) -> None:
-        try:
-            await self.store.add_usage(record)
-        except StoreUnavailable as exc:
-            log.warning("usage totals not updated in the %s store: %s", self.store.name, exc)
+        if out.ticket is not None:
+            try:
+                await self.admission.settle(out.ticket, record)
+            except Exception:
+                log.exception("settling admission for request %s failed", request_id)
+        for sink in self.sinks:
+            sink.emit(record)
 
 
 def _meter_body(body: bytes, out: _Outcome) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ChatCall", "Principal", "RoutePlan", "Usage", "UsageRecord"]
+__all__ = ["ChatCall", "Principal", "RoutePlan", "Ticket", "Usage", "UsageRecord"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,17 +46,38 @@ class ChatCall:
 
 @dataclass(frozen=True, slots=True)
 class RoutePlan:
-    """Where a call goes: the model sent upstream and why.
+    """Where a call goes: the models to try upstream, in order, and why.
 
-    ``model`` is the OpenRouter model id put into the upstream body; ``rule`` names the
-    routing rule or alias that chose it (``None`` when the requested model is used as is).
-    ``body`` is the upstream request body when routing changed it, else ``None`` (the
-    client's bytes are forwarded unchanged).
+    ``model`` is the OpenRouter model id of the first attempt; ``fallbacks`` are the models
+    the proxy tries next, in order, when an attempt fails before the stream's commit point.
+    ``rule`` names the routing rule or alias that decided (``None``: the request as sent).
+    ``body`` is the upstream body for ``model`` when routing changed the request, else
+    ``None`` (the client's bytes go upstream unchanged). ``request`` is the upstream body
+    as a dict (``None`` when unchanged), from which a fallback attempt's body is made by
+    replacing ``model``. ``first_token_timeout_s`` overrides the configured
+    time-to-first-token limit; ``cache_ttl_s`` enables the response cache (seconds).
     """
 
     model: str
     rule: str | None = None
     body: bytes | None = None
+    request: dict[str, Any] | None = None
+    fallbacks: tuple[str, ...] = ()
+    first_token_timeout_s: float | None = None
+    cache_ttl_s: float | None = None
+    policy_hash: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """An admitted request: what admission reserved, to settle or release afterwards.
+
+    ``headers`` go on the response (``x-ratelimit-*``, degraded-mode markers); ``state``
+    is the admission implementation's own data (keys, reserved tokens and USD).
+    """
+
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    state: Any = None
 
 
 @dataclass(frozen=True, slots=True)

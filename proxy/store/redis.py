@@ -38,6 +38,11 @@ class RedisStore:
         )
         self._redis = aioredis.Redis(connection_pool=pool)
 
+    @property
+    def client(self) -> aioredis.Redis:
+        """The shared redis-py client (one connection pool per worker) for other stores."""
+        return self._redis
+
     @staticmethod
     def _day_key(day: str) -> str:
         return f"orp:{{usage}}:{day}"

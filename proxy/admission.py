@@ -1,0 +1,37 @@
+"""The admission seam: rate limits and budgets decide whether a request may go upstream.
+
+The pipeline calls ``admit`` after routing (it knows the key, the model and the request)
+and ``settle`` exactly once afterwards, in ``finally``, with the request's usage record,
+whatever happened (success, upstream error, client gone). ``admit`` raises a
+``ProxyError`` (429 for a limit or budget, 503 when the store is down and the policy is
+``fail_closed``); everything it reserved is then already released.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from proxy.types import ChatCall, Principal, RoutePlan, Ticket, UsageRecord
+
+__all__ = ["Admission", "NoLimits"]
+
+
+class Admission(Protocol):
+    async def admit(self, principal: Principal, call: ChatCall, plan: RoutePlan) -> Ticket:
+        """Check and reserve every applicable limit and budget (one store round trip)."""
+
+    async def settle(self, ticket: Ticket, record: UsageRecord) -> None:
+        """Correct reservations to actual usage and release concurrency slots."""
+
+
+_EMPTY = Ticket()
+
+
+class NoLimits:
+    """Admits everything; the default when no limits are configured."""
+
+    async def admit(self, principal: Principal, call: ChatCall, plan: RoutePlan) -> Ticket:
+        return _EMPTY
+
+    async def settle(self, ticket: Ticket, record: UsageRecord) -> None:
+        return None
