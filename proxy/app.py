@@ -37,7 +37,7 @@ from proxy.errors import MethodNotAllowed, NotFound, ProxyError, render_error
 from proxy.ledger import UsageLog
 from proxy.pipeline import ChatCompletions
 from proxy.routing import Router, load_router
-from proxy.sinks import StoreTotalsSink
+from proxy.sinks import Activity, StoreTotalsSink
 from proxy.store import Store, open_store
 from proxy.upstream import OpenRouterClient
 
@@ -60,6 +60,7 @@ class Runtime:
     usage_log: UsageLog
     totals: StoreTotalsSink
     admission: Admission
+    activity: Activity
     catalog: ModelCatalog
     chat: ChatCompletions
     emulator: BackgroundServer | None
@@ -114,6 +115,7 @@ class ProxyApp:
         totals = StoreTotalsSink(store)
         catalog = ModelCatalog(lambda: client.get_json("/models"), upstream.models_ttl_s)
         admission: Admission = NoLimits()
+        activity = Activity()
         chat = ChatCompletions(
             keyring=self.keyring,
             router=self.router,
@@ -121,8 +123,9 @@ class ProxyApp:
             admission=admission,
             sinks=[usage_log, totals],
             max_body_bytes=settings.server.max_body_bytes,
+            activity=activity,
         )
-        self.runtime = Runtime(client, store, usage_log, totals, admission, catalog, chat, emulator)
+        self.runtime = Runtime(client, store, usage_log, totals, admission, activity, catalog, chat, emulator)
         try:
             yield
         finally:

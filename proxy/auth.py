@@ -14,10 +14,10 @@ import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from proxy.errors import AuthenticationFailed
+from proxy.errors import AuthenticationFailed, PermissionDenied
 from proxy.types import Principal
 
-__all__ = ["KEY_PREFIX", "Keyring", "hash_key", "new_key"]
+__all__ = ["KEY_PREFIX", "Keyring", "check_admin", "hash_key", "new_key"]
 
 KEY_PREFIX = "sk-proxy-"
 
@@ -68,3 +68,13 @@ class Keyring:
         if entry is None or not hmac.compare_digest(entry.digest, digest):
             raise AuthenticationFailed("Incorrect API key provided.")
         return entry.principal
+
+
+def check_admin(authorization: bytes | None, admin_sha256: str | None) -> None:
+    """Accept only the admin key (``Bearer <key>``); 401 otherwise, 403 when none is configured."""
+    if admin_sha256 is None:
+        raise PermissionDenied("The admin API is disabled: set PROXY_ADMIN_KEY to enable it.")
+    scheme, _, token = (authorization or b"").partition(b" ")
+    digest = hashlib.sha256(token.strip()).digest()
+    if scheme.lower() != b"bearer" or not token.strip() or not hmac.compare_digest(digest, bytes.fromhex(admin_sha256)):
+        raise AuthenticationFailed("A valid admin key is required.")

@@ -7,6 +7,7 @@ Secrets and endpoints come from the environment and override the file:
 ``OPENROUTER_BASE_URL``     upstream base URL, default ``https://openrouter.ai/api/v1``
 ``REDIS_URL``               the shared store; absent means the embedded in-memory store
 ``PROXY_CONFIG``            path of the config file (the CLI's ``--config`` wins)
+``PROXY_ADMIN_KEY``         the admin API key (hashed at load; never stored)
 ==========================  ===========================================================
 
 Relative paths in the file are resolved against the file's folder. Unknown keys are
@@ -15,6 +16,7 @@ errors, reported with file and line (``proxy.yamlsrc``).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +28,7 @@ from proxy.yamlsrc import ConfigError, Problem, Source, load_yaml, problems_from
 
 __all__ = [
     "DEFAULT_BASE_URL",
+    "AdminSettings",
     "KeyEntry",
     "ServerSettings",
     "Settings",
@@ -118,6 +121,19 @@ class StoreSettings(_Model):
     redis_url: str | None = None
 
 
+class AdminSettings(_Model):
+    """The admin API key (``/admin/...``): only its SHA-256; env ``PROXY_ADMIN_KEY`` sets it."""
+
+    key_sha256: str | None = None
+
+    @field_validator("key_sha256")
+    @classmethod
+    def _hex(cls, value: str | None) -> str | None:
+        if value is not None and not _HEX64.match(value.lower()):
+            raise ValueError("must be 64 hex characters")
+        return value.lower() if value else None
+
+
 class UsageSettings(_Model):
     """The usage log: one JSON line per request, flushed every ``flush_interval_s``."""
 
@@ -130,6 +146,7 @@ class Settings(_Model):
     upstream: UpstreamSettings = UpstreamSettings()
     store: StoreSettings = StoreSettings()
     usage: UsageSettings = UsageSettings()
+    admin: AdminSettings = AdminSettings()
     policies_dir: Path = Path("policies")
     keys: tuple[KeyEntry, ...] = ()
 
@@ -180,8 +197,13 @@ def _with_environment(settings: Settings, base: Path, environ: Mapping[str, str]
     store = settings.store
     if environ.get("REDIS_URL"):
         store = store.model_copy(update={"redis_url": environ["REDIS_URL"]})
+    admin = settings.admin
+    if environ.get("PROXY_ADMIN_KEY"):
+        admin = AdminSettings(key_sha256=hashlib.sha256(environ["PROXY_ADMIN_KEY"].encode()).hexdigest())
     usage = settings.usage
     if usage.log_path is not None and not usage.log_path.is_absolute():
         usage = usage.model_copy(update={"log_path": base / usage.log_path})
     policies = settings.policies_dir if settings.policies_dir.is_absolute() else base / settings.policies_dir
-    return settings.model_copy(update={"upstream": upstream, "store": store, "usage": usage, "policies_dir": policies})
+    return settings.model_copy(
+        update={"upstream": upstream, "store": store, "usage": usage, "admin": admin, "policies_dir": policies}
+    )

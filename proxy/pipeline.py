@@ -33,7 +33,7 @@ from proxy.errors import InternalError, MethodNotAllowed, ProxyError, UpstreamCu
 from proxy.metering import usage_from
 from proxy.parse import parse_chat_request
 from proxy.routing import Router
-from proxy.sinks import RecordSink
+from proxy.sinks import Activity, RecordSink
 from proxy.sse import SSETap
 from proxy.types import Principal, RoutePlan, Ticket, Usage, UsageRecord
 from proxy.upstream import OpenRouterClient, UpstreamResponse
@@ -84,6 +84,7 @@ class ChatCompletions:
         admission: Admission,
         sinks: list[RecordSink],
         max_body_bytes: int,
+        activity: Activity | None = None,
     ) -> None:
         self.keyring = keyring
         self.router = router
@@ -91,6 +92,7 @@ class ChatCompletions:
         self.admission = admission
         self.sinks = sinks
         self.max_body_bytes = max_body_bytes
+        self.activity = activity or Activity()
         self._forward = client.forward_headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -112,6 +114,7 @@ class ChatCompletions:
             request_id_raw.decode() if request_id_raw and _REQUEST_ID.match(request_id_raw) else uuid.uuid4().hex
         )
         out = _Outcome()
+        self.activity.enter()
         try:
             if scope["method"] != "POST":
                 raise MethodNotAllowed("Use POST for /v1/chat/completions.")
@@ -132,6 +135,7 @@ class ChatCompletions:
             if not out.started:
                 out.status = await send_error(send, InternalError("The gateway hit an internal error."), request_id)
         finally:
+            self.activity.leave()
             await self._settle(out, request_id, ts, started)
 
     async def _forward_call(
@@ -208,6 +212,7 @@ class ChatCompletions:
         out.status, out.started = response.status, True
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         tap = SSETap()
+        self.activity.stream_open()
         try:
             async for chunk in response.chunks():
                 tap.feed(chunk)
@@ -226,6 +231,7 @@ class ChatCompletions:
             else:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
+            self.activity.stream_close()
             out.done = tap.done
             out.usage = usage_from(tap.usage)
             out.model, out.provider, out.finish_reason = tap.model, tap.provider, tap.finish_reason

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Protocol
 
 from proxy.store import Store, StoreUnavailable
 from proxy.types import UsageRecord
 
-__all__ = ["RecordSink", "StoreTotalsSink"]
+__all__ = ["Activity", "RecordSink", "StoreTotalsSink"]
 
 log = logging.getLogger("proxy.sinks")
 
@@ -48,3 +49,43 @@ class StoreTotalsSink:
         """Wait for pending writes (at shutdown)."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class Activity:
+    """Requests and streams in flight in this worker; listeners see every change.
+
+    The pipeline calls ``enter``/``leave`` around every chat completion and
+    ``stream_open``/``stream_close`` around every relayed stream. Listeners (e.g. metrics
+    gauges) are called with ``(requests, streams)`` after each change.
+    """
+
+    __slots__ = ("listeners", "requests", "streams")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.streams = 0
+        self.listeners: list[Callable[[int, int], None]] = []
+
+    def _changed(self) -> None:
+        for listener in self.listeners:
+            listener(self.requests, self.streams)
+
+    def enter(self) -> None:
+        self.requests += 1
+        if self.listeners:
+            self._changed()
+
+    def leave(self) -> None:
+        self.requests -= 1
+        if self.listeners:
+            self._changed()
+
+    def stream_open(self) -> None:
+        self.streams += 1
+        if self.listeners:
+            self._changed()
+
+    def stream_close(self) -> None:
+        self.streams -= 1
+        if self.listeners:
+            self._changed()
