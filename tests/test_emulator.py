@@ -170,15 +170,15 @@ def prices() -> dict[str, tuple[Decimal, Decimal]]:
 
 
 class Server:
-    """uvicorn (uvloop + httptools) serving an emulator on 127.0.0.1:<free port> in a thread."""
+    """uvicorn (uvloop + httptools, or ``http``) serving an emulator on 127.0.0.1:<free port> in a thread."""
 
-    def __init__(self, app: Emulator) -> None:
+    def __init__(self, app: Emulator, http: str = "httptools") -> None:
         self.app = app
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.bind(("127.0.0.1", 0))
-        port = self.sock.getsockname()[1]
-        self.base_url = f"http://127.0.0.1:{port}/api/v1"
-        config = uvicorn.Config(app, log_config=None, access_log=False, loop="uvloop", http="httptools")
+        self.port: int = self.sock.getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{self.port}/api/v1"
+        config = uvicorn.Config(app, log_config=None, access_log=False, loop="uvloop", http=http)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()

@@ -12,16 +12,19 @@ GET         /api/v1/generation?id=gen-…             yes
 GET         /api/v1/key  (alias /api/v1/auth/key)   yes
 GET         /api/v1/credits                         yes
 GET         /_emulator/requests                     no; JSON list of ``EmulatedRequest``
+GET         /_emulator/attempts                     no; ``{fault key: attempts counted}``
 POST        /_emulator/reset                        no; clears records and counters
 ==========  ======================================  ===========================
 
 Anything else gets a 404 OpenRouter error envelope.  Every request except ``/_emulator/*``
-is recorded in ``Emulator.requests`` (last 1000).
+is recorded in ``Emulator.requests`` (last 1000), also when the app raises on purpose
+(``cut``, ``reset``).
 """
 
 from __future__ import annotations
 
 import random
+import time
 from collections import deque
 from pathlib import Path
 from typing import Final
@@ -31,7 +34,7 @@ import orjson
 
 from proxy.emulator.catalog import Catalog
 from proxy.emulator.chat import ChatEndpoint
-from proxy.emulator.faults import ErrorBook, FailCounter
+from proxy.emulator.faults import ErrorBook
 from proxy.emulator.fixtures import FixtureStore
 from proxy.emulator.records import (
     EmulatedRequest,
@@ -40,6 +43,8 @@ from proxy.emulator.records import (
     redact_headers,
     render_generation,
 )
+from proxy.emulator.route import Router
+from proxy.emulator.schedule import FaultSchedule
 from proxy.emulator.sender import send_whole
 from proxy.emulator.types import Message, Receive, Scope, Send
 from proxy.emulator.wire import JSON_HEADERS, error_body
@@ -67,15 +72,14 @@ class Emulator:
         self.requests: deque[EmulatedRequest] = deque(maxlen=1000)
         """The last 1000 requests, oldest first."""
         self.generations = GenerationStore()
-        self.fail_counter = FailCounter()
+        self.schedule = FaultSchedule()
+        """Attempt counters and time windows of scripted faults."""
         self.catalog = Catalog.load(DATA_DIR)
         self._key_body = _compact(FIXTURES_DIR / "key.json")
         self._credits_body = _compact(FIXTURES_DIR / "credits.json")
         self._chat = ChatEndpoint(
-            self.catalog,
-            ErrorBook(FIXTURES_DIR / "errors"),
+            Router(self.catalog, ErrorBook(FIXTURES_DIR / "errors"), self.schedule),
             FixtureStore(fixtures_dir),
-            self.fail_counter,
             self.generations,
             random.Random(),
         )
@@ -90,26 +94,29 @@ class Emulator:
             raise RuntimeError(f"unsupported ASGI scope type {kind!r}")
 
     def reset(self) -> None:
-        """Forget recorded requests, generations and ``fail_times`` counters."""
+        """Forget recorded requests, generations and fault schedules."""
         self.requests.clear()
         self.generations.clear()
-        self.fail_counter.clear()
+        self.schedule.clear()
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         if path.startswith("/_emulator/"):
             return await self._control(scope["method"], path, send)
-        ex = Exchange(path=path, headers=redact_headers(scope["headers"]))
+        ex = Exchange(path=path, headers=redact_headers(scope["headers"]), started=time.monotonic())
 
         async def recording_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
+            if message["type"] == "http.response.body":
+                if message.get("body", b"")[:5] == b"data:":
+                    ex.data_events += 1
+            elif message["type"] == "http.response.start":
                 ex.status = message["status"]
             await send(message)
 
         try:
             await self._route(scope, receive, recording_send, ex)
         finally:
-            self.requests.append(ex.freeze())
+            self.requests.append(ex.freeze(time.monotonic()))
         return None
 
     async def _route(self, scope: Scope, receive: Receive, send: Send, ex: Exchange) -> None:
@@ -167,6 +174,8 @@ class Emulator:
     async def _control(self, method: str, path: str, send: Send) -> None:
         if method == "GET" and path == "/_emulator/requests":
             return await _json(send, 200, orjson.dumps(list(self.requests)))
+        if method == "GET" and path == "/_emulator/attempts":
+            return await _json(send, 200, orjson.dumps(self.schedule.attempts()))
         if method == "POST" and path == "/_emulator/reset":
             self.reset()
             return await _json(send, 200, b'{"ok":true}')

@@ -50,6 +50,8 @@ class ModelInfo:
     """Model supports reasoning (``reasoning`` in ``supported_parameters``)."""
     reasoning_default: bool
     """``reasoning.default_enabled`` of the entry: reasons unless told not to."""
+    context_length: int
+    """Tokens of prompt + output the model accepts (``context_length`` of the entry)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +125,7 @@ def _model_info(entry: dict[str, Any]) -> ModelInfo:
         completion_price=Decimal(entry["pricing"]["completion"]),
         reasoning="reasoning" in entry["supported_parameters"],
         reasoning_default=bool(reasoning.get("default_enabled", False)),
+        context_length=int(entry["context_length"]),
     )
 
 

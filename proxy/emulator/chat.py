@@ -1,8 +1,9 @@
 """``POST /api/v1/chat/completions``: the one place that knows the order of the steps.
 
-controls → first-byte delay → fixture replay → parse request → route over ``model`` +
-``models`` (unknown ids and faulted ``emulator/error-*`` models are skipped; the last error
-is returned when none answers) → request-level fault → answer → render → send → record.
+controls → fixture replay (after the first-byte delay) → parse request → route over ``model``
++ ``models`` (``route.py``: per-model controls, context check, scheduled faults; failed
+candidates are skipped, the last error is returned when none answers) → first-byte delay →
+no-answer fault (``reset``, ``black-hole``) → answer → render → send → record.
 ``emulator/<fault>`` model ids answer like ``openai/gpt-4o-mini`` with ``<fault>`` applied.
 """
 
@@ -13,50 +14,37 @@ import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final
 
 import orjson
 
 from proxy.emulator.answer import Answer, compose_answer
-from proxy.emulator.catalog import Catalog, ResolvedModel
-from proxy.emulator.controls import ControlError, Controls, parse_controls
-from proxy.emulator.faults import ErrorBook, ErrorReply, FailCounter, Tail, shape_stream
+from proxy.emulator.controls import DEFAULT_KEEPALIVE_INTERVAL_MS, ControlError, Controls, parse_controls
+from proxy.emulator.faults import Tail, shape_stream
 from proxy.emulator.fixtures import FixtureError, FixtureStore
 from proxy.emulator.records import Exchange, GenerationRecord, GenerationStore
 from proxy.emulator.render import render_completion, render_stream
-from proxy.emulator.request import ChatRequest, RequestError, parse_chat_request
-from proxy.emulator.sender import ClientWatch, Pacing, send_events, send_whole
-from proxy.emulator.types import ERROR_FAULTS, FAULT_NAMES, Headers, Receive, Send
+from proxy.emulator.request import RequestError, parse_chat_request
+from proxy.emulator.route import DEFAULT_MODEL, Router
+from proxy.emulator.sender import STALL_LIMIT_S, ClientWatch, Pacing, send_events, send_reset, send_whole
+from proxy.emulator.types import NO_ANSWER_FAULTS, Headers, Receive, Send
 from proxy.emulator.wire import JSON_HEADERS, SSE_HEADERS, error_body, new_generation_id
 
-__all__ = ["DEFAULT_MODEL", "FAULT_MODEL_PREFIX", "ChatEndpoint"]
-
-DEFAULT_MODEL: Final = "openai/gpt-4o-mini"
-"""Answers requests without ``model``/``models`` and backs ``emulator/<fault>`` ids."""
-FAULT_MODEL_PREFIX: Final = "emulator/"
+__all__ = ["ChatEndpoint"]
 
 
 class ChatEndpoint:
-    """Chat completions over shared emulator state (catalog, counters, generation store)."""
+    """Chat completions over shared emulator state (router and its schedule, generation store)."""
 
     def __init__(
-        self,
-        catalog: Catalog,
-        errors: ErrorBook,
-        fixtures: FixtureStore,
-        counter: FailCounter,
-        generations: GenerationStore,
-        rng: random.Random,
+        self, router: Router, fixtures: FixtureStore, generations: GenerationStore, rng: random.Random
     ) -> None:
-        self._catalog = catalog
-        self._errors = errors
+        self._router = router
         self._fixtures = fixtures
-        self._counter = counter
         self._generations = generations
         self._rng = rng
 
     async def handle(self, body: bytes, headers: Mapping[str, str], receive: Receive, send: Send, ex: Exchange) -> None:
-        """Answer one request; fills ``ex`` (model, stream, fault, cancelled, generation id)."""
+        """Answer one request; fills ``ex`` (models, stream, fault, cancelled, generation id)."""
         watch = ClientWatch(receive)
         arrived = (time.time(), time.perf_counter())
         try:
@@ -84,67 +72,35 @@ class ChatEndpoint:
             controls = parse_controls(doc.get("emulator"), headers)
         except ControlError as exc:
             return await _bad_request(send, str(exc))
-        if controls.first_byte_delay_ms and await watch.sleep(controls.first_byte_delay_ms / 1000):
-            ex.cancelled = True
-            return None
         gid = new_generation_id(self._rng, int(time.time()))
         if controls.fixture is not None:
+            if controls.first_byte_delay_ms and await watch.sleep(controls.first_byte_delay_ms / 1000):
+                ex.cancelled = True
+                return None
             return await self._replay(controls, gid, watch, send, ex)
         try:
             request = parse_chat_request(doc, DEFAULT_MODEL)
         except RequestError as exc:
             return await _bad_request(send, str(exc))
-        ex.model = request.models[0]
-        model, fault, error = self._route(request, controls, gid)
-        if model is None:
-            assert error is not None
-            ex.fault = fault
-            ex.generation_id = gid if error.status == 502 else None
-            return await send_whole(send, error.status, error.headers, error.body)
-        ex.model = model.requested
-        if controls.fault is not None and self._counter.applies(
-            controls.fault_key or controls.fault, controls.fail_times
-        ):
-            fault = controls.fault
+        ex.model = ex.requested_model = request.models[0]
+        route = self._router.route(request, controls, gid)
+        scoped, fault = route.controls, route.fault
         ex.fault = fault
-        if fault in ERROR_FAULTS:
-            reply = self._errors.reply(fault, gid, controls.retry_after)
-            ex.generation_id = gid if reply.status == 502 else None
-            return await send_whole(send, reply.status, reply.headers, reply.body)
-        answer = compose_answer(request, model, controls.completion_tokens, self._rng)
+        if scoped.first_byte_delay_ms and await watch.sleep(scoped.first_byte_delay_ms / 1000):
+            ex.cancelled = True
+            return None
+        if route.model is None:
+            assert route.error is not None
+            ex.generation_id = gid if route.error.status == 502 else None
+            return await send_whole(send, route.error.status, route.error.headers, route.error.body)
+        ex.model = route.model.requested
+        if fault in NO_ANSWER_FAULTS:
+            return await _no_answer(fault, watch, send, ex)
+        answer = compose_answer(request, route.model, scoped.completion_tokens, self._rng)
         ex.generation_id = gid
-        call = _Call(controls, gid, headers, watch, send, ex, arrived)
+        call = _Call(scoped, gid, headers, watch, send, ex, arrived)
         await self._answer(call, request.stream, answer, fault)
         return None
-
-    def _route(
-        self, request: ChatRequest, controls: Controls, gid: str
-    ) -> tuple[ResolvedModel | None, str | None, ErrorReply | None]:
-        """(model, its fault, None), or (None, fault of the last failure, error to return)."""
-        error: ErrorReply | None = None
-        failed_with: str | None = None
-        for model_id in request.models:
-            fault = None
-            if model_id.startswith(FAULT_MODEL_PREFIX):
-                fault = model_id.removeprefix(FAULT_MODEL_PREFIX)
-                base = self._catalog.resolve(DEFAULT_MODEL)
-                if fault not in FAULT_NAMES or base is None:
-                    continue
-                model: ResolvedModel | None = ResolvedModel(model_id, base.info, thinking=False)
-                if not self._counter.applies(controls.fault_key or fault, controls.fail_times):
-                    fault = None
-            else:
-                model = self._catalog.resolve(model_id)
-            if model is None:
-                continue
-            if fault in ERROR_FAULTS:
-                error = self._errors.reply(fault, gid, controls.retry_after)
-                failed_with = fault
-                continue
-            return model, fault, None
-        if error is None:
-            error = ErrorReply(400, JSON_HEADERS, _invalid_model(request.models))
-        return None, failed_with, error
 
     async def _replay(self, controls: Controls, gid: str, watch: ClientWatch, send: Send, ex: Exchange) -> None:
         assert controls.fixture is not None
@@ -168,13 +124,14 @@ class ChatEndpoint:
         try:
             if stream:
                 plan = render_stream(answer, call.gid, created, controls.keepalive_comments, controls.usage_shape)
-                events, tail = shape_stream(plan, fault)
+                events, tail = shape_stream(plan, fault, controls.cut_after if fault == "cut" else controls.stall_after)
                 slow = fault == "slow-first-token"
+                interval = controls.keepalive_interval_ms
                 pacing = Pacing(
                     chunk_delay=controls.chunk_delay_ms / 1000,
                     pause_at=plan.first_data if slow else -1,
                     pause=controls.first_token_delay_ms / 1000,
-                    keepalive_every=controls.keepalive_interval_ms / 1000,
+                    keepalive_every=(DEFAULT_KEEPALIVE_INTERVAL_MS if interval is None else interval) / 1000,
                 )
                 headers = [*SSE_HEADERS, *ids]
                 completed = await send_events(call.send, call.watch, 200, headers, events, pacing, tail)
@@ -238,13 +195,21 @@ async def _send_body(call: _Call, answer: Answer, fault: str | None, created: in
     return True
 
 
+async def _no_answer(fault: str, watch: ClientWatch, send: Send, ex: Exchange) -> None:
+    """``black-hole``: silence until the client leaves (then, after ``STALL_LIMIT_S``, a reset);
+    ``reset``: close at once.  Either way no response head is sent."""
+    if fault == "black-hole" and await watch.sleep(STALL_LIMIT_S):
+        ex.cancelled = True
+        return
+    try:
+        await send_reset(send)
+    finally:
+        ex.status = 0
+
+
 def midpoint_pieces(answer: Answer) -> int:
     """How many content pieces a non-stream ``midstream-error`` keeps (about half)."""
     return max(1, len(answer.content) // 2)
-
-
-def _invalid_model(model_ids: tuple[str, ...]) -> bytes:
-    return error_body(f"{model_ids[0]} is not a valid model ID", 400)
 
 
 async def _bad_request(send: Send, message: str) -> None:

@@ -1,7 +1,9 @@
 """What the emulator remembers: request records for tests, generation records for ``/generation``.
 
 ``EmulatedRequest`` is the public, frozen record of one HTTP request (kept in
-``Emulator.requests``, last 1000); ``Exchange`` is its mutable draft while the request runs.
+``Emulator.requests``, last 1000; ``GET /_emulator/requests``); ``Exchange`` is its mutable
+draft while the request runs.  Timestamps are ``time.monotonic()`` seconds (one clock per
+machine on Linux, so a test in another thread or process can compare them with its own).
 ``GenerationStore`` keeps the last ``capacity`` generations and renders them in the
 key order of ``fixtures/generation.json`` (openrouter-api.md §6.3), money JavaScript-style.
 """
@@ -30,9 +32,11 @@ class EmulatedRequest:
     path: str
     model: str | None
     """Model that answered (after fallback), else the first requested; None off the chat route."""
+    requested_model: str | None
+    """The body's ``model`` (first candidate; ``DEFAULT_MODEL`` when absent); None off the chat route."""
     stream: bool
     fault: str | None
-    """Fault actually applied (None when absent or spent by ``fail_times``)."""
+    """Fault actually applied (None when absent or switched off by its schedule)."""
     headers: dict[str, str]
     """Request headers, lower-case names; ``authorization`` replaced by ``<redacted>``."""
     status: int
@@ -40,6 +44,13 @@ class EmulatedRequest:
     cancelled: bool
     """The client disconnected (or a send failed) before the response was complete."""
     generation_id: str | None
+    started: float
+    """Monotonic time the request reached the app."""
+    ended: float
+    """Monotonic time the app finished with it (after the last send, or on learning the
+    client left)."""
+    data_events: int
+    """SSE ``data:`` events handed to the server (including an error event and ``[DONE]``)."""
 
 
 def redact_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
@@ -58,23 +69,30 @@ class Exchange:
 
     path: str
     headers: dict[str, str]
+    started: float
     model: str | None = None
+    requested_model: str | None = None
     stream: bool = False
     fault: str | None = None
     status: int = 0
     cancelled: bool = False
     generation_id: str | None = None
+    data_events: int = 0
 
-    def freeze(self) -> EmulatedRequest:
+    def freeze(self, ended: float) -> EmulatedRequest:
         return EmulatedRequest(
             path=self.path,
             model=self.model,
+            requested_model=self.requested_model,
             stream=self.stream,
             fault=self.fault,
             headers=self.headers,
             status=self.status,
             cancelled=self.cancelled,
             generation_id=self.generation_id,
+            started=self.started,
+            ended=ended,
+            data_events=self.data_events,
         )
 
 
