@@ -62,3 +62,26 @@ def test_missing_or_empty_policy_means_no_routing(tmp_path: Path) -> None:
     assert load_router(tmp_path).aliases == {}
     (tmp_path / "routing.yaml").write_text("# nothing yet\n")
     assert load_router(tmp_path).aliases == {}
+
+
+def test_the_public_surface() -> None:
+    import importlib
+    import pkgutil
+
+    import proxy.routing as package
+
+    assert sorted(package.__all__) == [
+        "CompiledPolicy",
+        "ContextGuard",
+        "ROUTING_FILE",
+        "ReloadingRouter",
+        "Router",
+        "RoutingPolicy",
+        "compile_policy",
+        "load_policy",
+        "load_router",
+        "routing_schema",
+    ]
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"proxy.routing.{info.name}")
+        assert all(hasattr(module, name) for name in module.__all__), info.name

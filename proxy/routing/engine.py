@@ -1,0 +1,172 @@
+"""The runtime form of a routing policy: compiled once per load, then ``plan()`` per request.
+
+Decision for one request:
+
+1. The requested model's alias target is looked up (chains already resolved).
+2. Rules are evaluated top to bottom; the first that matches wins, and a rule with
+   ``continue: true`` lets later rules match too (``actions.Draft`` merges them). A rule's
+   ``model`` condition matches the requested model or its alias target. Conditions read
+   the request as the client sent it, never what earlier rules changed. A matching
+   ``deny`` rule raises ``PermissionDenied`` (403) with its message and the rule's name.
+3. The upstream model is the first rule's model or split arm, else the alias target, else
+   the requested model; variants are appended; aliases also apply to each entry of the
+   client's ``models`` list, unless a rule sends its own (``native_fallbacks``).
+
+Speed: the rules that can match a given requested model and caller (their model, key,
+team and tier conditions hold) are worked out once per (model, key name, team, tier) and
+memoised (at most ``MEMO_LIMIT`` entries, then the memo starts over), so rules for other
+models or callers cost nothing; only the per-request conditions (stream, tools, headers,
+images, token range, text) run per request. When the policy's literal gate
+(``prefilter``) finds none of the ``user_text`` literals in a request, the rules that
+need one are skipped together. Requests that no rule or alias touches get a shared
+``RoutePlan``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from proxy.errors import PermissionDenied
+from proxy.routing.actions import Actions, Draft, with_variants
+from proxy.routing.checks import resolve_aliases
+from proxy.routing.matching import Check, RequestView, Static, compile_match
+from proxy.routing.prefilter import literal_gate, required_literals
+from proxy.routing.schema import RoutingPolicy
+from proxy.types import ChatCall, Principal, RoutePlan
+
+__all__ = ["MEMO_LIMIT", "CompiledPolicy", "policy_hash"]
+
+MEMO_LIMIT = 16384
+
+
+def policy_hash(policy: RoutingPolicy) -> str:
+    """12 hex characters of the SHA-256 of the policy's canonical JSON (comments and layout
+    of the file do not change it)."""
+    canonical = orjson.dumps(policy.model_dump(mode="json", by_alias=True), option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(canonical).hexdigest()[:12]
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    static: Static
+    checks: tuple[Check, ...]
+    actions: Actions
+    stop: bool
+    needs_literal: bool
+    """Its ``user_text`` regex has a literal prefilter (it cannot match without a literal)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _ModelEntry:
+    """What is known about one (requested model, caller) before looking at the request."""
+
+    target: str | None
+    candidates: tuple[_Rule, ...]
+    without_text: tuple[_Rule, ...] | None
+    """The candidates minus the rules that need a literal (``None``: no such rule), used
+    when the policy's literal gate finds none in the text."""
+    plain: RoutePlan | None
+    """The shared plan when no rule matches and the client's ``models`` needs no alias."""
+
+
+class CompiledPolicy:
+    """A validated ``RoutingPolicy`` compiled for fast decisions. Immutable but for its memo."""
+
+    def __init__(self, policy: RoutingPolicy) -> None:
+        self.policy = policy
+        self.aliases, _ = resolve_aliases(policy.aliases)
+        self.policy_hash = policy_hash(policy)
+        rules, literals = [], []
+        for rule in policy.rules:
+            static, checks = compile_match(rule.match)
+            needed = required_literals(rule.match.user_text) if rule.match.user_text is not None else None
+            literals.append(needed)
+            actions = Actions.build(rule, self.aliases)
+            rules.append(_Rule(static, checks, actions, not rule.continue_, needed is not None))
+        self.rules: tuple[_Rule, ...] = tuple(rules)
+        self._gate = literal_gate(literals)
+        self._memo: dict[tuple[str, str, str | None, str | None], _ModelEntry] = {}
+
+    def plan(self, call: ChatCall, principal: Principal, headers: Sequence[tuple[bytes, bytes]] = ()) -> RoutePlan:
+        """Decide where ``call`` goes (see the module docstring).
+
+        ``headers`` are the request's ASGI headers, read only by ``header`` conditions.
+        Raises ``PermissionDenied`` when a ``deny`` rule matches.
+        """
+        key = (call.model, principal.name, principal.team, principal.tier)
+        entry = self._memo.get(key) or self._remember(key, principal)
+        models = call.body.get("models")
+        aliased_models = bool(models) and isinstance(models, list) and any(m in self.aliases for m in models)
+        draft: Draft | None = None
+        candidates = entry.candidates
+        if candidates:
+            view = RequestView(call, principal, headers, self._gate)
+            if entry.without_text is not None and view.lowered_ascii == "":
+                candidates = entry.without_text
+            for rule in candidates:
+                for check in rule.checks:
+                    if not check(view):
+                        break
+                else:
+                    if rule.actions.deny is not None:
+                        raise PermissionDenied(f"{rule.actions.deny} (routing rule '{rule.actions.name}')")
+                    if draft is None:
+                        draft = Draft()
+                    draft.add(rule.actions, call, principal)
+                    if rule.stop:
+                        break
+        if draft is None and entry.plain is not None and not aliased_models:
+            return entry.plain
+        return self._build(call, entry, draft, aliased_models)
+
+    def _build(self, call: ChatCall, entry: _ModelEntry, draft: Draft | None, aliased_models: bool) -> RoutePlan:
+        model = (draft.model if draft else None) or entry.target or call.model
+        if draft is not None and draft.variants:
+            model = with_variants(model, draft.variants)
+        changes: dict[str, Any] = {}
+        if model != call.model:
+            changes["model"] = model
+        fallbacks = draft.fallbacks if draft is not None else ()
+        if draft is not None and draft.native:
+            changes["models"] = [model, *fallbacks]
+        elif aliased_models:
+            changes["models"] = [self.aliases.get(m, m) for m in call.body["models"]]
+        if draft is not None:
+            draft.parameters(call.body, changes)
+            rule: str | None = "+".join(draft.names)
+        elif entry.target is not None:
+            rule = f"alias:{call.model}"
+        else:
+            rule = "alias:models"
+        body = request = None
+        if changes or fallbacks:
+            request = {**call.body, **changes}
+            body = orjson.dumps(request)
+        return RoutePlan(
+            model=model,
+            rule=rule,
+            body=body,
+            request=request,
+            fallbacks=fallbacks,
+            first_token_timeout_s=draft.ttft_s if draft is not None else None,
+            cache_ttl_s=draft.cache_ttl_s if draft is not None else None,
+            policy_hash=self.policy_hash,
+        )
+
+    def _remember(self, key: tuple[str, str, str | None, str | None], principal: Principal) -> _ModelEntry:
+        model = key[0]
+        target = self.aliases.get(model)
+        candidates = tuple(rule for rule in self.rules if rule.static.admits(model, target, principal))
+        without_text = tuple(rule for rule in candidates if not rule.needs_literal)
+        plain = RoutePlan(model=model, policy_hash=self.policy_hash) if target is None else None
+        gated = self._gate is not None and len(without_text) < len(candidates)
+        entry = _ModelEntry(target, candidates, without_text if gated else None, plain)
+        if len(self._memo) >= MEMO_LIMIT:
+            self._memo.clear()
+        self._memo[key] = entry
+        return entry
