@@ -1,0 +1,97 @@
+"""The counter backends' contract: reserve every check of a request at once, settle later.
+
+Two kinds of counters, the same in memory and in Redis:
+
+* **window** (requests, tokens): a sliding window of ``Window.buckets`` sub-buckets. A
+  request is admitted when the sum of every live bucket plus its cost fits the limit, so
+  no rolling window of the configured length ever holds more than the limit (the counted
+  span is between one window and one window plus one bucket long).
+* **hold** (concurrency, budgets): ``spent`` plus reservations ("holds") of requests in
+  flight, each with a lease; a request is admitted when ``spent + held + cost <= limit``.
+  Settling releases the hold and adds the actual spend; a hold whose request never
+  settles (worker killed) is released when its lease expires.
+
+``reserve`` is all or nothing: either every check fits and every counter is reserved, or
+nothing is written. Times are Unix milliseconds; every method may raise
+``proxy.store.StoreUnavailable``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from proxy.limits.policy import Window
+
+__all__ = ["Backend", "Check", "CheckState", "Decision", "Release"]
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One counter to check and reserve. ``window`` None = a hold.
+
+    ``limit`` and ``cost`` are in the counter's unit (requests, tokens, nano-USD);
+    ``ttl_ms`` keeps a hold's counter that long after the last write (0 = for ever).
+    """
+
+    key: str
+    limit: int
+    cost: int
+    window: Window | None = None
+    ttl_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CheckState:
+    """A counter as the reservation saw it (after reserving, when admitted).
+
+    ``used``: window total, or ``spent + held`` of a hold; ``spent``: a hold's settled
+    spend. ``reset_ms``: until the window is empty again. ``retry_ms``: until ``cost``
+    would fit (0: fits now; -1: never by waiting, e.g. cost above the limit or a budget
+    already spent). ``bucket``: the window bucket written, for settlement.
+    """
+
+    used: int
+    spent: int = 0
+    reset_ms: int = 0
+    retry_ms: int = 0
+    bucket: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    admitted: bool
+    states: tuple[CheckState, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Settlement of one reserved counter.
+
+    Window: add ``delta`` (actual minus reserved) to ``bucket`` if that bucket is still
+    live (never below zero). Hold: release the request's hold if it is still there, and
+    add ``spend`` to ``spent``.
+    """
+
+    key: str
+    window: bool
+    bucket: int = 0
+    delta: int = 0
+    spend: int = 0
+    ttl_ms: int = 0
+
+
+class Backend(Protocol):
+    name: str
+
+    async def reserve(
+        self, checks: Sequence[Check], rid: str, now_ms: int, lease_ms: int, *, dry: bool = False
+    ) -> Decision:
+        """Check every counter; when all fit (and not ``dry``) reserve them all for ``rid``."""
+
+    async def settle(self, releases: Sequence[Release], rid: str, now_ms: int) -> list[int]:
+        """Apply ``releases`` of request ``rid``; returns each hold's ``spent`` afterwards (0 for windows)."""
+
+    async def ping(self) -> bool:
+        """True when the backend answers."""

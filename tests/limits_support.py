@@ -1,0 +1,155 @@
+"""Factories for the limits tests: limiters over either store, fake clocks, a Redis we can kill."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis
+
+from proxy.catalog import ModelCatalog
+from proxy.config import LimitsSettings
+from proxy.limits import Limiter, LimitsPolicy, open_limiter
+from proxy.limits.policy import LimitsFile
+from proxy.store import Store, open_store
+from proxy.types import ChatCall, Principal, RoutePlan, Usage, UsageRecord
+
+MODELS = orjson.loads((Path(__file__).resolve().parents[1] / "proxy/emulator/data/models.json").read_bytes())
+MINI = "openai/gpt-4o-mini"  # 0.15 USD / M prompt tokens, 0.60 USD / M completion tokens
+T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+
+
+class FakeClock:
+    """A settable Unix clock (seconds)."""
+
+    def __init__(self, now: float = T0 + 3600) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def catalog() -> ModelCatalog:
+    async def fetch() -> Any:
+        return MODELS
+
+    return ModelCatalog(fetch, 3600)
+
+
+def policy(spec: dict[str, Any]) -> LimitsPolicy:
+    return LimitsPolicy(LimitsFile.model_validate(spec))
+
+
+def limiter(store: Store, spec: dict[str, Any], clock: Any = time.time, **settings: Any) -> Limiter:
+    return open_limiter(LimitsSettings(**settings), policy(spec), store, catalog(), clock=clock)
+
+
+def principal(name: str = "alice", team: str | None = None, tier: str | None = "t") -> Principal:
+    return Principal(key_id=f"{name:x<12}"[:12], name=name, team=team, tier=tier)
+
+
+def call(model: str = MINI, content: str = "hello there", **body: Any) -> ChatCall:
+    data = {"model": model, "messages": [{"role": "user", "content": content}], **body}
+    return ChatCall(body=data, raw=orjson.dumps(data), model=model, stream=False)
+
+
+def plan(model: str = MINI) -> RoutePlan:
+    return RoutePlan(model=model)
+
+
+def record(usage: Usage | None = None, status: int = 200) -> UsageRecord:
+    return UsageRecord(
+        request_id="r",
+        ts=time.time(),
+        key_name="alice",
+        team=None,
+        requested_model=MINI,
+        routed_model=MINI,
+        rule=None,
+        model=MINI,
+        provider="OpenAI",
+        generation_id=None,
+        stream=False,
+        status=status,
+        usage=usage,
+        finish_reason="stop",
+        latency_s=0.1,
+        ttfb_s=0.05,
+    )
+
+
+def open_test_store(url: str | None) -> Store:
+    """A store; a Redis one is flushed first so every test starts from zero."""
+    if url is not None:
+        with redis.Redis.from_url(url) as client:
+            client.flushdb()
+    return open_store(url)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class RestartableRedis:
+    """A ``redis-server`` on a fixed port that tests can kill, freeze and start again."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            if os.environ.get("REQUIRE_REDIS") == "1":
+                pytest.fail("redis-server is not installed and REQUIRE_REDIS=1")
+            pytest.skip("redis-server is not installed")
+        self.binary = binary
+        self.port = free_port()
+        self.workdir = tempfile.TemporaryDirectory()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RestartableRedis:
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.proc = subprocess.Popen([*args, "--dir", self.workdir.name], stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with redis.Redis(port=self.port, socket_timeout=0.2) as client:
+                    if client.ping():
+                        return self
+            except redis.RedisError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def freeze(self, frozen: bool) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP if frozen else signal.SIGCONT)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+        self.kill()
+        self.workdir.cleanup()

@@ -1,0 +1,393 @@
+"""Limiter semantics, the same tests against the in-memory store and a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from proxy.errors import QuotaExceeded, RateLimited
+from proxy.limits import Limiter
+from proxy.store import Store
+from proxy.types import Ticket, Usage
+
+from .limits_support import FakeClock, call, limiter, open_test_store, plan, principal, record
+from .redis_server import redis_server
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    with redis_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store_url(request: pytest.FixtureRequest) -> str | None:
+    if request.param == "memory":
+        return None
+    url: str = request.getfixturevalue("redis_url")
+    return url
+
+
+def run(store_url: str | None, spec: dict[str, Any], body: Any, **kwargs: Any) -> Any:
+    """Run ``body(limiter, store)`` in a fresh event loop with a fresh store."""
+
+    kwargs.setdefault("store_timeout_ms", 5000)  # exactness, not the timeout path (test_limits_store_down)
+
+    async def main() -> Any:
+        store = open_test_store(store_url)
+        lim = limiter(store, spec, **kwargs)
+        await lim.start()
+        try:
+            return await body(lim, store)
+        finally:
+            await lim.aclose()
+            await store.aclose()
+
+    return asyncio.run(main())
+
+
+async def admit_many(lim: Limiter, n: int, **kw: Any) -> tuple[list[Ticket], list[RateLimited]]:
+    who = kw.pop("who", principal())
+    results = await asyncio.gather(
+        *(lim.admit(who, call(**kw), plan(kw.get("model", "openai/gpt-4o-mini"))) for _ in range(n)),
+        return_exceptions=True,
+    )
+    tickets = [r for r in results if isinstance(r, Ticket)]
+    errors = [r for r in results if isinstance(r, RateLimited)]
+    assert len(tickets) + len(errors) == n, [r for r in results if not isinstance(r, Ticket | RateLimited)]
+    return tickets, errors
+
+
+def test_200_concurrent_admissions_admit_exactly_the_limit(store_url: str | None) -> None:
+    async def body(lim: Limiter, store: Store) -> None:
+        tickets, errors = await admit_many(lim, 200)
+        assert len(tickets) == 37
+        assert {e.code for e in errors} == {"rate_limit_exceeded"}
+        assert "requests_per_hour" in errors[0].message and "key 'alice'" in errors[0].message
+        headers = dict(errors[0].headers)
+        assert headers[b"x-ratelimit-remaining-requests"] == b"0"
+        assert 0 < int(headers[b"retry-after-ms"]) <= 3_660_000
+        assert errors[0].retry_hint() is None  # the SDK may retry later
+
+    run(store_url, {"tiers": {"t": {"requests_per_hour": 37}}}, body)
+
+
+def test_concurrency_slots_are_exact_and_released_by_settle(store_url: str | None) -> None:
+    async def body(lim: Limiter, store: Store) -> None:
+        tickets, errors = await admit_many(lim, 200)
+        assert len(tickets) == 7
+        assert "concurrent" in errors[0].message
+        assert dict(errors[0].headers)[b"retry-after"] == b"1"
+        await asyncio.gather(*(lim.settle(t, record()) for t in tickets[:3]))
+        again, _ = await admit_many(lim, 200)
+        assert len(again) == 3
+
+    run(store_url, {"tiers": {"t": {"concurrent_requests": 7}}}, body)
+
+
+def test_team_limits_are_shared_by_the_team_s_keys(store_url: str | None) -> None:
+    spec = {"teams": {"red": "team"}, "tiers": {"t": {"requests_per_day": 100}, "team": {"requests_per_day": 10}}}
+
+    async def body(lim: Limiter, store: Store) -> None:
+        a, _ = await admit_many(lim, 50, who=principal("ann", team="red"))
+        b, errors = await admit_many(lim, 50, who=principal("ben", team="red"))
+        assert len(a) + len(b) == 10
+        assert "team 'red'" in errors[0].message
+        alone, _ = await admit_many(lim, 50, who=principal("cat", team="blue"))
+        assert len(alone) == 50  # another team: only its key limit applies
+
+    run(store_url, spec, body)
+
+
+def test_per_model_limits_apply_to_that_model_only(store_url: str | None) -> None:
+    spec = {"tiers": {"t": {"models": {"openai/gpt-4o": {"requests_per_minute": 2}}}}}
+
+    async def body(lim: Limiter, store: Store) -> None:
+        pricey, errors = await admit_many(lim, 5, model="openai/gpt-4o")
+        assert len(pricey) == 2
+        assert "on model openai/gpt-4o" in errors[0].message
+        cheap, _ = await admit_many(lim, 5)
+        assert len(cheap) == 5
+
+    run(store_url, spec, body)
+
+
+def test_the_window_slides_and_resets(store_url: str | None) -> None:
+    clock = FakeClock()
+
+    async def body(lim: Limiter, store: Store) -> None:
+        first, _ = await admit_many(lim, 3)
+        clock.advance(30)
+        second, errors = await admit_many(lim, 5)
+        assert (len(first), len(second)) == (3, 2)
+        # The first three leave the window 60-61 s after they were admitted, not before.
+        assert 30_000 < int(dict(errors[0].headers)[b"retry-after-ms"]) <= 31_000
+        clock.advance(29.5)
+        assert len((await admit_many(lim, 5))[0]) == 0
+        clock.advance(2)
+        assert len((await admit_many(lim, 5))[0]) == 3
+        clock.advance(61)
+        assert len((await admit_many(lim, 9))[0]) == 5
+
+    run(store_url, {"tiers": {"t": {"requests_per_minute": 5}}}, body, clock=clock)
+
+
+def test_token_reservations_are_corrected_to_actual_usage(store_url: str | None) -> None:
+    async def body(lim: Limiter, store: Store) -> None:
+        ticket = await lim.admit(principal(), call(max_tokens=500), plan())
+        headers = dict(ticket.headers)
+        reserved = 1000 - int(headers[b"x-ratelimit-remaining-tokens"])
+        assert 500 < reserved < 520  # prompt estimate + max_tokens
+        assert headers[b"x-ratelimit-limit-tokens"] == b"1000"
+        await lim.settle(ticket, record(Usage(prompt_tokens=8, completion_tokens=42, total_tokens=50)))
+        ticket = await lim.admit(principal(), call(), plan())
+        assert int(dict(ticket.headers)[b"x-ratelimit-remaining-tokens"]) == 1000 - 50 - (reserved - 500)
+        await lim.settle(ticket, record(None, status=502))  # failed: every reserved token back
+        ticket = await lim.admit(principal(), call(max_tokens=900), plan())
+        assert int(dict(ticket.headers)[b"x-ratelimit-remaining-tokens"]) < 100
+        with pytest.raises(RateLimited) as info:
+            await lim.admit(principal(), call(max_tokens=900), plan())
+        assert "tokens_per_minute" in info.value.message and info.value.retry_hint() is None
+        with pytest.raises(RateLimited) as too_big:
+            await lim.admit(principal(), call(max_tokens=5000), plan())
+        assert "Request too large" in too_big.value.message
+        assert too_big.value.retry_hint() is False
+
+    run(store_url, {"tiers": {"t": {"tokens_per_minute": 1000}}}, body)
+
+
+def test_usage_above_the_reservation_is_counted_too(store_url: str | None) -> None:
+    async def body(lim: Limiter, store: Store) -> None:
+        ticket = await lim.admit(principal(), call(), plan())
+        await lim.settle(ticket, record(Usage(prompt_tokens=900, completion_tokens=200, total_tokens=1100)))
+        with pytest.raises(RateLimited):
+            await lim.admit(principal(), call(), plan())
+
+    run(store_url, {"tiers": {"t": {"tokens_per_minute": 1000}}}, body)
+
+
+def test_holds_of_requests_that_never_settle_expire_with_their_lease(store_url: str | None) -> None:
+    clock = FakeClock()
+
+    async def body(lim: Limiter, store: Store) -> None:
+        assert len((await admit_many(lim, 5))[0]) == 2  # never settled: the worker "died"
+        clock.advance(119)
+        assert len((await admit_many(lim, 5))[0]) == 0
+        clock.advance(2)
+        assert len((await admit_many(lim, 5))[0]) == 2
+
+    run(store_url, {"tiers": {"t": {"concurrent_requests": 2}}}, body, clock=clock, lease_s=120)
+
+
+def test_spend_never_exceeds_the_budget_under_concurrency(store_url: str | None) -> None:
+    # Worst case of one call: ceil(6 prompt tokens x 1.2) x 0.15e-6 + 100 x 0.6e-6 = 61.2 micro-USD.
+    budget = 0.0015
+
+    async def body(lim: Limiter, store: Store) -> None:
+        spent = 0.0
+        for _ in range(40):
+            tickets, errors = await admit_many(lim, 200, max_tokens=100)
+            if not tickets:
+                break
+            cost = 58e-6  # close to the worst case: the budget binds on actual spend
+            await asyncio.gather(*(lim.settle(t, record(Usage(7, 90, 97, cost_usd=cost))) for t in tickets))
+            spent += cost * len(tickets)
+            assert spent <= budget + 1e-12
+            assert all(isinstance(e, QuotaExceeded) for e in errors)
+        assert budget - 61.2e-6 < spent <= budget
+        with pytest.raises(QuotaExceeded) as info:
+            await lim.admit(principal(), call(max_tokens=100), plan())
+        assert info.value.retry_hint() is False  # final for the day: x-should-retry: false
+        assert "budget_usd_per_day" in info.value.message
+        wait = int(dict(info.value.headers)[b"retry-after"])
+        assert 0 < wait <= 86_400  # until the day ends
+
+    run(store_url, {"tiers": {"t": {"budget_usd_per_day": budget}}}, body)
+
+
+def test_budget_held_by_requests_in_flight_is_a_retryable_429(store_url: str | None) -> None:
+    async def body(lim: Limiter, store: Store) -> None:
+        tickets, errors = await admit_many(lim, 50, max_tokens=1000)  # 600+ micro-USD each
+        assert len(tickets) == 1
+        assert isinstance(errors[0], QuotaExceeded) and errors[0].retry_hint() is None
+        assert "reserved by requests in flight" in errors[0].message
+        await lim.settle(tickets[0], record(Usage(7, 10, 17, cost_usd=0.0000075)))
+        assert len((await admit_many(lim, 50, max_tokens=1000))[0]) == 1
+
+    run(store_url, {"tiers": {"t": {"budget_usd_total": 0.001}}}, body)
+
+
+def test_budgets_reset_with_the_utc_day_and_month(store_url: str | None) -> None:
+    clock = FakeClock()
+    spec = {"tiers": {"t": {"budget_usd_per_day": 0.01, "budget_usd_per_month": 0.015}}}
+
+    async def body(lim: Limiter, store: Store) -> None:
+        ticket = await lim.admit(principal(), call(max_tokens=10), plan())
+        await lim.settle(ticket, record(Usage(7, 10, 17, cost_usd=0.0099)))
+        with pytest.raises(QuotaExceeded, match="budget_usd_per_day"):
+            await lim.admit(principal(), call(max_tokens=200), plan())  # 121.2 micro-USD > 100 left
+        clock.advance(86_400)
+        ticket = await lim.admit(principal(), call(max_tokens=10), plan())
+        await lim.settle(ticket, record(Usage(7, 10, 17, cost_usd=0.0051)))
+        with pytest.raises(QuotaExceeded, match="budget_usd_per_month"):
+            await lim.admit(principal(), call(max_tokens=10), plan())
+        clock.advance(31 * 86_400)  # February
+        await lim.admit(principal(), call(max_tokens=10), plan())
+
+    run(store_url, spec, body, clock=clock)
+
+
+def test_missing_cost_is_priced_from_tokens(store_url: str | None) -> None:
+    async def body(lim: Limiter, store: Store) -> None:
+        ticket = await lim.admit(principal(), call(max_tokens=10), plan())
+        # No usage.cost: 1000 x 0.15e-6 + 1000 x 0.6e-6 = 750 micro-USD of the 1000.
+        await lim.settle(ticket, record(Usage(1000, 1000, 2000, cost_usd=None)))
+        ticket = await lim.admit(principal(), call(max_tokens=10), plan())
+        await lim.settle(ticket, record(Usage(100, 300, 400, cost_usd=None)))  # 195 more
+        with pytest.raises(QuotaExceeded):
+            await lim.admit(principal(), call(max_tokens=100), plan())  # needs 61.2, 55 left
+
+    run(store_url, {"tiers": {"t": {"budget_usd_total": 0.001}}}, body)
+
+
+def test_unknown_prices_reserve_the_configured_amount(store_url: str | None) -> None:
+    async def body(lim: Limiter, store: Store) -> None:
+        tickets, _ = await admit_many(lim, 10, model="no-such/model")
+        assert len(tickets) == 3  # 0.01 USD each of 0.035
+        await lim.settle(tickets[0], record(Usage(10, 10, 20, cost_usd=None)))  # charged 0.01
+        assert len((await admit_many(lim, 10, model="no-such/model"))[0]) == 0
+
+    run(store_url, {"tiers": {"t": {"budget_usd_total": 0.035}}}, body, unknown_price_usd=0.01)
+
+
+def test_soft_thresholds_fire_once_per_period(store_url: str | None, caplog: pytest.LogCaptureFixture) -> None:
+    async def body(lim: Limiter, store: Store) -> None:
+        for _ in range(10):
+            ticket = await lim.admit(principal(), call(max_tokens=10), plan())
+            await lim.settle(ticket, record(Usage(7, 10, 17, cost_usd=0.0001)))
+        with pytest.raises(QuotaExceeded):
+            await lim.admit(principal(), call(max_tokens=10), plan())
+        assert lim.alerts.fired_total == 3
+
+    caplog.set_level("WARNING", "proxy.limits.alerts")
+    run(store_url, {"tiers": {"t": {"budget_usd_per_day": 0.001}}}, body)
+    # 50% after the 5th of 10 equal costs, 80% after the 8th, 100% after the 10th: once each.
+    assert [r.getMessage().rsplit(" ", 1)[1] for r in caplog.records] == ["50%", "80%", "100%"]
+
+
+def test_keys_without_a_tier_get_the_default_tier_or_nothing(store_url: str | None) -> None:
+    async def body(lim: Limiter, store: Store) -> None:
+        assert len((await admit_many(lim, 5, who=principal(tier=None)))[0]) == 1
+
+    run(store_url, {"default_tier": "t", "tiers": {"t": {"requests_per_day": 1}}}, body)
+
+    async def unlimited(lim: Limiter, store: Store) -> None:
+        tickets, _ = await admit_many(lim, 5, who=principal(tier=None))
+        assert len(tickets) == 5 and tickets[0].headers == ()
+
+    run(store_url, {"tiers": {"t": {"requests_per_day": 1}}}, unlimited)
+
+
+@st.composite
+def operations(draw: st.DrawFn) -> list[tuple[str, Any]]:
+    """Random reserve/settle/advance steps over two windows and two holds."""
+    ops: list[tuple[str, Any]] = []
+    for _ in range(draw(st.integers(1, 14))):
+        kind = draw(st.sampled_from(["reserve", "reserve", "settle", "advance"]))
+        if kind == "reserve":
+            costs = draw(st.lists(st.integers(0, 6), min_size=4, max_size=4))
+            ops.append(("reserve", (costs, draw(st.booleans()))))
+        elif kind == "settle":
+            ops.append(("settle", (draw(st.integers(0, 9)), draw(st.integers(-5, 5)), draw(st.integers(0, 4)))))
+        else:
+            ops.append(("advance", draw(st.integers(1, 90_000))))
+    return ops
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=operations())
+def test_redis_and_memory_counters_agree_step_for_step(redis_url: str, ops: list[tuple[str, Any]]) -> None:
+    from proxy.limits.backend import Check, Release
+    from proxy.limits.memory import MemoryBackend
+    from proxy.limits.policy import MINUTE, SECOND
+    from proxy.limits.redis import RedisBackend
+    from proxy.store.redis import RedisStore
+
+    # Redis expires keys on its own clock, memory on the fake one; TTLs only collect garbage
+    # (budget keys are named by period), so the budget-like hold outlives the test's time.
+    TTL = 10**9
+
+    async def main() -> None:
+        store = RedisStore(redis_url)
+        backends = [MemoryBackend(), RedisBackend(store.client, 5.0)]
+        tag = f"orp:{{p{id(ops)}{time.monotonic_ns()}}}"
+        keys = [f"{tag}:w1", f"{tag}:w2", f"{tag}:h1", f"{tag}:h2"]
+        now = 1_700_000_000_000
+        taken: list[tuple[str, list[Check], tuple[int, ...]]] = []
+        try:
+            for kind, arg in ops:
+                if kind == "advance":
+                    now += arg
+                    continue
+                if kind == "reserve":
+                    costs, dry = arg
+                    checks = [
+                        Check(keys[0], 8, costs[0], MINUTE),
+                        Check(keys[1], 5, costs[1], SECOND),
+                        Check(keys[2], 9, costs[2], ttl_ms=TTL),
+                        Check(keys[3], 7, costs[3]),
+                    ]
+                    rid = f"r{len(taken)}"
+                    out = [await b.reserve(checks, rid, now, 30_000, dry=dry) for b in backends]
+                    assert out[0] == out[1], (kind, arg, out)
+                    if out[0].admitted and not dry:
+                        taken.append((rid, checks, tuple(s.bucket for s in out[0].states)))
+                    continue
+                index, delta, spend = arg
+                if not taken:
+                    continue
+                rid, checks, buckets = taken[index % len(taken)]
+                releases = [
+                    Release(checks[0].key, True, bucket=buckets[0], delta=delta),
+                    Release(checks[2].key, False, spend=spend, ttl_ms=TTL),
+                    Release(checks[3].key, False),
+                ]
+                spent = [await b.settle(releases, rid, now) for b in backends]
+                assert spent[0] == spent[1], (kind, arg, spent)
+        finally:
+            await store.aclose()
+
+    asyncio.run(main())
+
+
+def test_budget_alerts_are_posted_to_the_webhook(serve: Callable[..., Any]) -> None:
+    received: list[dict[str, Any]] = []
+
+    async def hook(request: Request) -> JSONResponse:
+        received.append(await request.json())
+        return JSONResponse({"ok": True})
+
+    receiver = serve(Starlette(routes=[Route("/hook", hook, methods=["POST"])]))
+
+    async def body(lim: Limiter, store: Store) -> None:
+        for _ in range(6):
+            ticket = await lim.admit(principal(team="red"), call(max_tokens=10), plan())
+            await lim.settle(ticket, record(Usage(7, 10, 17, cost_usd=0.0001)))
+
+    spec = {"teams": {"red": "team"}, "tiers": {"team": {"budget_usd_per_month": 0.001}}}
+    run(None, spec, body, alert_webhook_url=f"{receiver.url}/hook", alert_thresholds=[0.5, 0.8])
+    assert [(e["threshold"], e["scope"], e["subject"], e["budget"]) for e in received] == [
+        (0.5, "team", "red", "budget_usd_per_month")
+    ]
+    assert received[0]["spent_usd"] == pytest.approx(0.0005) and received[0]["limit_usd"] == 0.001
+    assert received[0]["period"] == time.strftime("%Y-%m", time.gmtime())

@@ -1,0 +1,159 @@
+"""Redis killed, frozen and restarted under traffic: fail_open and fail_closed, and recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import yaml
+
+from proxy.errors import LimitsUnavailable
+from proxy.limits import DEGRADED_HEADER, Limiter
+from proxy.store import open_store
+
+from .conftest import ALICE_KEY, ProxyUnderTest
+from .limits_support import RestartableRedis, call, limiter, plan, principal
+
+MESSAGES: Any = [{"role": "user", "content": "Hello"}]
+MINI = "openai/gpt-4o-mini"
+POLICY = {"default_tier": "t", "tiers": {"t": {"requests_per_hour": 10, "concurrent_requests": 4}}}
+
+
+@pytest.fixture
+def redis_proc() -> Iterator[RestartableRedis]:
+    server = RestartableRedis().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def make(redis_proc: RestartableRedis, tmp_path: Path, proxy_server: Callable[..., ProxyUnderTest]) -> Any:
+    # redis_proc first: set up before the proxy, torn down after it.
+    def _make(**settings: Any) -> ProxyUnderTest:
+        (tmp_path / "policies").mkdir(exist_ok=True)
+        (tmp_path / "policies" / "limits.yaml").write_text(yaml.safe_dump(POLICY))
+        settings = {"replicas": 2, "store_retry_s": 0.2, "store_timeout_ms": 300, **settings}
+        return proxy_server(extra=yaml.safe_dump({"store": {"redis_url": redis_proc.url}, "limits": settings}))
+
+    return _make
+
+
+def attempt(proxy: ProxyUnderTest) -> tuple[int, dict[str, str], float]:
+    """One SDK call: ``(status, headers, seconds)``; never retried."""
+    client = openai.OpenAI(base_url=proxy.base_url, api_key=ALICE_KEY, max_retries=0, timeout=10)
+    began = time.monotonic()
+    try:
+        raw = client.chat.completions.with_raw_response.create(model=MINI, messages=MESSAGES)
+        status, headers = 200, dict(raw.headers)
+    except openai.APIStatusError as exc:
+        status, headers = exc.status_code, dict(exc.response.headers)
+    finally:
+        client.close()
+    return status, headers, time.monotonic() - began
+
+
+def until_shared(proxy: ProxyUnderTest, timeout: float = 10.0) -> dict[str, str]:
+    """Call until a response is decided by Redis again (no degraded marker); its headers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status, headers, _ = attempt(proxy)
+        if status == 200 and "x-proxy-degraded" not in headers:
+            return headers
+        assert time.monotonic() < deadline, f"the proxy did not recover: {status} {headers}"
+        time.sleep(0.1)
+
+
+def limiter_of(proxy: ProxyUnderTest) -> Limiter:
+    assert proxy.app.runtime is not None
+    admission = proxy.app.runtime.admission
+    assert isinstance(admission, Limiter)
+    return admission
+
+
+def test_fail_open_admits_on_local_shares_then_recovers(
+    make: Any, redis_proc: RestartableRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = make(failure_policy="fail_open")
+    for remaining in ("9", "8", "7"):
+        status, headers, _ = attempt(proxy)
+        assert status == 200 and headers["x-ratelimit-remaining-requests"] == remaining
+        assert "x-proxy-degraded" not in headers
+    caplog.set_level("ERROR", "proxy.limits")
+    redis_proc.kill()
+    outcomes = []
+    for _ in range(7):
+        status, headers, seconds = attempt(proxy)
+        assert seconds < 1.0  # never hangs on a dead Redis
+        outcomes.append((status, headers.get("x-proxy-degraded")))
+    # Each of the 2 replicas may admit 10 / 2 = 5 on its own while Redis is down.
+    assert outcomes == [(200, "store-unavailable")] * 5 + [(429, "store-unavailable")] * 2
+    assert limiter_of(proxy).degraded_total == 7
+    assert len([r for r in caplog.records if "limits store unavailable" in r.getMessage()]) == 1
+    redis_proc.start()  # an empty Redis: counting starts again
+    headers = until_shared(proxy)
+    assert headers["x-ratelimit-remaining-requests"] == "9"
+
+
+def test_fail_closed_answers_503_then_recovers(make: Any, redis_proc: RestartableRedis) -> None:
+    proxy = make(failure_policy="fail_closed")
+    assert attempt(proxy)[0] == 200
+    redis_proc.kill()
+    for _ in range(3):
+        client = openai.OpenAI(base_url=proxy.base_url, api_key=ALICE_KEY, max_retries=0, timeout=10)
+        began = time.monotonic()
+        with pytest.raises(openai.InternalServerError) as info:
+            client.chat.completions.create(model=MINI, messages=MESSAGES)
+        assert time.monotonic() - began < 1.0
+        error = info.value
+        assert error.status_code == 503 and error.code == "limits_unavailable"
+        assert "limits store is unreachable" in error.message
+        assert error.response.headers["retry-after"] == "1"
+        assert "x-should-retry" not in error.response.headers  # retrying later is right
+        client.close()
+    assert limiter_of(proxy).degraded_total == 3
+    redis_proc.start()
+    until_shared(proxy)
+
+
+def test_a_frozen_redis_times_out_fast_and_is_picked_up_again(make: Any, redis_proc: RestartableRedis) -> None:
+    proxy = make(failure_policy="fail_open", store_timeout_ms=50)
+    assert attempt(proxy)[0] == 200
+    redis_proc.freeze(True)
+    try:
+        timings = []
+        for _ in range(4):
+            status, headers, seconds = attempt(proxy)
+            assert (status, headers.get("x-proxy-degraded")) == (200, "store-unavailable")
+            timings.append(seconds)
+        assert max(timings) < 0.5
+    finally:
+        redis_proc.freeze(False)
+    until_shared(proxy)
+
+
+def test_ready_reports_the_store_and_admission_degrades_without_it() -> None:
+    async def main() -> None:
+        store = open_store("redis://127.0.0.1:1/0")  # nothing listens there
+        spec = {"tiers": {"t": {"requests_per_minute": 4, "concurrent_requests": 2}}}
+        opened = limiter(store, spec, replicas=2, store_timeout_ms=50)
+        closed = limiter(store, spec, failure_policy="fail_closed", store_timeout_ms=50)
+        try:
+            ready = await opened.ready()
+            assert ready["ok"] is False and ready["store"] == "redis"
+            tickets = [await opened.admit(principal(), call(), plan()) for _ in range(1)]
+            assert DEGRADED_HEADER in tickets[0].headers
+            assert dict(tickets[0].headers)[b"x-ratelimit-limit-requests"] == b"2"  # the local share
+            state = await opened.ready()
+            assert state["degraded"] is True and state["degraded_total"] == 1 and state["last_error"]
+            with pytest.raises(LimitsUnavailable):
+                await closed.admit(principal(), call(), plan())
+            assert closed.rejected_total["store"] == 1
+        finally:
+            await store.aclose()
+
+    asyncio.run(main())
