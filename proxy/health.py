@@ -1,0 +1,127 @@
+"""Readiness and upstream health (``/healthz``, liveness, stays in ``proxy.app``).
+
+``GET /readyz``: 200 ``{"status": "ready", "store": {...}, "breakers": {...}}`` when the
+store answers a ping, else 503 ``"not_ready"``. ``breakers`` is the circuit breakers'
+``snapshot()`` when a provider is given (informational: an open breaker does not make the
+instance unready, since every replica would share it).
+
+``GET /health/upstream``: is OpenRouter reachable and the proxy's key valid? Checked with
+``GET /key`` (openrouter-api.md §6.4) and cached ``ttl_s`` seconds (30), so probes never
+hammer OpenRouter; one check at a time. 200 ``{"status": "ok", "reachable": true,
+"key_valid": true, "exhausted": false, "checked_at", "age_s"}``; 503 with ``status``
+``unavailable`` (unreachable), ``key_rejected`` (401), ``out_of_credits`` (402, or the key's
+``limit_remaining`` is 0) or ``error`` (another status; ``error`` holds its code). No
+money amounts, labels or keys are returned: the endpoint is unauthenticated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from proxy.errors import ProxyError, UpstreamKeyRejected, UpstreamOutOfCredits, UpstreamTimeout, UpstreamUnreachable
+from proxy.store import Store
+
+__all__ = ["Health", "health_routes"]
+
+BreakerSnapshot = Callable[[], Mapping[str, Any]]
+
+
+class Health:
+    """Readiness of one worker and the cached upstream check."""
+
+    def __init__(
+        self,
+        store: Store,
+        fetch_key: Callable[[], Awaitable[Any]],
+        breakers: BreakerSnapshot | None = None,
+        *,
+        ttl_s: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.fetch_key = fetch_key
+        self.breakers = breakers
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._checked: tuple[float, int, dict[str, Any]] | None = None
+        self._check: asyncio.Task[tuple[int, dict[str, Any]]] | None = None
+
+    async def ready(self) -> tuple[int, dict[str, Any]]:
+        """``(status, body)`` of ``/readyz``."""
+        ok = await self.store.ping()
+        body: dict[str, Any] = {
+            "status": "ready" if ok else "not_ready",
+            "store": {"backend": self.store.name, "reachable": ok},
+        }
+        if self.breakers is not None:
+            body["breakers"] = dict(self.breakers())
+        return (200 if ok else 503), body
+
+    async def upstream(self) -> tuple[int, dict[str, Any]]:
+        """``(status, body)`` of ``/health/upstream``, from the cache when fresh."""
+        now = self._clock()
+        if self._checked is None or now - self._checked[0] >= self.ttl_s:
+            if self._check is None:
+                self._check = asyncio.ensure_future(self._run_check())
+            check = self._check
+            status, body = await asyncio.shield(check)
+            if self._check is check:
+                self._check = None
+                self._checked = (self._clock(), status, body)
+        assert self._checked is not None
+        checked_at, status, body = self._checked
+        return status, {**body, "age_s": round(self._clock() - checked_at, 3)}
+
+    async def _run_check(self) -> tuple[int, dict[str, Any]]:
+        checked_at = datetime.fromtimestamp(self._clock(), UTC).isoformat(timespec="seconds")
+        body: dict[str, Any] = {"reachable": True, "key_valid": True, "exhausted": False, "checked_at": checked_at}
+        try:
+            key = await self.fetch_key()
+        except UpstreamKeyRejected:
+            body.update(status="key_rejected", key_valid=False)
+            return 503, body
+        except UpstreamOutOfCredits:
+            body.update(status="out_of_credits", exhausted=True)
+            return 503, body
+        except (UpstreamUnreachable, UpstreamTimeout) as exc:
+            body.update(status="unavailable", reachable=False, key_valid=None, error=exc.code)
+            return 503, body
+        except ProxyError as exc:
+            body.update(status="error", key_valid=None, error=exc.code or str(exc.status_code()))
+            return 503, body
+        data = key.get("data") if isinstance(key, dict) else None
+        remaining = data.get("limit_remaining") if isinstance(data, dict) else None
+        if isinstance(remaining, int | float) and not isinstance(remaining, bool) and remaining <= 0:
+            body.update(status="out_of_credits", exhausted=True)
+            return 503, body
+        body["status"] = "ok"
+        return 200, body
+
+
+def health_routes(health: Callable[[], Health]) -> list[Route]:
+    """Starlette routes; ``health()`` returns the running worker's ``Health`` (or raises)."""
+
+    async def readyz(request: Request) -> Response:
+        try:
+            current = health()
+        except ProxyError:
+            return JSONResponse({"status": "not_ready", "reason": "starting or stopping"}, status_code=503)
+        status, body = await current.ready()
+        return JSONResponse(body, status_code=status)
+
+    async def upstream(request: Request) -> Response:
+        status, body = await health().upstream()
+        return JSONResponse(body, status_code=status)
+
+    return [
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/health/upstream", upstream, methods=["GET"]),
+    ]

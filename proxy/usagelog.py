@@ -1,0 +1,71 @@
+"""The usage log: one JSON line per request, appended off the hot path.
+
+``UsageLog.append`` only puts the encoded line in a buffer; a background task writes the
+buffer every ``flush_interval_s`` seconds (and ``close`` writes what is left), so no
+request ever waits on the disk. Several workers may append to one file: each flush is a
+single ``write`` on a file opened with ``O_APPEND``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+from proxy.metering import record_json
+from proxy.types import UsageRecord
+
+__all__ = ["UsageLog"]
+
+log = logging.getLogger("proxy.usagelog")
+
+
+class UsageLog:
+    """Buffered JSON-lines writer. ``path=None`` keeps nothing (metering off)."""
+
+    def __init__(self, path: Path | None, flush_interval_s: float = 0.5) -> None:
+        self.path = path
+        self.flush_interval_s = flush_interval_s
+        self._buffer: list[bytes] = []
+        self._task: asyncio.Task[None] | None = None
+        self._fd: int | None = None
+
+    async def start(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        self._task = asyncio.create_task(self._run(), name="usage-log-flush")
+
+    def emit(self, record: UsageRecord) -> None:
+        if self._fd is not None:
+            self._buffer.append(record_json(record))
+
+    def flush(self) -> None:
+        """Write the buffered lines now (one ``write`` call)."""
+        if not self._buffer or self._fd is None:
+            return
+        data, self._buffer = b"".join(self._buffer), []
+        try:
+            while data:
+                data = data[os.write(self._fd, data) :]
+        except OSError:
+            log.exception("usage log write failed; %d bytes of records lost", len(data))
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_interval_s)
+            self.flush()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.flush()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

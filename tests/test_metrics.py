@@ -1,0 +1,156 @@
+"""Prometheus metrics: counters match the ledger after a load run, across uvicorn workers too."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.accounting import account, nano
+from proxy.metrics import Metrics
+from proxy.types import Usage
+
+from .conftest import REPO, ProxyUnderTest
+from .usage_fixtures import KINDS, exported, fire, ledger_config, record, wait_for
+
+N = 24
+P = "openrouter_proxy_"
+
+
+def scrape(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """``/metrics`` as ``{sample name: [(labels, value), ...]}``."""
+    response = httpx.get(f"{url}/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    samples: dict[str, list[tuple[dict[str, str], float]]] = defaultdict(list)
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[sample.name].append((sample.labels, sample.value))
+    return samples
+
+
+def total(samples: dict[str, list[tuple[dict[str, str], float]]], name: str, **match: str) -> float:
+    return sum(v for labels, v in samples.get(name, []) if all(labels.get(k) == m for k, m in match.items()))
+
+
+def test_counters_match_the_ledger_after_a_load_run(proxy_server: Callable[..., ProxyUnderTest]) -> None:
+    proxy = proxy_server(extra=ledger_config())
+    asyncio.run(fire(proxy, N))
+    export_dir = proxy.settings.ledger.export_dir
+    assert export_dir is not None
+    lines = wait_for(
+        lambda: (x := exported(export_dir)) and len([r for r in x if r["type"] == "request"]) == N and x,
+        what="the ledger",
+    )
+    requests = [line for line in lines if line["type"] == "request"]
+    samples = scrape(proxy.url)
+
+    assert total(samples, P + "requests_total") == N
+    for status in {r["status"] for r in requests}:
+        expected = sum(1 for r in requests if r["status"] == status)
+        assert total(samples, P + "requests_total", status=str(status)) == expected
+    for key in ("alice", "bob"):
+        assert total(samples, P + "requests_total", key=key) == sum(1 for r in requests if r["key"] == key)
+    for kind, field in (("prompt", "prompt_tokens"), ("completion", "completion_tokens")):
+        assert total(samples, P + "tokens_total", kind=kind) == sum(r[field] for r in requests)
+    upstream_cost = sum(nano(r["cost_usd"]) for r in requests if r["cost_source"] == "upstream")
+    assert round(total(samples, P + "cost_usd_total", source="upstream") * 1e9) == upstream_cost
+    assert total(samples, P + "request_duration_seconds_count") == N
+    assert total(samples, P + "time_to_first_token_seconds_count") == sum(1 for r in requests if r["ttft_s"])
+    cuts = sum(1 for r in requests if r["error_code"] == "upstream_stream_cut")
+    assert cuts == N // len(KINDS)
+    assert total(samples, P + "upstream_errors_total", code="upstream_stream_cut") == cuts
+    assert total(samples, P + "upstream_errors_total", code="502") == N // len(KINDS)
+    assert total(samples, P + "in_flight_requests") == 0 and total(samples, P + "in_flight_streams") == 0
+    assert total(samples, P + "reconciliations_total", outcome="settled") >= 1
+
+
+def test_rejections_pipeline_events_and_bounded_labels() -> None:
+    metrics = Metrics(max_label_values=4)
+    metrics.retry("openai/gpt-4o-mini", "upstream_timeout")
+    metrics.fallback("openai/gpt-4o-mini", "anthropic/claude-haiku-4.5")
+    metrics.breaker_state("openai/gpt-4o-mini", "open")
+    metrics.activity(3, 2)
+    for code in ("rate_limit_exceeded", "rate_limit_exceeded", "insufficient_quota"):
+        metrics.emit_entry(account(record(status=429, error_code=code, usage=None, generation_id=None), _none))
+    metrics.emit_entry(account(record(status=429, error_code="429", usage=None, generation_id=None), _none))
+    for i in range(5):  # models from outside: two more fit under the cap of 4, the rest are "other"
+        metrics.emit_entry(account(record(model=f"junk/{i}", usage=Usage(prompt_tokens=1)), _none))
+    text = metrics.render()[0].decode()
+    assert f'{P}rejections_total{{key="alice",reason="rate_limit_exceeded"}} 2.0' in text
+    assert f'{P}rejections_total{{key="alice",reason="insufficient_quota"}} 1.0' in text
+    assert f'{P}upstream_errors_total{{code="429",model="openai/gpt-4o-mini"}} 1.0' in text  # OpenRouter's 429
+    assert f'{P}retries_total{{model="openai/gpt-4o-mini",reason="upstream_timeout"}} 1.0' in text
+    assert f'{P}fallbacks_total{{from_model="openai/gpt-4o-mini",to_model="anthropic/claude-haiku-4.5"}} 1.0' in text
+    assert f'{P}breaker_state{{target="openai/gpt-4o-mini"}} 2.0' in text
+    assert f"{P}in_flight_requests 3.0" in text and f"{P}in_flight_streams 2.0" in text
+    models = set(re.findall(r'requests_total\{[^}]*model="([^"]+)"', text))
+    assert models == {"openai/gpt-4o-mini", "junk/0", "junk/1", "other"}
+
+
+def _none(model: str | None) -> None:
+    return None
+
+
+@pytest.mark.slow
+def test_several_workers_report_through_one_endpoint(tmp_path: Path) -> None:
+    """``serve --workers 2``: prometheus-client's multiprocess mode, set up by ``serve``."""
+    shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
+    shutil.copytree(REPO / "policies", tmp_path / "policies")
+    exe = Path(sys.executable).with_name("openrouter-proxy")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENROUTER_API_KEY", "PROMETHEUS_MULTIPROC_DIR")}
+    proc = subprocess.Popen(
+        [str(exe), "serve", "--upstream", "emulator", "--port", str(port), "--workers", "2", "--config", "config.yaml"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=tmp_path,
+    )
+    try:
+        assert proc.stdout is not None
+        output = b""
+        deadline = time.monotonic() + 30
+        while output.count(b"Application startup complete") < 2 and time.monotonic() < deadline:
+            output += proc.stdout.readline()
+        key = re.search(rb"sk-proxy-[A-Za-z0-9_-]+", output)
+        assert key is not None, output.decode()
+        url = f"http://127.0.0.1:{port}"
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=key.group(0).decode(), max_retries=0, timeout=10)
+        for _ in range(10):  # each on a new connection, so both workers take some
+            client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+            client.close()
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key=key.group(0).decode(), max_retries=0, timeout=10)
+        samples = scrape(url)
+        assert total(samples, P + "requests_total", status="200") == 10
+        assert total(samples, P + "in_flight_requests") == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture(autouse=True)
+def _no_multiproc_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
