@@ -4,7 +4,9 @@
 (``proxy.pipeline.ChatCompletions``) and everything else to a small Starlette app
 (``GET /v1/models``, ``GET /healthz``, OpenAI-shaped 404/405). The lifespan builds, per
 worker and in this order: the in-process emulator (``--upstream emulator`` only), the
-pooled upstream client, the store, the usage log, the model catalog and the endpoint; it
+pooled upstream client, the store, the usage log, the model catalog, the observability side
+(``proxy.observability``: ledger, metrics, request log, reconciliation, export, ``/metrics``,
+``/readyz``, ``/health/upstream``, ``/admin/usage``, ``/v1/usage``) and the endpoint; it
 closes them in reverse order at shutdown.
 
 ``/api/v1/...`` paths are accepted as aliases of ``/v1/...``, so clients configured with
@@ -27,19 +29,27 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy.admission import Admission, NoLimits
+from proxy.admin import AdminAPI, admin_routes
+from proxy.admission import Admission
 from proxy.asgi import Receive, Scope, Send
 from proxy.auth import Keyring
 from proxy.background import BackgroundServer
+from proxy.breaker import Breakers
+from proxy.cache import ResponseCache
 from proxy.catalog import ModelCatalog, openai_model_list
 from proxy.config import Settings, load_settings
 from proxy.errors import MethodNotAllowed, NotFound, ProxyError, render_error
-from proxy.ledger import UsageLog
+from proxy.keystore import KeySync, open_keystore
+from proxy.limits import LimitsPolicy, check_key_tiers, load_limits_policy, open_limiter
+from proxy.observability import Observability, observability_routes
+from proxy.pacing import Pacer
 from proxy.pipeline import ChatCompletions
-from proxy.routing import Router, load_router
-from proxy.sinks import Activity, StoreTotalsSink
+from proxy.routing import ContextGuard, ReloadingRouter, Router
+from proxy.sinks import Activity
 from proxy.store import Store, open_store
 from proxy.upstream import OpenRouterClient
+from proxy.usagelog import UsageLog
+from proxy.yamlsrc import ConfigError
 
 __all__ = ["ProxyApp", "app_from_env", "create_app"]
 
@@ -58,27 +68,40 @@ class Runtime:
     client: OpenRouterClient
     store: Store
     usage_log: UsageLog
-    totals: StoreTotalsSink
+    obs: Observability
     admission: Admission
     activity: Activity
     catalog: ModelCatalog
     chat: ChatCompletions
     emulator: BackgroundServer | None
+    breakers: Breakers
+    admin: AdminAPI | None = None
 
 
 class ProxyApp:
     """The ASGI application. ``runtime`` is set during lifespan startup."""
 
-    def __init__(self, settings: Settings, keyring: Keyring, router: Router, *, emulator: bool = False) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        keyring: Keyring,
+        router: Router,
+        *,
+        emulator: bool = False,
+        limits: LimitsPolicy | None = None,
+    ) -> None:
         self.settings = settings
         self.keyring = keyring
         self.router = router
+        self.limits = limits or LimitsPolicy()
         self.use_emulator = emulator
         self.runtime: Runtime | None = None
         routes = [
             Route("/v1/models", self.list_models, methods=["GET"]),
             Route("/api/v1/models", self.list_models, methods=["GET"]),
             Route("/healthz", self.healthz, methods=["GET"]),
+            *admin_routes(self._admin),
+            *observability_routes(lambda: self._runtime().obs),
         ]
         self.starlette = Starlette(
             routes=routes,
@@ -107,31 +130,53 @@ class ProxyApp:
                 update={"base_url": f"{emulator.url}/api/v1", "api_key": SecretStr(EMULATOR_KEY)}
             )
             log.info("upstream: built-in OpenRouter emulator at %s/api/v1", emulator.url)
-        client = OpenRouterClient(upstream)
+        client = OpenRouterClient(upstream, Pacer(settings.limits.pacing))
         await client.start()
         store = open_store(settings.store.redis_url)
         usage_log = UsageLog(settings.usage.log_path, settings.usage.flush_interval_s)
         await usage_log.start()
-        totals = StoreTotalsSink(store)
         catalog = ModelCatalog(lambda: client.get_json("/models"), upstream.models_ttl_s)
-        admission: Admission = NoLimits()
+        keys = KeySync(open_keystore(store), self.keyring)
+        await keys.start()
+        limiter = open_limiter(settings.limits, self.limits, store, catalog, budgets_of=keys.budgets_of)
+        await limiter.start()
+        admission: Admission = limiter
         activity = Activity()
+        breakers = Breakers(settings.breaker)
+        obs = Observability(settings, store, client, catalog, self.keyring, activity, breakers.snapshot)
+        if obs.metrics is not None:
+            breakers.listeners.append(obs.metrics.breaker_state)
+        await obs.start()
         chat = ChatCompletions(
             keyring=self.keyring,
             router=self.router,
             client=client,
             admission=admission,
-            sinks=[usage_log, totals],
-            max_body_bytes=settings.server.max_body_bytes,
+            sinks=[usage_log, obs.sink],
+            server=settings.server,
+            retries=settings.retries,
+            breakers=breakers,
             activity=activity,
+            context_guard=ContextGuard(catalog),
+            cache=ResponseCache(store),
+            metrics=obs.metrics,
         )
-        self.runtime = Runtime(client, store, usage_log, totals, admission, activity, catalog, chat, emulator)
+        await breakers.start(store)
+        await self.router.start()
+        admin = AdminAPI(settings.admin.key_sha256, self.keyring, keys.store, keys, limiter)
+        self.runtime = Runtime(
+            client, store, usage_log, obs, admission, activity, catalog, chat, emulator, breakers, admin
+        )
         try:
             yield
         finally:
+            await self.router.stop()
+            await breakers.stop()
             self.runtime = None
-            await totals.drain()
+            await obs.close()
             await usage_log.close()
+            await limiter.aclose()
+            await keys.aclose()
             await store.aclose()
             await client.aclose()
             if emulator is not None:
@@ -147,6 +192,12 @@ class ProxyApp:
     async def healthz(self, request: Request) -> Response:
         """Liveness: the process serves requests."""
         return JSONResponse({"status": "ok"})
+
+    def _admin(self) -> AdminAPI:
+        admin = self._runtime().admin
+        if admin is None:
+            raise ProxyError("The gateway is starting or stopping.")
+        return admin
 
     def _runtime(self) -> Runtime:
         if self.runtime is None:
@@ -176,7 +227,8 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
 
 
 def create_app(settings: Settings, *, dev_key_sha256: str | None = None, emulator: bool = False) -> ProxyApp:
-    """Build the app from validated settings (policies are loaded and compiled here).
+    """Build the app from validated settings (policies are loaded and compiled here, and
+    reloaded on change while the app runs: ``proxy.routing.ReloadingRouter``).
 
     ``dev_key_sha256`` adds the one-time development key printed by ``serve`` when no
     keys are configured. Raises ``ConfigError`` for an invalid policy file.
@@ -184,7 +236,12 @@ def create_app(settings: Settings, *, dev_key_sha256: str | None = None, emulato
     entries = [(k.sha256, k.name, k.team, k.tier) for k in settings.keys]
     if dev_key_sha256:
         entries.append((dev_key_sha256, "dev", "dev", None))
-    return ProxyApp(settings, Keyring(entries), load_router(settings.policies_dir), emulator=emulator)
+    limits = load_limits_policy(settings.policies_dir / settings.limits.policy_file)
+    problems = check_key_tiers(limits, [(k.name, k.tier) for k in settings.keys])
+    if problems:
+        raise ConfigError(problems)
+    router = ReloadingRouter(settings.policies_dir)
+    return ProxyApp(settings, Keyring(entries), router, emulator=emulator, limits=limits)
 
 
 def app_from_env() -> ProxyApp:

@@ -41,19 +41,26 @@ class _Entry:
 class Keyring:
     """Resolve bearer tokens to ``Principal``s.
 
-    Built once from ``(sha256_hex, name, team, tier)`` tuples; ``authenticate`` raises
-    ``AuthenticationFailed`` (401) for a missing, malformed or unknown key.
+    Built once from the config's ``(sha256_hex, name, team, tier)`` tuples; runtime keys
+    (``proxy.keystore``) are swapped in whole by ``set_runtime``, and a config key wins a
+    clash. ``authenticate`` raises ``AuthenticationFailed`` (401) for a missing, malformed
+    or unknown key.
     """
 
     def __init__(self, entries: Iterable[tuple[str, str, str | None, str | None]]) -> None:
-        self._by_digest: dict[bytes, _Entry] = {}
-        for sha256_hex, name, team, tier in entries:
-            digest = bytes.fromhex(sha256_hex)
-            principal = Principal(key_id=sha256_hex[:12], name=name, team=team, tier=tier)
-            self._by_digest[digest] = _Entry(digest, principal)
+        self._by_digest = _entries(entries)
+        self._runtime: dict[bytes, _Entry] = {}
 
     def __len__(self) -> int:
-        return len(self._by_digest)
+        return len(self._by_digest) + len(self._runtime)
+
+    def set_runtime(self, entries: Iterable[tuple[str, str, str | None, str | None]]) -> None:
+        """Replace every runtime key (same tuples as the constructor)."""
+        self._runtime = _entries(entries)
+
+    def config_principals(self) -> list[Principal]:
+        """The keys from the config file (and the development key), as principals."""
+        return [entry.principal for entry in self._by_digest.values()]
 
     def authenticate(self, authorization: bytes | None) -> Principal:
         """Resolve the raw ``Authorization`` header value."""
@@ -64,10 +71,18 @@ class Keyring:
         if scheme.lower() != b"bearer" or not token:
             raise AuthenticationFailed("Malformed Authorization header: expected 'Bearer <key>'.")
         digest = hashlib.sha256(token).digest()
-        entry = self._by_digest.get(digest)
+        entry = self._by_digest.get(digest) or self._runtime.get(digest)
         if entry is None or not hmac.compare_digest(entry.digest, digest):
             raise AuthenticationFailed("Incorrect API key provided.")
         return entry.principal
+
+
+def _entries(entries: Iterable[tuple[str, str, str | None, str | None]]) -> dict[bytes, _Entry]:
+    by_digest: dict[bytes, _Entry] = {}
+    for sha256_hex, name, team, tier in entries:
+        digest = bytes.fromhex(sha256_hex)
+        by_digest[digest] = _Entry(digest, Principal(key_id=sha256_hex[:12], name=name, team=team, tier=tier))
+    return by_digest
 
 
 def check_admin(authorization: bytes | None, admin_sha256: str | None) -> None:

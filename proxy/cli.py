@@ -1,4 +1,4 @@
-"""The ``openrouter-proxy`` command: ``serve``, ``emulate``, ``check``, ``usage``, ``keys``.
+"""The ``openrouter-proxy`` command: ``serve``, ``emulate``, ``check``, ``usage``, ``export``, ``keys``.
 
 Exit codes: 0 success, 1 problems found (``check``), 2 bad usage or configuration.
 """
@@ -6,7 +6,9 @@ Exit codes: 0 success, 1 problems found (``check``), 2 bad usage or configuratio
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -14,6 +16,9 @@ from pathlib import Path
 
 from proxy.auth import hash_key, new_key
 from proxy.config import DEFAULT_BASE_URL, Settings, load_settings
+from proxy.keys_cli import add_key_commands
+from proxy.limits import check_limits
+from proxy.usage_cli import add_usage_commands
 from proxy.yamlsrc import ConfigError
 
 __all__ = ["main"]
@@ -44,6 +49,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _load(path)
     try:
         load_router(settings.policies_dir)
+        if problems := check_limits(settings, str(path))[1]:
+            raise ConfigError(problems)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
@@ -74,18 +81,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "  (it is valid until the proxy stops; add keys with `openrouter-proxy keys new`)\n",
             flush=True,
         )
+    workers = args.workers or settings.server.workers
+    if workers > 1:
+        from proxy.metrics import prepare_multiprocess_dir
+
+        prepare_multiprocess_dir(env)
     uvicorn.run(
         "proxy.app:app_from_env",
         factory=True,
         host=host,
         port=port,
-        workers=args.workers or settings.server.workers,
+        workers=workers,
         loop="uvloop",
         http="httptools",
         lifespan="on",
         log_level=settings.server.log_level,
         access_log=False,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=math.ceil(settings.server.drain_timeout_s),
     )
     return 0
 
@@ -112,8 +124,11 @@ def cmd_emulate(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from proxy.routing import load_router
+    from proxy.routing import load_router, routing_schema
 
+    if args.schema:
+        print(json.dumps(routing_schema(), indent=2))
+        return 0
     path = _config_path(args.config)
     problems = []
     try:
@@ -127,6 +142,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             router = load_router(settings.policies_dir)
         except ConfigError as exc:
             problems.extend(exc.problems)
+        limits, limit_problems = check_limits(settings, str(path))
+        problems.extend(limit_problems)
     for problem in problems:
         print(problem)
     if problems:
@@ -134,40 +151,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 1
     assert settings is not None and router is not None
     print(f"{path}: ok ({len(settings.keys)} virtual keys, upstream {settings.upstream.base_url})")
-    print(f"{settings.policies_dir}: ok ({len(router.aliases)} model aliases)")
+    counts = f"{len(router.aliases)} model aliases, {len(router.policy.rules)} rules"
+    print(f"{settings.policies_dir}: ok ({counts}, policy {router.policy_hash})")
+    if limits is not None:
+        print(f"{settings.policies_dir / settings.limits.policy_file}: ok ({len(limits.tiers)} limit tiers)")
     if settings.upstream.api_key is None:
         print("note: OPENROUTER_API_KEY is not set (fine with --upstream emulator)")
-    return 0
-
-
-def cmd_usage(args: argparse.Namespace) -> int:
-    from proxy.report import GROUPS, build_report, parse_since, read_lines, render
-
-    if args.log:
-        log_path = Path(args.log)
-    else:
-        settings = _load(_config_path(args.config))
-        if settings.usage.log_path is None:
-            print("usage.log_path is not set in the config: no usage log is kept.", file=sys.stderr)
-            return 2
-        log_path = settings.usage.log_path
-    by = tuple(b.strip() for b in args.by.split(",") if b.strip())
-    unknown = [b for b in by if b not in GROUPS]
-    if unknown or not by:
-        print(f"--by takes a comma list of: {', '.join(GROUPS)}", file=sys.stderr)
-        return 2
-    try:
-        since = parse_since(args.since) if args.since else None
-    except ValueError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    if not log_path.exists():
-        print(f"no usage log at {log_path} yet", file=sys.stderr)
-        return 0
-    report = build_report(read_lines(log_path), by, since)
-    sys.stdout.write(render(report, args.format))
-    if report.skipped:
-        print(f"({report.skipped} unreadable line(s) skipped)", file=sys.stderr)
     return 0
 
 
@@ -209,19 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate config and policies")
     check.add_argument("--config")
+    check.add_argument("--schema", action="store_true", help="print the JSON Schema of routing.yaml and exit")
     check.set_defaults(func=cmd_check)
 
-    usage = sub.add_parser("usage", help="usage totals from the usage log")
-    usage.add_argument("--config")
-    usage.add_argument("--log", help="usage log path (default: usage.log_path from the config)")
-    usage.add_argument(
-        "--by",
-        default="key,model",
-        help="comma list: key,team,model,requested_model,rule,provider,status,day (default key,model)",
-    )
-    usage.add_argument("--since", help="e.g. 30m, 12h, 7d, 2026-11-01")
-    usage.add_argument("--format", choices=("table", "csv", "json"), default="table")
-    usage.set_defaults(func=cmd_usage)
+    add_usage_commands(sub, lambda config: _load(_config_path(config)))
 
     keys = sub.add_parser("keys", help="virtual keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
@@ -229,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys_new.add_argument("--name", required=True)
     keys_new.add_argument("--team")
     keys_new.set_defaults(func=cmd_keys_new)
+    add_key_commands(keys_sub)
     return parser
 
 

@@ -29,7 +29,14 @@ from proxy.yamlsrc import ConfigError, Problem, Source, load_yaml, problems_from
 __all__ = [
     "DEFAULT_BASE_URL",
     "AdminSettings",
+    "BreakerSettings",
     "KeyEntry",
+    "LedgerSettings",
+    "LimitsSettings",
+    "LoggingSettings",
+    "MetricsSettings",
+    "PacingSettings",
+    "RetrySettings",
     "ServerSettings",
     "Settings",
     "StoreSettings",
@@ -55,19 +62,31 @@ class _Model(BaseModel):
 
 
 class ServerSettings(_Model):
-    """The listening side. ``max_body_bytes`` bounds a request body (larger: 413)."""
+    """The listening side.
+
+    ``max_body_bytes`` bounds a request body (larger: 413) and ``body_timeout_s`` the time to
+    receive it (slower: 408). ``drain_timeout_s``: on SIGTERM, how long in-flight requests
+    may finish. ``max_n`` / ``max_output_tokens`` cap ``n`` and ``max_tokens`` (larger: 400).
+    """
 
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
     workers: Annotated[int, Field(ge=1, le=64)] = 1
     max_body_bytes: Annotated[int, Field(ge=1024)] = 4 * 1024 * 1024
+    body_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    drain_timeout_s: Annotated[float, Field(ge=0)] = 30.0
+    max_n: Annotated[int, Field(ge=1)] = 8
+    max_output_tokens: Annotated[int, Field(ge=1)] = 1_000_000
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
 class UpstreamSettings(_Model):
     """OpenRouter (or the emulator). Times are seconds.
 
-    ``read_timeout_s`` is the longest silence allowed between upstream bytes;
+    ``read_timeout_s`` is the longest silence allowed between upstream bytes (a stream that
+    goes quiet longer is cut); ``first_byte_timeout_s`` bounds the wait for the response head
+    (a silent provider: the next model is tried); ``first_token_timeout_s`` the wait for a
+    stream's first data event (then the next model); ``total_timeout_s`` the whole request;
     ``app_url``/``app_title`` are sent as OpenRouter's attribution headers ``HTTP-Referer``
     and ``X-Title`` (openrouter-api.md §5). ``forward_headers`` lists the client request
     headers passed on to OpenRouter (all others stay at the proxy).
@@ -79,6 +98,9 @@ class UpstreamSettings(_Model):
     app_title: str | None = "openrouter-proxy"
     connect_timeout_s: Annotated[float, Field(gt=0)] = 10.0
     read_timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    first_byte_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    first_token_timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    total_timeout_s: Annotated[float, Field(gt=0)] = 900.0
     max_connections: Annotated[int, Field(ge=1)] = 1024
     models_ttl_s: Annotated[float, Field(ge=0)] = 300.0
     forward_headers: tuple[str, ...] = DEFAULT_FORWARD_HEADERS
@@ -117,6 +139,38 @@ class KeyEntry(_Model):
         return value
 
 
+class RetrySettings(_Model):
+    """Retries before the stream's commit point (see README, "Resilience"). Seconds.
+
+    ``max_attempts`` per model (1 = no retry); back-off is exponential with full jitter:
+    a random wait in ``[0, min(backoff_cap_s, backoff_base_s * 2**retry)]``, or the
+    upstream's ``Retry-After`` when given and at most ``max_retry_after_s`` (longer: the
+    next model is tried instead).
+    """
+
+    max_attempts: Annotated[int, Field(ge=1, le=10)] = 3
+    backoff_base_s: Annotated[float, Field(ge=0)] = 1.0
+    backoff_cap_s: Annotated[float, Field(ge=0)] = 4.0
+    max_retry_after_s: Annotated[float, Field(ge=0)] = 10.0
+
+
+class BreakerSettings(_Model):
+    """Circuit breaker per upstream model and per base URL.
+
+    Opens when, within the last ``window_s`` seconds, at least ``min_requests`` attempts were
+    made and at least ``failure_rate`` of them failed (5xx, timeouts, connection errors);
+    stays open ``open_s`` seconds, then lets one probe through (half-open): success closes
+    it, failure opens it again. Open states are shared across replicas through the store.
+    """
+
+    enabled: bool = True
+    window_s: Annotated[float, Field(gt=0)] = 30.0
+    min_requests: Annotated[int, Field(ge=1)] = 10
+    failure_rate: Annotated[float, Field(gt=0, le=1)] = 0.5
+    open_s: Annotated[float, Field(gt=0)] = 15.0
+    sync_interval_s: Annotated[float, Field(gt=0)] = 1.0
+
+
 class StoreSettings(_Model):
     redis_url: str | None = None
 
@@ -134,11 +188,101 @@ class AdminSettings(_Model):
         return value.lower() if value else None
 
 
+class PacingSettings(_Model):
+    """Upstream pacing (``proxy.pacing``): a leaky bucket per worker in front of OpenRouter.
+
+    ``requests_per_s`` (``null`` = off) with bursts of up to ``burst`` requests; at most
+    ``max_waiters`` requests queue, each at most ``max_wait_s`` seconds (else 503 upstream_busy).
+    """
+
+    requests_per_s: Annotated[float, Field(gt=0)] | None = None
+    burst: Annotated[int, Field(ge=1)] = 1
+    max_waiters: Annotated[int, Field(ge=0)] = 256
+    max_wait_s: Annotated[float, Field(gt=0)] = 10.0
+
+
+class LimitsSettings(_Model):
+    """Rate limits and budgets (``proxy.limits``; tiers in ``policies_dir/policy_file``).
+
+    ``failure_policy`` when the shared store is slow or down (``store_timeout_ms``): admit
+    on local limits of limit / ``replicas`` (proxy processes sharing the store: replicas x
+    workers) (``fail_open``) or answer 503 (``fail_closed``);
+    the store is retried after ``store_retry_s``. Reservations of a request that never
+    settles expire after ``lease_s``. Budget reservations: prompt estimate x
+    ``prompt_margin`` + max output (``default_max_completion_tokens`` when neither request
+    nor catalog gives one); a model without a known price reserves ``unknown_price_usd``.
+    Spend crossing a fraction in ``alert_thresholds`` logs once per period and POSTs to
+    ``alert_webhook_url`` (if set). See README, "Rate limits and budgets".
+    """
+
+    policy_file: str = "limits.yaml"
+    failure_policy: Literal["fail_open", "fail_closed"] = "fail_open"
+    replicas: Annotated[int, Field(ge=1)] = 1
+    store_timeout_ms: Annotated[int, Field(ge=1, le=10_000)] = 50
+    store_retry_s: Annotated[float, Field(gt=0)] = 1.0
+    lease_s: Annotated[float, Field(gt=0)] = 900.0
+    prompt_margin: Annotated[float, Field(ge=1)] = 1.2
+    default_max_completion_tokens: Annotated[int, Field(ge=1)] = 4096
+    unknown_price_usd: Annotated[float, Field(ge=0)] = 0.05
+    alert_thresholds: tuple[Annotated[float, Field(gt=0, le=1)], ...] = (0.5, 0.8, 1.0)
+    alert_webhook_url: str | None = None
+    alert_timeout_s: Annotated[float, Field(gt=0)] = 2.0
+    pacing: PacingSettings = PacingSettings()
+
+
 class UsageSettings(_Model):
     """The usage log: one JSON line per request, flushed every ``flush_interval_s``."""
 
     log_path: Path | None = Path("usage.jsonl")
     flush_interval_s: Annotated[float, Field(gt=0, le=60)] = 0.5
+
+
+class LedgerSettings(_Model):
+    """The usage ledger in the store (README, "Observability"). Times in seconds.
+
+    Records go to the store in batches of up to ``batch_size`` every ``flush_interval_s``
+    (at most ``max_buffer`` wait while the store is down; older ones are dropped). The stream
+    keeps at most ``stream_max_entries`` entries and none older than ``stream_max_age_s``
+    (``null``: no such cap); per-day rollups live ``rollup_ttl_days``. ``export_dir`` runs
+    the exporter in-process (the worker holding the directory's lock) every
+    ``export_interval_s``, rotating files at ``export_max_file_mb``. ``reconcile`` fetches
+    ``/generation`` costs for estimated records every ``reconcile_interval_s``, first
+    ``reconcile_first_delay_s`` after the request, giving up after ``reconcile_max_age_s``.
+    """
+
+    enabled: bool = True
+    flush_interval_s: Annotated[float, Field(gt=0, le=60)] = 0.2
+    batch_size: Annotated[int, Field(ge=1, le=10_000)] = 500
+    max_buffer: Annotated[int, Field(ge=1)] = 100_000
+    stream_max_entries: Annotated[int, Field(ge=100)] | None = 1_000_000
+    stream_max_age_s: Annotated[float, Field(gt=0)] | None = 7 * 86400.0
+    rollup_ttl_days: Annotated[int, Field(ge=1)] = 400
+    export_dir: Path | None = None
+    export_interval_s: Annotated[float, Field(gt=0)] = 5.0
+    export_max_file_mb: Annotated[float, Field(gt=0)] = 64.0
+    reconcile: bool = True
+    reconcile_interval_s: Annotated[float, Field(gt=0)] = 5.0
+    reconcile_first_delay_s: Annotated[float, Field(ge=0)] = 2.0
+    reconcile_max_age_s: Annotated[float, Field(gt=0)] = 3600.0
+
+
+class MetricsSettings(_Model):
+    """Prometheus metrics at ``/metrics``. ``key_labels: false`` drops virtual-key names from
+    labels (fewer series); outside label values (models, codes) are capped at ``max_label_values``."""
+
+    enabled: bool = True
+    key_labels: bool = True
+    max_label_values: Annotated[int, Field(ge=1)] = 500
+
+
+class LoggingSettings(_Model):
+    """The request log: one JSON line per request to ``request_log`` (``stderr``, a file path, or
+    ``null`` for none). ``include_content`` adds message content when the pipeline provides it
+    (off: never logged). ``traces``: OpenTelemetry spans when the library is installed."""
+
+    request_log: str | None = "stderr"
+    include_content: bool = False
+    traces: bool = True
 
 
 class Settings(_Model):
@@ -147,6 +291,12 @@ class Settings(_Model):
     store: StoreSettings = StoreSettings()
     usage: UsageSettings = UsageSettings()
     admin: AdminSettings = AdminSettings()
+    retries: RetrySettings = RetrySettings()
+    breaker: BreakerSettings = BreakerSettings()
+    limits: LimitsSettings = LimitsSettings()
+    ledger: LedgerSettings = LedgerSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    logging: LoggingSettings = LoggingSettings()
     policies_dir: Path = Path("policies")
     keys: tuple[KeyEntry, ...] = ()
 
@@ -204,6 +354,19 @@ def _with_environment(settings: Settings, base: Path, environ: Mapping[str, str]
     if usage.log_path is not None and not usage.log_path.is_absolute():
         usage = usage.model_copy(update={"log_path": base / usage.log_path})
     policies = settings.policies_dir if settings.policies_dir.is_absolute() else base / settings.policies_dir
+    ledger, logs = settings.ledger, settings.logging
+    if ledger.export_dir is not None and not ledger.export_dir.is_absolute():
+        ledger = ledger.model_copy(update={"export_dir": base / ledger.export_dir})
+    if logs.request_log not in (None, "stderr") and not Path(logs.request_log).is_absolute():
+        logs = logs.model_copy(update={"request_log": str(base / logs.request_log)})
     return settings.model_copy(
-        update={"upstream": upstream, "store": store, "usage": usage, "admin": admin, "policies_dir": policies}
+        update={
+            "upstream": upstream,
+            "store": store,
+            "usage": usage,
+            "admin": admin,
+            "policies_dir": policies,
+            "ledger": ledger,
+            "logging": logs,
+        }
     )

@@ -11,6 +11,7 @@ OpenRouter said is lost. The hierarchy::
     ProxyError
     ├── InternalError ............. 500 server_error            (a bug; details only in the log)
     ├── InvalidRequest ............ 400 invalid_request_error   (bad JSON, missing/typed fields)
+    │   └── ContextLengthExceeded . 400 context_length_exceeded (no routed model's window fits)
     ├── AuthenticationFailed ...... 401 invalid_request_error / invalid_api_key
     ├── PermissionDenied .......... 403 permission_error
     ├── NotFound .................. 404 invalid_request_error / not_found
@@ -21,7 +22,14 @@ OpenRouter said is lost. The hierarchy::
     ├── UpstreamOutOfCredits ...... 503 upstream_insufficient_credits (OpenRouter said 402)
     ├── UpstreamUnreachable ....... 502 upstream_connection_error
     │   └── UpstreamCut ........... the body broke off after the response started
-    └── UpstreamTimeout ........... 504 upstream_timeout
+    ├── UpstreamTimeout ........... 504 upstream_timeout (connect, first byte, first token, total)
+    ├── CircuitOpen ............... 503 upstream_unavailable / circuit_open
+    ├── RequestTimeout ............ 408 request_timeout (slow request body)
+    ├── RateLimited ............... 429 rate_limit_exceeded       (a gateway rate limit; Retry-After)
+    │   └── QuotaExceeded ......... 429 insufficient_quota        (a USD budget; final for its period)
+    ├── LimitsUnavailable ......... 503 limits_unavailable        (limits store down, fail_closed)
+    ├── UsageUnavailable .......... 503 usage_unavailable         (usage reports: store down)
+    └── UpstreamBusy .............. 503 upstream_busy             (upstream pacing queue full or too slow)
 
 Errors that retrying cannot fix carry ``x-should-retry: false``, which the OpenAI SDKs
 honour. Third-party exceptions are translated into these at their boundary (the upstream
@@ -37,18 +45,26 @@ import orjson
 __all__ = [
     "AuthenticationFailed",
     "BodyTooLarge",
+    "CircuitOpen",
+    "ContextLengthExceeded",
     "InternalError",
     "InvalidRequest",
+    "LimitsUnavailable",
     "MethodNotAllowed",
     "NotFound",
     "PermissionDenied",
     "ProxyError",
+    "QuotaExceeded",
+    "RateLimited",
+    "RequestTimeout",
+    "UpstreamBusy",
     "UpstreamCut",
     "UpstreamKeyRejected",
     "UpstreamOutOfCredits",
     "UpstreamStatusError",
     "UpstreamTimeout",
     "UpstreamUnreachable",
+    "UsageUnavailable",
     "render_error",
 ]
 
@@ -65,6 +81,7 @@ class ProxyError(Exception):
         super().__init__(message)
         self.message = message
         self.param = param
+        self.retries_spent = False
 
     def status_code(self) -> int:
         return self.status
@@ -89,6 +106,12 @@ class InvalidRequest(ProxyError):
     type = "invalid_request_error"
     code = "invalid_request"
     should_retry = False
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """Estimated prompt + max_tokens exceed the context window of every routed model."""
+
+    code = "context_length_exceeded"
 
 
 class AuthenticationFailed(ProxyError):
@@ -205,9 +228,95 @@ class UpstreamUnreachable(ProxyError):
 
 
 class UpstreamTimeout(ProxyError):
+    """No answer in time. ``phase``: ``connect``, ``first_byte``, ``first_token`` or ``total``."""
+
     status = 504
     type = "upstream_timeout"
     code = "upstream_timeout"
+
+    def __init__(self, message: str, *, phase: str = "first_byte") -> None:
+        super().__init__(message)
+        self.phase = phase
+
+
+class CircuitOpen(ProxyError):
+    """Every model of the request is behind an open circuit breaker: fail fast."""
+
+    status = 503
+    type = "upstream_unavailable"
+    code = "circuit_open"
+
+
+class RequestTimeout(ProxyError):
+    """The client sent its request body too slowly."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+    should_retry = False
+
+
+class RateLimited(ProxyError):
+    """A gateway rate limit was hit. ``headers``: ``retry-after``, ``retry-after-ms``,
+    ``x-ratelimit-*`` as built by ``proxy.limits``; ``final`` adds ``x-should-retry: false``."""
+
+    status = 429
+    type = "rate_limit_exceeded"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, headers: list[tuple[bytes, bytes]] | None = None, final: bool = False) -> None:
+        super().__init__(message)
+        self.headers = headers or []
+        self.final = final
+
+    def extra_headers(self) -> list[tuple[bytes, bytes]]:
+        return self.headers
+
+    def retry_hint(self) -> bool | None:
+        return False if self.final else None
+
+
+class QuotaExceeded(RateLimited):
+    """A USD budget cannot cover the request's worst-case cost."""
+
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
+_RETRY_SOON = [(b"retry-after", b"1"), (b"retry-after-ms", b"1000")]
+
+
+class LimitsUnavailable(ProxyError):
+    """The limits store is unreachable and the failure policy is ``fail_closed``."""
+
+    status = 503
+    type = "server_error"
+    code = "limits_unavailable"
+
+    def extra_headers(self) -> list[tuple[bytes, bytes]]:
+        return _RETRY_SOON
+
+
+class UsageUnavailable(ProxyError):
+    """A usage report (``/admin/usage``, ``/v1/usage``) could not read the store."""
+
+    status = 503
+    type = "server_error"
+    code = "usage_unavailable"
+
+    def extra_headers(self) -> list[tuple[bytes, bytes]]:
+        return _RETRY_SOON
+
+
+class UpstreamBusy(ProxyError):
+    """Upstream pacing: the queue for an upstream slot is full or the wait timed out."""
+
+    status = 503
+    type = "server_error"
+    code = "upstream_busy"
+
+    def extra_headers(self) -> list[tuple[bytes, bytes]]:
+        return _RETRY_SOON
 
 
 _JSON = (b"content-type", b"application/json")
@@ -219,7 +328,7 @@ def render_error(error: ProxyError, request_id: str | None = None) -> tuple[int,
     headers = [_JSON, (b"content-length", str(len(body)).encode())]
     if request_id is not None:
         headers.append((b"x-request-id", request_id.encode()))
-    if error.retry_hint() is False:
+    if error.retry_hint() is False or error.retries_spent:
         headers.append((b"x-should-retry", b"false"))
     headers.extend(error.extra_headers())
     return error.status_code(), headers, body

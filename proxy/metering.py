@@ -2,7 +2,8 @@
 
 Sources: OpenRouter's ``usage`` object (openrouter-api.md §2.3): ``prompt_tokens``,
 ``completion_tokens``, ``total_tokens``, ``cost`` (USD credits),
-``prompt_tokens_details.cached_tokens``, ``completion_tokens_details.reasoning_tokens``.
+``prompt_tokens_details.cached_tokens``, ``completion_tokens_details.reasoning_tokens``,
+``server_tool_use_details.web_search_requests``.
 Anything missing or mistyped counts as 0 (cost as ``None``): metering never fails a
 request.
 """
@@ -37,6 +38,7 @@ def usage_from(usage: Any) -> Usage | None:
         cached_tokens=_int(usage.get("prompt_tokens_details"), "cached_tokens"),
         reasoning_tokens=_int(usage.get("completion_tokens_details"), "reasoning_tokens"),
         cost_usd=float(cost) if isinstance(cost, int | float) and not isinstance(cost, bool) else None,
+        web_search_requests=_int(usage.get("server_tool_use_details"), "web_search_requests"),
     )
 
 
@@ -77,6 +79,8 @@ def record_json(record: UsageRecord) -> bytes:
         "error_code": record.error_code,
         "malformed_events": record.malformed_events,
     }
-    if record.extra:
-        line["extra"] = record.extra
+    if record.extra:  # message content, if the pipeline ever adds it, never goes to the usage log
+        extra = {k: v for k, v in record.extra.items() if k != "content"}
+        if extra:
+            line["extra"] = extra
     return orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)

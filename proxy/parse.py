@@ -16,7 +16,7 @@ import orjson
 from proxy.errors import InvalidRequest
 from proxy.types import ChatCall
 
-__all__ = ["parse_chat_request"]
+__all__ = ["check_caps", "parse_chat_request"]
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
@@ -116,3 +116,15 @@ def _check_models(models: Any) -> None:
         return
     if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
         raise InvalidRequest("'models' must be an array of model ids.", param="models")
+
+
+def check_caps(call: ChatCall, max_n: int, max_output_tokens: int) -> None:
+    """Reject ``n`` above ``max_n`` and ``max_tokens``/``max_completion_tokens`` above
+    ``max_output_tokens`` (400), so one request cannot ask for an unbounded answer."""
+    n = call.body.get("n")
+    if isinstance(n, int) and n > max_n:
+        raise InvalidRequest(f"'n' must be at most {max_n} on this gateway.", param="n")
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = call.body.get(name)
+        if isinstance(value, int) and value > max_output_tokens:
+            raise InvalidRequest(f"'{name}' must be at most {max_output_tokens} on this gateway.", param=name)

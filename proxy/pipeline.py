@@ -3,40 +3,49 @@
 The one place that knows the order of the stages::
 
     authenticate (auth) -> read + validate (parse) -> plan (routing) -> admit (admission)
-      -> forward (upstream) -> relay: streamed byte for byte (SSETap on the side) or whole
-      -> meter (metering) -> settle (admission) -> record sinks (usage log, totals, ...)
+      -> attempts: model, retries, fallbacks (upstream, retry, breaker)
+           -> relay: streamed byte for byte with the commit-point contract, or whole (relay)
+      -> settle (admission) -> record sinks (usage log, totals, metrics, ...)
 
-Streaming: upstream bytes are sent to the client as they arrive, unchanged; the tap only
-reads them. A client that hangs up cancels the upstream request at once. If the upstream
-body breaks off after the first byte, the client gets one in-band error event in
-OpenRouter's mid-stream shape (openrouter-api.md §3.5) and no ``[DONE]``, so SDKs raise
-instead of returning a truncated answer. Settlement (usage record, store totals) runs in
-``finally``, whatever happened.
+Before a stream's commit point (its first data event) a failed attempt is retried on the
+same model or the next model of the plan, on the same client connection (``retry`` says
+which); after it, failures end the stream in-band (``relay``). A client that hangs up
+cancels the upstream request at once. Settlement runs in ``finally``, whatever happened.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import time
-import uuid
-from dataclasses import dataclass, field
-from typing import Any
 
 import orjson
 
 from proxy.admission import Admission
 from proxy.asgi import ClientDisconnected, DisconnectWatch, Receive, Scope, Send, read_body, send_error
 from proxy.auth import Keyring
-from proxy.errors import InternalError, MethodNotAllowed, ProxyError, UpstreamCut
-from proxy.metering import usage_from
-from proxy.parse import parse_chat_request
-from proxy.routing import Router
+from proxy.breaker import Breakers
+from proxy.cache import BodyRecorder, ResponseCache
+from proxy.config import RetrySettings, ServerSettings, UpstreamSettings
+from proxy.errors import (
+    CircuitOpen,
+    InternalError,
+    MethodNotAllowed,
+    ProxyError,
+    RequestTimeout,
+    UpstreamTimeout,
+)
+from proxy.metrics import Metrics
+from proxy.parse import check_caps, parse_chat_request
+from proxy.relay import Exchange, end_with_error, relay_stream, relay_whole, send_cached
+from proxy.retry import Decision, backoff_s, judge
+from proxy.routing import ContextGuard, Router
 from proxy.sinks import Activity, RecordSink
-from proxy.sse import SSETap
-from proxy.types import Principal, RoutePlan, Ticket, Usage, UsageRecord
-from proxy.upstream import OpenRouterClient, UpstreamResponse
+from proxy.tokens import estimate_prompt_tokens
+from proxy.types import ChatCall, RoutePlan, Usage, UsageRecord
+from proxy.upstream import OpenRouterClient
 
 __all__ = ["ChatCompletions"]
 
@@ -44,32 +53,6 @@ log = logging.getLogger("proxy.pipeline")
 
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 _EVENT_STREAM = b"text/event-stream"
-_STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
-
-
-@dataclass(slots=True)
-class _Outcome:
-    """What one request did; turned into its ``UsageRecord`` at the end."""
-
-    status: int = 500
-    started: bool = False
-    principal: Principal | None = None
-    requested_model: str | None = None
-    plan: RoutePlan | None = None
-    ticket: Ticket | None = None
-    stream: bool = False
-    usage: Usage | None = None
-    model: str | None = None
-    provider: str | None = None
-    generation_id: str | None = None
-    finish_reason: str | None = None
-    ttfb_s: float | None = None
-    ttft_s: float | None = None
-    done: bool | None = None
-    cancelled: bool = False
-    error_code: str | None = None
-    malformed_events: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class ChatCompletions:
@@ -83,20 +66,32 @@ class ChatCompletions:
         client: OpenRouterClient,
         admission: Admission,
         sinks: list[RecordSink],
-        max_body_bytes: int,
+        server: ServerSettings,
+        retries: RetrySettings,
+        breakers: Breakers,
         activity: Activity | None = None,
+        context_guard: ContextGuard | None = None,
+        cache: ResponseCache | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.keyring = keyring
         self.router = router
         self.client = client
         self.admission = admission
         self.sinks = sinks
-        self.max_body_bytes = max_body_bytes
+        self.server = server
+        self.retries = retries
+        self.breakers = breakers
         self.activity = activity or Activity()
+        self.context_guard = context_guard
+        self.cache = cache
+        self.metrics = metrics
+        self.timeouts: UpstreamSettings = client.settings
         self._forward = client.forward_headers
+        self._url_target = f"url:{client.base_url}"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = time.perf_counter()
+        t0 = time.perf_counter()
         ts = time.time()
         authorization = request_id_raw = None
         content_length: int | None = None
@@ -111,206 +106,274 @@ class ChatCompletions:
             elif name in self._forward:
                 forwarded.append((name, value))
         request_id = (
-            request_id_raw.decode() if request_id_raw and _REQUEST_ID.match(request_id_raw) else uuid.uuid4().hex
+            request_id_raw.decode() if request_id_raw and _REQUEST_ID.match(request_id_raw) else os.urandom(16).hex()
         )
-        out = _Outcome()
+        ex = Exchange(request_id, t0)
         self.activity.enter()
         try:
             if scope["method"] != "POST":
                 raise MethodNotAllowed("Use POST for /v1/chat/completions.")
-            out.principal = self.keyring.authenticate(authorization)
-            call = parse_chat_request(await read_body(receive, self.max_body_bytes, content_length))
-            out.requested_model, out.stream = call.model, call.stream
-            out.plan = plan = self.router.plan(call, out.principal)
-            out.ticket = await self.admission.admit(out.principal, call, plan)
-            await self._forward_call(plan.body or call.raw, forwarded, plan, request_id, started, out, receive, send)
+            ex.principal = self.keyring.authenticate(authorization)
+            try:
+                async with asyncio.timeout(self.server.body_timeout_s):
+                    raw = await read_body(receive, self.server.max_body_bytes, content_length)
+            except TimeoutError:
+                raise RequestTimeout("The request body did not arrive in time.") from None
+            call = parse_chat_request(raw)
+            check_caps(call, self.server.max_n, self.server.max_output_tokens)
+            ex.requested_model, ex.stream = call.model, call.stream
+            ex.plan = plan = self.router.plan(call, ex.principal, scope["headers"])
+            if self.context_guard is not None:
+                ex.plan = plan = await self.context_guard(plan, call)
+            ex.ticket = await self.admission.admit(ex.principal, call, plan)
+            if plan.cache_ttl_s is not None and self.cache is not None:
+                await self._through_cache(self.cache, call, plan, forwarded, ex, receive, send)
+            else:
+                await self._forward_call(call, plan, forwarded, ex, receive, send)
         except ProxyError as exc:
-            out.error_code = exc.code or str(exc.status_code())
-            out.status = await send_error(send, exc, request_id)
+            ex.error_code = exc.code or str(exc.status_code())
+            if not ex.started:
+                ex.status = await send_error(send, exc, request_id)
+            else:
+                await end_with_error(send, ex, exc.status_code(), exc.message)
         except ClientDisconnected:
-            out.cancelled, out.status, out.error_code = True, 499, "client_disconnected"
+            ex.cancelled, ex.status, ex.error_code = True, 499, "client_disconnected"
         except Exception:
             log.exception("internal error in request %s", request_id)
-            out.error_code = "internal_error"
-            if not out.started:
-                out.status = await send_error(send, InternalError("The gateway hit an internal error."), request_id)
+            ex.error_code = "internal_error"
+            if not ex.started:
+                ex.status = await send_error(send, InternalError("The gateway hit an internal error."), request_id)
         finally:
             self.activity.leave()
-            await self._settle(out, request_id, ts, started)
+            await self._settle(ex, ts)
+
+    async def _through_cache(
+        self,
+        cache: ResponseCache,
+        call: ChatCall,
+        plan: RoutePlan,
+        forwarded: list[tuple[bytes, bytes]],
+        ex: Exchange,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        """A cacheable plan: replay a stored answer, or forward and store a clean one."""
+        assert ex.principal is not None
+        hit = await cache.lookup(plan, call, ex.principal)
+        if hit is not None:
+            ex.attempt_model = plan.model
+            await send_cached(hit, ex, self._headers(plan.model, plan, ex), send)
+            return
+        recorder = BodyRecorder(send, cache.max_bytes)
+        await self._forward_call(call, plan, forwarded, ex, receive, recorder)
+        if recorder.body is not None and ex.error_code is None and not ex.cancelled:
+            await cache.store(
+                plan,
+                call,
+                ex.principal,
+                status=recorder.status,
+                headers=recorder.headers,
+                body=recorder.body,
+                stream=call.stream,
+            )
+
+    def _headers(self, model: str, plan: RoutePlan, ex: Exchange) -> list[tuple[bytes, bytes]]:
+        """The proxy's own response headers: request id, routing decision, rate limits."""
+        headers = [(b"x-request-id", ex.request_id.encode()), (b"x-proxy-model", model.encode())]
+        if plan.rule:
+            headers.append((b"x-proxy-route", plan.rule.encode()))
+        if plan.policy_hash:
+            headers.append((b"x-proxy-policy", plan.policy_hash.encode()))
+        if ex.ticket is not None:
+            headers.extend(ex.ticket.headers)
+        return headers
 
     async def _forward_call(
         self,
-        body: bytes,
-        forwarded: list[tuple[bytes, bytes]],
+        call: ChatCall,
         plan: RoutePlan,
-        request_id: str,
-        started: float,
-        out: _Outcome,
+        forwarded: list[tuple[bytes, bytes]],
+        ex: Exchange,
         receive: Receive,
         send: Send,
     ) -> None:
         task = asyncio.current_task()
         assert task is not None
         watch = DisconnectWatch(receive, task)
-        response: UpstreamResponse | None = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeouts.total_timeout_s
         try:
-            response = await self.client.chat(body, forwarded)
-            out.ttfb_s = time.perf_counter() - started
-            out.generation_id = response.generation_id
-            headers = [
-                *response.headers,
-                (b"x-request-id", request_id.encode()),
-                (b"x-proxy-model", plan.model.encode()),
-            ]
-            if plan.rule:
-                headers.append((b"x-proxy-route", plan.rule.encode()))
-            if out.ticket is not None:
-                headers.extend(out.ticket.headers)
-            content_type = next((v for n, v in response.headers if n == b"content-type"), b"")
-            if content_type.startswith(_EVENT_STREAM):
-                await self._relay_stream(response, headers, started, out, watch, send)
-            else:
-                await self._relay_whole(response, headers, out, watch, send)
+            async with asyncio.timeout_at(deadline):
+                await self._attempts(call, plan, forwarded, ex, send, deadline)
+        except TimeoutError:
+            ex.error_code = "upstream_timeout"
+            if not ex.started:
+                raise UpstreamTimeout("The request did not complete in time.", phase="total") from None
+            await end_with_error(send, ex, 504, "The request did not complete in time.")
         except asyncio.CancelledError:
             if not watch.disconnected:
+                ex.error_code = "shutdown"
                 raise
             task.uncancel()
-            out.cancelled = True
-            if out.status == 500:
-                out.status, out.error_code = 499, "client_disconnected"
+            ex.cancelled = True
+            if not ex.started:
+                ex.status, ex.error_code = 499, "client_disconnected"
+            if ex.committed and ex.usage is None:
+                self._estimate_usage(call, ex)
         finally:
             watch.stop()
-            if response is not None:
-                response.close()
 
-    async def _relay_whole(
+    async def _attempts(
         self,
-        response: UpstreamResponse,
-        headers: list[tuple[bytes, bytes]],
-        out: _Outcome,
-        watch: DisconnectWatch,
+        call: ChatCall,
+        plan: RoutePlan,
+        forwarded: list[tuple[bytes, bytes]],
+        ex: Exchange,
+        send: Send,
+        deadline: float,
+    ) -> None:
+        """Try the plan's models in order, retrying each per ``proxy.retry``; raise the last error."""
+        loop = asyncio.get_running_loop()
+        last: ProxyError | None = None
+        models = (plan.model, *plan.fallbacks)
+        for index, model in enumerate(models):
+            if index and self.metrics is not None:
+                self.metrics.fallback(models[index - 1], model)
+            if not (self.breakers.allow(self._url_target) and self.breakers.allow(model)):
+                ex.attempts.append({"model": model, "error": "circuit_open"})
+                last = last or CircuitOpen(f"The circuit breaker for {model} is open; try again shortly.")
+                continue
+            body = _body_for(call, plan, index, model)
+            retry = 0
+            while True:
+                began = time.perf_counter()
+                try:
+                    await self._attempt(model, body, plan, forwarded, ex, send)
+                    self.breakers.record(model, True)
+                    self.breakers.record(self._url_target, True)
+                    if ex.attempts:
+                        ex.attempts.append({"model": model, "status": ex.status, "s": _since(began)})
+                    return
+                except ProxyError as exc:
+                    verdict = judge(exc)
+                    self.breakers.record(model, not verdict.breaker_failure)
+                    if _transport_failure(exc):
+                        self.breakers.record(self._url_target, False)
+                    status = exc.status_code()
+                    ex.attempts.append(
+                        {"model": model, "status": status, "error": exc.code or str(status), "s": _since(began)}
+                    )
+                    last = exc
+                    if verdict.decision is Decision.STOP:
+                        break
+                    if verdict.decision is Decision.RETRY and retry + 1 < self.retries.max_attempts:
+                        wait = backoff_s(self.retries, retry, verdict.retry_after_s)
+                        if wait is not None and loop.time() + wait < deadline:
+                            if self.metrics is not None:
+                                self.metrics.retry(model, exc.code or str(status))
+                            await asyncio.sleep(wait)
+                            retry += 1
+                            continue
+                    break
+            if judge(last).decision is Decision.STOP:
+                break
+        assert last is not None
+        last.retries_spent = len(ex.attempts) > 1
+        raise last
+
+    async def _attempt(
+        self,
+        model: str,
+        body: bytes,
+        plan: RoutePlan,
+        forwarded: list[tuple[bytes, bytes]],
+        ex: Exchange,
         send: Send,
     ) -> None:
-        body = await response.read()
-        headers.append((b"content-length", str(len(body)).encode()))
-        _meter_body(body, out)
-        watch.stop()
-        out.status, out.started = response.status, True
-        await send({"type": "http.response.start", "status": response.status, "headers": headers})
-        await send({"type": "http.response.body", "body": body, "more_body": False})
-
-    async def _relay_stream(
-        self,
-        response: UpstreamResponse,
-        headers: list[tuple[bytes, bytes]],
-        started: float,
-        out: _Outcome,
-        watch: DisconnectWatch,
-        send: Send,
-    ) -> None:
-        headers.extend(_STREAM_HEADERS)
-        out.status, out.started = response.status, True
-        await send({"type": "http.response.start", "status": response.status, "headers": headers})
-        tap = SSETap()
-        self.activity.stream_open()
+        """One upstream attempt; returns once the response was relayed, raises before commit."""
+        timeouts = self.timeouts
+        ex.attempt_model = model
         try:
-            async for chunk in response.chunks():
-                tap.feed(chunk)
-                if out.ttft_s is None and tap.data_events:
-                    out.ttft_s = time.perf_counter() - started
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            tap.finish()
-            watch.stop()
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except UpstreamCut as exc:
-            tap.finish()
-            out.error_code = exc.code
-            watch.stop()
-            if tap.error is None:
-                await send({"type": "http.response.body", "body": _cut_event(tap, exc), "more_body": False})
+            async with asyncio.timeout(timeouts.first_byte_timeout_s):
+                response = await self.client.chat(body, forwarded)
+        except TimeoutError:
+            raise UpstreamTimeout(f"{model} sent no response in time.", phase="first_byte") from None
+        try:
+            ex.ttfb_s = time.perf_counter() - ex.t0
+            ex.generation_id = response.generation_id
+            headers = [*response.headers, *self._headers(model, plan, ex)]
+            content_type = next((v for n, v in response.headers if n == b"content-type"), b"")
+            if content_type.startswith(_EVENT_STREAM):
+                first_token_s = plan.first_token_timeout_s or timeouts.first_token_timeout_s
+                deadline = asyncio.get_running_loop().time() + first_token_s
+                await relay_stream(response, ex, headers, send, deadline, self.activity)
             else:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                await relay_whole(response, ex, headers, send)
         finally:
-            self.activity.stream_close()
-            out.done = tap.done
-            out.usage = usage_from(tap.usage)
-            out.model, out.provider, out.finish_reason = tap.model, tap.provider, tap.finish_reason
-            out.generation_id = out.generation_id or tap.generation_id
-            out.malformed_events = tap.malformed
-            if tap.error is not None and out.error_code is None:
-                out.error_code = str(tap.error.get("code", "stream_error"))
+            response.close()
 
-    async def _settle(self, out: _Outcome, request_id: str, ts: float, started: float) -> None:
-        principal = out.principal
-        plan = out.plan
+    def _estimate_usage(self, call: ChatCall, ex: Exchange) -> None:
+        """A stream cut before its usage chunk: estimate tokens, mark the record estimated."""
+        prompt = estimate_prompt_tokens(call.body)
+        completion = max(0, ex.data_events - 1)
+        ex.usage = Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        ex.extra["estimated"] = True
+
+    async def _settle(self, ex: Exchange, ts: float) -> None:
+        principal, plan = ex.principal, ex.plan
+        if ex.attempts:
+            ex.extra["attempts"] = ex.attempts
         record = UsageRecord(
-            request_id=request_id,
+            request_id=ex.request_id,
             ts=ts,
             key_name=principal.name if principal else None,
             team=principal.team if principal else None,
-            requested_model=out.requested_model,
-            routed_model=plan.model if plan else None,
+            requested_model=ex.requested_model,
+            routed_model=ex.attempt_model or (plan.model if plan else None),
             rule=plan.rule if plan else None,
-            model=out.model,
-            provider=out.provider,
-            generation_id=out.generation_id,
-            stream=out.stream,
-            status=out.status,
-            usage=out.usage,
-            finish_reason=out.finish_reason,
-            latency_s=time.perf_counter() - started,
-            ttfb_s=out.ttfb_s,
-            ttft_s=out.ttft_s,
-            done=out.done,
-            cancelled=out.cancelled,
-            error_code=out.error_code,
-            malformed_events=out.malformed_events,
-            extra=out.extra or None,
+            model=ex.model,
+            provider=ex.provider,
+            generation_id=ex.generation_id,
+            stream=ex.stream,
+            status=ex.status,
+            usage=ex.usage,
+            finish_reason=ex.finish_reason,
+            latency_s=time.perf_counter() - ex.t0,
+            ttfb_s=ex.ttfb_s,
+            ttft_s=ex.ttft_s,
+            done=ex.done,
+            cancelled=ex.cancelled,
+            error_code=ex.error_code,
+            malformed_events=ex.malformed_events,
+            extra=ex.extra or None,
         )
-        if out.ticket is not None:
+        if ex.ticket is not None:
             try:
-                await self.admission.settle(out.ticket, record)
+                await self.admission.settle(ex.ticket, record)
             except Exception:
-                log.exception("settling admission for request %s failed", request_id)
+                log.exception("settling admission for request %s failed", ex.request_id)
         for sink in self.sinks:
             sink.emit(record)
 
 
-def _meter_body(body: bytes, out: _Outcome) -> None:
-    """Read usage, ids and finish reason from a whole JSON response (never raises)."""
-    try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        out.malformed_events = 1
-        return
-    if not isinstance(obj, dict):
-        return
-    out.usage = usage_from(obj.get("usage"))
-    for name in ("model", "provider"):
-        if isinstance(obj.get(name), str):
-            setattr(out, name, obj[name])
-    if out.generation_id is None and isinstance(obj.get("id"), str):
-        out.generation_id = obj["id"]
-    choices = obj.get("choices")
-    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-        choice = choices[0]
-        if isinstance(choice.get("finish_reason"), str):
-            out.finish_reason = choice["finish_reason"]
-        if isinstance(choice.get("error"), dict):
-            out.error_code = str(choice["error"].get("code", "provider_error"))
-    if isinstance(obj.get("error"), dict):
-        out.error_code = str(obj["error"].get("code", "provider_error"))
+def _body_for(call: ChatCall, plan: RoutePlan, index: int, model: str) -> bytes:
+    """The upstream body of attempt ``index``: a fallback replaces ``model`` (and starts the
+    native ``models`` list, when the plan sends one, at itself)."""
+    if index == 0:
+        return plan.body or call.raw
+    request = dict(plan.request if plan.request is not None else call.body)
+    request["model"] = model
+    if "models" in request:  # OpenRouter's own fallback list must not send it back to a failed model
+        request["models"] = [model, *plan.fallbacks[index:]]
+    return orjson.dumps(request)
 
 
-def _cut_event(tap: SSETap, exc: UpstreamCut) -> bytes:
-    """One in-band error event in OpenRouter's mid-stream shape (§3.5), ending the stream."""
-    event = {
-        "id": tap.generation_id,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": tap.model,
-        "provider": tap.provider,
-        "error": {"code": 502, "message": exc.message, "metadata": {"error_type": "provider_unavailable"}},
-        "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}],
-    }
-    return b"data: " + orjson.dumps(event) + b"\n\n"
+def _transport_failure(exc: ProxyError) -> bool:
+    """OpenRouter itself could not be reached (counts against the base-URL breaker)."""
+    if isinstance(exc, UpstreamTimeout):
+        return exc.phase == "connect"
+    return exc.code == "upstream_unreachable"
+
+
+def _since(began: float) -> float:
+    return round(time.perf_counter() - began, 4)

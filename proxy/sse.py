@@ -40,11 +40,14 @@ class SSETap:
     """
 
     __slots__ = (
+        "_exact",
+        "_offset",
         "_pending",
         "comments",
         "data_events",
         "done",
         "error",
+        "error_end",
         "finish_reason",
         "generation_id",
         "malformed",
@@ -55,6 +58,9 @@ class SSETap:
 
     def __init__(self) -> None:
         self._pending = b""
+        self._offset = 0
+        self._exact = True
+        self.error_end: int | None = None
         self.comments = 0
         self.data_events = 0
         self.malformed = 0
@@ -68,17 +74,30 @@ class SSETap:
 
     def feed(self, chunk: bytes) -> None:
         """Observe the next chunk of upstream bytes (any split, any size)."""
-        data = self._pending + chunk if self._pending else chunk
+        pending = self._pending
+        base = self._offset - len(pending)  # stream offset of data[0] (exact unless CRLF)
+        self._offset += len(chunk)
+        data = pending + chunk if pending else chunk
         if b"\r" in data:
             data = data.replace(b"\r\n", b"\n")
-        if b"\n\n" not in data:
-            self._keep(data)
-            return
-        events = data.split(b"\n\n")
-        self._keep(events.pop())
-        for event in events:
-            if event:
-                self._event(event)
+            self._exact = False
+        pos = 0
+        find = data.find
+        while True:
+            end = find(b"\n\n", pos)
+            if end < 0:
+                break
+            if end > pos:
+                self._event(data[pos:end])
+                if self.error is not None and self.error_end is None:
+                    self.error_end = base + end + 2 if self._exact else self._offset
+            pos = end + 2
+        self._keep(data[pos:] if pos else data)
+
+    @property
+    def offset(self) -> int:
+        """Bytes fed so far."""
+        return self._offset
 
     def finish(self) -> None:
         """The upstream body ended: treat any unterminated tail as a last event."""
@@ -96,15 +115,18 @@ class SSETap:
         if event[:1] == b":":
             self.comments += 1
             return
-        payload = None
-        for line in event.split(b"\n"):
-            if line.startswith(b"data:"):
-                value = line[5:]
-                if value[:1] == b" ":
-                    value = value[1:]
-                payload = value if payload is None else payload + b"\n" + value
-            elif line[:1] == b":":
-                self.comments += 1
+        if event[:6] == b"data: " and b"\n" not in event:  # the usual shape: one data line
+            payload: bytes | None = event[6:]
+        else:
+            payload = None
+            for line in event.split(b"\n"):
+                if line.startswith(b"data:"):
+                    value = line[5:]
+                    if value[:1] == b" ":
+                        value = value[1:]
+                    payload = value if payload is None else payload + b"\n" + value
+                elif line[:1] == b":":
+                    self.comments += 1
         if payload is None:
             return
         if payload == _DONE:
@@ -131,7 +153,7 @@ class SSETap:
         if isinstance(usage, dict):
             self.usage = usage
         error = obj.get("error")
-        if isinstance(error, dict):
+        if isinstance(error, dict) and self.error is None:
             self.error = error
         choices = obj.get("choices")
         if isinstance(choices, list):

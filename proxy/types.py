@@ -85,7 +85,8 @@ class Usage:
     """Token counts and cost of one generation, from OpenRouter's ``usage`` object.
 
     Source: ``openrouter-api.md`` §2.3. Tokens are counts; ``cost_usd`` is OpenRouter's
-    ``usage.cost`` in USD credits (``None`` when upstream sent no cost).
+    ``usage.cost`` in USD credits (``None`` when upstream sent no cost);
+    ``web_search_requests`` is ``server_tool_use_details.web_search_requests``.
     """
 
     prompt_tokens: int = 0
@@ -94,6 +95,7 @@ class Usage:
     cached_tokens: int = 0
     reasoning_tokens: int = 0
     cost_usd: float | None = None
+    web_search_requests: int = 0
 
 
 @dataclass(frozen=True, slots=True)

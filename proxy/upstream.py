@@ -32,6 +32,7 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from proxy.pacing import Pacer
 
 __all__ = ["OpenRouterClient", "UpstreamResponse", "error_from_status"]
 
@@ -92,8 +93,9 @@ class UpstreamResponse:
 class OpenRouterClient:
     """Pooled client for one upstream base URL. ``start`` inside the event loop."""
 
-    def __init__(self, settings: UpstreamSettings) -> None:
+    def __init__(self, settings: UpstreamSettings, pacer: Pacer | None = None) -> None:
         self.settings = settings
+        self.pacer = pacer
         self.base_url = settings.base_url
         self._api_key = settings.api_key.get_secret_value() if settings.api_key else ""
         headers = {
@@ -140,7 +142,8 @@ class OpenRouterClient:
     async def chat(self, body: bytes, forwarded: list[tuple[bytes, bytes]]) -> UpstreamResponse:
         """POST ``body`` to ``/chat/completions``; return once the response head arrived.
 
-        ``forwarded`` are client headers already filtered by ``forward_headers``.
+        ``forwarded`` are client headers already filtered by ``forward_headers``. With
+        pacing on, first waits for a slot (``UpstreamBusy``, 503, when the queue is full).
         Raises ``UpstreamUnreachable``, ``UpstreamTimeout`` or, for an error status,
         what ``error_from_status`` gives (the body is read and the connection released).
         """
@@ -149,7 +152,12 @@ class OpenRouterClient:
             headers = dict(headers)
             for name, value in forwarded:
                 headers[name.decode("latin-1")] = value.decode("latin-1")
-        response = await self._request("POST", self._chat_url, headers, body)
+        pacer = self.pacer
+        if pacer is not None and pacer.enabled:
+            async with pacer.slot():
+                response = await self._request("POST", self._chat_url, headers, body)
+        else:
+            response = await self._request("POST", self._chat_url, headers, body)
         if response.status >= 400:
             await self._raise_for_status(response)
         return UpstreamResponse(response)
@@ -181,8 +189,10 @@ class OpenRouterClient:
             return await self._session.request(
                 method, url, data=body, headers=headers, params=params, allow_redirects=False
             )
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise UpstreamTimeout("OpenRouter could not be reached in time.", phase="connect") from exc
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise UpstreamTimeout("OpenRouter did not answer in time.") from exc
+            raise UpstreamTimeout("OpenRouter did not answer in time.", phase="first_byte") from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamUnreachable(f"OpenRouter could not be reached: {type(exc).__name__}.") from exc
 

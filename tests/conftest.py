@@ -28,6 +28,24 @@ ALICE_KEY = "sk-proxy-test-alice-0000000000000000000000000"
 BOB_KEY = "sk-proxy-test-bob-11111111111111111111111111111"
 
 
+@pytest.fixture(autouse=True)
+def _close_openai_clients(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every sync ``openai.OpenAI`` a test creates is closed after it (no leaked sockets)."""
+    import openai
+
+    made: list[openai.OpenAI] = []
+
+    class Tracked(openai.OpenAI):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(openai, "OpenAI", Tracked)
+    yield
+    for client in made:
+        client.close()
+
+
 class ServerThread:
     """uvicorn serving ``app`` on 127.0.0.1:<free port> in a daemon thread."""
 
@@ -96,13 +114,24 @@ def emulator(emulator_app: Any) -> Iterator[ServerThread]:
     server.stop()
 
 
-def write_config(tmp_path: Path, upstream_url: str, extra: str = "", read_timeout_s: float = 5) -> Path:
-    """A config.yaml in ``tmp_path`` with two keys (alice/research, bob/web)."""
+DEFAULT_ROUTING = (
+    "aliases:\n  gpt-4o-mini: openai/gpt-4o-mini\n  fast: gpt-4o-mini\n  claude: anthropic/claude-haiku-4.5\n"
+)
+
+
+def write_config(
+    tmp_path: Path,
+    upstream_url: str,
+    extra: str = "",
+    read_timeout_s: float = 5,
+    upstream_extra: str = "",
+    routing: str | None = None,
+) -> Path:
+    """A config.yaml in ``tmp_path`` with two keys (alice/research, bob/web), and
+    ``policies/routing.yaml`` (``routing``, default: three aliases)."""
     policies = tmp_path / "policies"
     policies.mkdir(exist_ok=True)
-    (policies / "routing.yaml").write_text(
-        "aliases:\n  gpt-4o-mini: openai/gpt-4o-mini\n  fast: gpt-4o-mini\n  claude: anthropic/claude-haiku-4.5\n"
-    )
+    (policies / "routing.yaml").write_text(DEFAULT_ROUTING if routing is None else routing)
     path = tmp_path / "config.yaml"
     path.write_text(
         f"""
@@ -113,9 +142,15 @@ upstream:
   app_url: https://example.test/app
   app_title: proxy-tests
   read_timeout_s: {read_timeout_s}
+{upstream_extra}
 usage:
   log_path: usage.jsonl
   flush_interval_s: 0.05
+retries:
+  backoff_base_s: 0.01
+  backoff_cap_s: 0.05
+breaker:
+  min_requests: 1000
 keys:
   - name: alice
     team: research
@@ -167,14 +202,53 @@ def proxy_server(
     tmp_path: Path, serve: Callable[..., ServerThread], emulator: ServerThread
 ) -> Callable[..., ProxyUnderTest]:
     def _make(
-        *, upstream_url: str | None = None, extra: str = "", api_key: str = UPSTREAM_KEY, read_timeout_s: float = 5
+        *,
+        upstream_url: str | None = None,
+        extra: str = "",
+        api_key: str = UPSTREAM_KEY,
+        read_timeout_s: float = 5,
+        upstream_extra: str = "",
+        router: Any = None,
+        routing: str | None = None,
     ) -> ProxyUnderTest:
-        path = write_config(tmp_path, upstream_url or f"{emulator.url}/api/v1", extra, read_timeout_s)
+        path = write_config(
+            tmp_path, upstream_url or f"{emulator.url}/api/v1", extra, read_timeout_s, upstream_extra, routing
+        )
         settings = load_settings(path, {"OPENROUTER_API_KEY": api_key})
         app = create_app(settings)
+        if router is not None:
+            app.router = router
         return ProxyUnderTest(serve(app), app, settings)
 
     return _make
+
+
+class FixedRouter:
+    """A stand-in router for pipeline tests: fixed fallback chains and per-model TTFT limits."""
+
+    def __init__(self, fallbacks: dict[str, tuple[str, ...]], first_token_timeout_s: float | None = None) -> None:
+        self.fallbacks = fallbacks
+        self.first_token_timeout_s = first_token_timeout_s
+
+    def plan(self, call: Any, principal: Any, headers: Any = ()) -> Any:
+        from proxy.types import RoutePlan
+
+        chain = self.fallbacks.get(call.model, ())
+        return RoutePlan(
+            model=call.model,
+            rule="test-chain" if chain else None,
+            fallbacks=chain,
+            first_token_timeout_s=self.first_token_timeout_s,
+        )
+
+    def model_aliases(self) -> dict[str, str]:
+        return {}
+
+    async def start(self) -> None:
+        """The app's lifespan starts and stops its router (policy hot reload)."""
+
+    async def stop(self) -> None:
+        pass
 
 
 @pytest.fixture

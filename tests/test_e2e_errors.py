@@ -88,27 +88,32 @@ def test_wrong_method_and_unknown_path_are_openai_shaped(proxy: ProxyUnderTest) 
 
 
 @pytest.mark.parametrize(
-    ("fault", "status", "retry"),
+    ("fault", "status", "attempts"),
     [
-        ("error-400", 400, "false"),
-        ("error-403", 403, "false"),
-        ("error-404", 404, "false"),
-        ("error-408", 408, None),
-        ("error-429", 429, None),
-        ("error-500", 500, None),
-        ("error-502", 502, None),
-        ("error-503", 503, None),
+        ("error-400", 400, 1),
+        ("error-403", 403, 1),
+        ("error-404", 404, 1),
+        ("error-408", 408, 3),
+        ("error-429", 429, 3),
+        ("error-500", 500, 3),
+        ("error-502", 502, 3),
+        ("error-503", 503, 1),  # Retry-After: 30 is above retries.max_retry_after_s: not retried here
     ],
 )
 def test_upstream_errors_are_relayed_with_code_and_metadata(
-    proxy: ProxyUnderTest, fault: str, status: int, retry: str | None
+    proxy: ProxyUnderTest, emulator_app: Any, fault: str, status: int, attempts: int
 ) -> None:
+    """Non-retryable errors are relayed at once; retryable ones after the proxy's 3 attempts,
+    and then with ``x-should-retry: false`` so the SDK does not multiply them again."""
     for stream in (False, True):
+        before = len(emulator_app.requests)
         response = post(proxy, {**GOOD, "stream": stream, "emulator": {"fault": fault}})
         assert response.status_code == status
+        assert len(emulator_app.requests) - before == attempts
         error = error_of(response)
         assert error["code"] == status
-        assert response.headers.get("x-should-retry") == retry
+        retryable_by_client = status in (408, 429, 500, 502, 503) and attempts == 1
+        assert response.headers.get("x-should-retry") == (None if retryable_by_client else "false")
         if fault == "error-403":
             assert error["type"] == "permission_error" and error["metadata"]["reasons"]
         if fault == "error-429":

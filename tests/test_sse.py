@@ -82,8 +82,12 @@ def test_reasoning_and_tool_call_streams() -> None:
     assert usage_from(tools.usage) is not None
 
 
-def test_midstream_error_is_captured() -> None:
-    tap = tap_of((SHARED_FIXTURES / "stream_midstream_error.sse").read_bytes())
+def test_midstream_error_is_captured_with_where_its_event_ends() -> None:
+    data = (SHARED_FIXTURES / "stream_midstream_error.sse").read_bytes()
+    for size in (1, 7, 64, len(data)):
+        tap = tap_of(data, [size] * (len(data) // size))
+        assert tap.error_end == data.index(b"data: [DONE]")
+    tap = tap_of(data)
     assert tap.error is not None
     assert tap.error["code"] == 502
     assert tap.error["metadata"]["error_type"] == "provider_unavailable"

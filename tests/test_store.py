@@ -8,7 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from proxy.store import MemoryStore, Store, StoreUnavailable, open_store
+from proxy.accounting import account, write_of
+from proxy.store import MemoryStore, Retention, Store, StoreUnavailable, open_store
 from proxy.store.base import day_of
 from proxy.types import Usage, UsageRecord
 
@@ -50,15 +51,20 @@ def record(key: str, model: str, *, cost: float | None, status: int = 200, ts: f
     )
 
 
+async def add(store: Store, rec: UsageRecord) -> None:
+    """One request into the store's ledger (stream + rollups), as the ledger writer does."""
+    await store.usage.append([write_of(account(rec, lambda model: None).line())], Retention())
+
+
 async def _exercise(store: Store) -> None:
     today = day_of(time.time())
-    before = {(t.key, t.model): t for t in await store.usage_totals(today)}
+    before = {(t.key, t.model): t for t in await store.usage.totals(today)}
     base = before.get(("alice", "m/one"))
     base_requests = base.requests if base else 0
-    await asyncio.gather(*(store.add_usage(record("alice", "m/one", cost=0.0000075)) for _ in range(100)))
-    await store.add_usage(record("alice", "m/one", cost=None, status=502))
-    await store.add_usage(record("bob", "m/two", cost=0.1))
-    totals = {(t.key, t.model): t for t in await store.usage_totals(today)}
+    await asyncio.gather(*(add(store, record("alice", "m/one", cost=0.0000075)) for _ in range(100)))
+    await add(store, record("alice", "m/one", cost=None, status=502))
+    await add(store, record("bob", "m/two", cost=0.1))
+    totals = {(t.key, t.model): t for t in await store.usage.totals(today)}
     alice = totals[("alice", "m/one")]
     assert alice.requests - base_requests == 101
     assert alice.errors >= 1
@@ -83,9 +89,10 @@ def test_usage_totals_are_exact(store_url: str | None) -> None:
 def test_days_are_kept_apart() -> None:
     async def main() -> None:
         store = MemoryStore()
-        await store.add_usage(record("a", "m", cost=1.0, ts=86400 * 10))
-        await store.add_usage(record("a", "m", cost=2.0, ts=86400 * 11))
-        assert [t.cost_usd for t in await store.usage_totals(day_of(86400 * 10))] == [1.0]
+        yesterday = time.time() - 86400  # rollups older than their TTL (400 days) are gone
+        await add(store, record("a", "m", cost=1.0, ts=yesterday))
+        await add(store, record("a", "m", cost=2.0, ts=yesterday + 86400))
+        assert [t.cost_usd for t in await store.usage.totals(day_of(yesterday))] == [1.0]
 
     asyncio.run(main())
 
@@ -96,7 +103,7 @@ def test_unreachable_redis_raises_store_unavailable() -> None:
         try:
             assert await store.ping() is False
             with pytest.raises(StoreUnavailable):
-                await store.add_usage(record("a", "m", cost=1.0))
+                await add(store, record("a", "m", cost=1.0))
         finally:
             await store.aclose()
 

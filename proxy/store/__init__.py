@@ -8,10 +8,22 @@ nowhere else.
 
 from __future__ import annotations
 
-from proxy.store.base import Store, StoreUnavailable, UsageTotals, nano_usd
+from proxy.store.base import Store, StoreUnavailable, day_of, nano_usd
 from proxy.store.memory import MemoryStore
+from proxy.store.usage import LedgerWrite, Retention, UsageLedger, UsageTotals
 
-__all__ = ["MemoryStore", "Store", "StoreUnavailable", "UsageTotals", "nano_usd", "open_store"]
+__all__ = [
+    "LedgerWrite",
+    "MemoryStore",
+    "Retention",
+    "Store",
+    "StoreUnavailable",
+    "UsageLedger",
+    "UsageTotals",
+    "day_of",
+    "nano_usd",
+    "open_store",
+]
 
 
 def open_store(redis_url: str | None) -> Store:

@@ -1,18 +1,18 @@
-"""The ``Store`` protocol and the values it returns."""
+"""The ``Store`` protocol and the values it returns.
+
+The usage ledger (stream, per-day rollups, reconciliation tickets) is a part of every
+store, ``store.usage``; its contract and values live in ``proxy.store.usage``.
+"""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from proxy.types import UsageRecord
+if TYPE_CHECKING:
+    from proxy.store.usage import UsageLedger
 
-__all__ = ["METRICS", "Store", "StoreUnavailable", "UsageTotals", "counters_of", "day_of", "nano_usd", "totals_of"]
-
-# The counters kept per (day, key, model). Cost is kept in integer nano-USD (1e-9 USD)
-# so that sums are exact in Redis (HINCRBY) and in memory alike.
-METRICS = ("requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens", "cost_nusd")
+__all__ = ["Store", "StoreUnavailable", "day_of", "nano_usd"]
 
 
 class StoreUnavailable(Exception):
@@ -29,64 +29,29 @@ def day_of(ts: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(ts))
 
 
-def counters_of(record: UsageRecord) -> dict[str, int]:
-    usage = record.usage
-    return {
-        "requests": 1,
-        "errors": 1 if record.status >= 400 or record.error_code else 0,
-        "prompt_tokens": usage.prompt_tokens if usage else 0,
-        "completion_tokens": usage.completion_tokens if usage else 0,
-        "total_tokens": usage.total_tokens if usage else 0,
-        "cost_nusd": nano_usd(usage.cost_usd) if usage else 0,
-    }
-
-
-@dataclass(frozen=True, slots=True)
-class UsageTotals:
-    """Usage summed per (day, key name, model sent upstream). Cost in USD."""
-
-    day: str
-    key: str
-    model: str
-    requests: int
-    errors: int
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    cost_usd: float
-
-
-def totals_of(day: str, groups: dict[tuple[str, str], dict[str, int]]) -> list[UsageTotals]:
-    """``UsageTotals`` rows, sorted by (key, model), from raw counters per (key, model)."""
-    return [
-        UsageTotals(
-            day=day,
-            key=key,
-            model=model,
-            requests=c["requests"],
-            errors=c["errors"],
-            prompt_tokens=c["prompt_tokens"],
-            completion_tokens=c["completion_tokens"],
-            total_tokens=c["total_tokens"],
-            cost_usd=c["cost_nusd"] / 1e9,
-        )
-        for (key, model), c in sorted(groups.items())
-    ]
-
-
 class Store(Protocol):
     """What the pipeline needs from shared state. Every method may raise ``StoreUnavailable``."""
 
     name: str
 
-    async def add_usage(self, record: UsageRecord) -> None:
-        """Add one request's counters to its (day, key, model) totals."""
-
-    async def usage_totals(self, day: str) -> list[UsageTotals]:
-        """All totals of the UTC ``day`` (``YYYY-MM-DD``)."""
+    @property
+    def usage(self) -> UsageLedger:
+        """The usage ledger: stream, per-day rollups and reconciliation tickets."""
 
     async def ping(self) -> bool:
         """True when the store answers."""
+
+    async def breaker_publish(self, target: str, open_until: float) -> None:
+        """Share that ``target``'s circuit breaker is open until ``open_until`` (Unix s)."""
+
+    async def breaker_states(self) -> dict[str, float]:
+        """Every published open breaker: target -> Unix time it closes (may be past)."""
+
+    async def cache_get(self, key: str) -> bytes | None:
+        """The response-cache value stored under ``key``; ``None`` when absent or expired."""
+
+    async def cache_set(self, key: str, value: bytes, ttl_s: float) -> None:
+        """Store a response-cache value for ``ttl_s`` seconds (older entries may be evicted)."""
 
     async def aclose(self) -> None:
         """Release connections."""

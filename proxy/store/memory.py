@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-
-from proxy.store.base import METRICS, UsageTotals, counters_of, day_of, totals_of
-from proxy.types import UsageRecord
+from proxy.store.cache_memory import MemoryCache
+from proxy.store.usage_memory import MemoryUsage
 
 __all__ = ["MemoryStore"]
 
@@ -14,22 +12,24 @@ class MemoryStore:
     name = "memory"
 
     def __init__(self) -> None:
-        self._usage: dict[str, dict[tuple[str, str], dict[str, int]]] = defaultdict(dict)
-
-    async def add_usage(self, record: UsageRecord) -> None:
-        bucket = self._usage[day_of(record.ts)]
-        group = (record.key_name or "-", record.routed_model or record.requested_model or "-")
-        totals = bucket.get(group)
-        if totals is None:
-            totals = bucket[group] = dict.fromkeys(METRICS, 0)
-        for name, value in counters_of(record).items():
-            totals[name] += value
-
-    async def usage_totals(self, day: str) -> list[UsageTotals]:
-        return totals_of(day, self._usage.get(day, {}))
+        self.usage = MemoryUsage()
+        self._breakers: dict[str, float] = {}
+        self._cache = MemoryCache()
 
     async def ping(self) -> bool:
         return True
+
+    async def breaker_publish(self, target: str, open_until: float) -> None:
+        self._breakers[target] = open_until
+
+    async def breaker_states(self) -> dict[str, float]:
+        return dict(self._breakers)
+
+    async def cache_get(self, key: str) -> bytes | None:
+        return self._cache.get(key)
+
+    async def cache_set(self, key: str, value: bytes, ttl_s: float) -> None:
+        self._cache.set(key, value, ttl_s)
 
     async def aclose(self) -> None:
         return None

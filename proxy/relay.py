@@ -1,0 +1,233 @@
+"""Relaying one upstream response to the client, and the stream-integrity contract.
+
+``Exchange`` is the per-request state the pipeline and the relay share. The contract
+(README, "Resilience"):
+
+* The **commit point** is the first ``data:`` event sent to the client. Before it the relay
+  may send the response head and keep-alive comments and still give up on an attempt
+  (``relay_stream`` raises, and the pipeline retries or falls back on the same connection).
+* After it, a cut, a stall (``read_timeout_s`` of silence) or an upstream in-band error ends
+  the stream with exactly one error event in OpenRouter's mid-stream shape
+  (openrouter-api.md §3.5) and **no** ``data: [DONE]``, so SDKs raise instead of returning
+  a truncated answer. An upstream error event is forwarded byte for byte and the stream is
+  ended right after it (OpenRouter's trailing ``[DONE]`` is dropped).
+* A stream that ends cleanly without ``[DONE]`` is forwarded as it came and finalised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from proxy.asgi import Send
+from proxy.cache import CachedResponse
+from proxy.errors import UpstreamCut, UpstreamTimeout
+from proxy.metering import usage_from
+from proxy.sinks import Activity
+from proxy.sse import SSETap
+from proxy.types import Principal, RoutePlan, Ticket, Usage
+from proxy.upstream import UpstreamResponse
+
+__all__ = ["Exchange", "end_with_error", "error_event", "relay_stream", "relay_whole", "send_cached"]
+
+_STREAM_HEADERS = ((b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"))
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What one request did so far; becomes its ``UsageRecord`` at the end.
+
+    ``started`` (the response head went out), ``committed`` (a data event went out) and
+    ``finished`` (the response body ended) only ever go from False to True.
+    """
+
+    request_id: str
+    t0: float
+    status: int = 500
+    started: bool = False
+    committed: bool = False
+    finished: bool = False
+    principal: Principal | None = None
+    requested_model: str | None = None
+    plan: RoutePlan | None = None
+    ticket: Ticket | None = None
+    attempt_model: str | None = None
+    stream: bool = False
+    usage: Usage | None = None
+    model: str | None = None
+    provider: str | None = None
+    generation_id: str | None = None
+    finish_reason: str | None = None
+    ttfb_s: float | None = None
+    ttft_s: float | None = None
+    done: bool | None = None
+    cancelled: bool = False
+    error_code: str | None = None
+    malformed_events: int = 0
+    data_events: int = 0
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+async def _start(send: Send, ex: Exchange, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    ex.status, ex.started = status, True
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+
+
+async def _end(send: Send, ex: Exchange, body: bytes = b"") -> None:
+    ex.finished = True
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def relay_whole(response: UpstreamResponse, ex: Exchange, headers: list[tuple[bytes, bytes]], send: Send) -> None:
+    """Read the whole body (``UpstreamCut`` if it breaks off: nothing was sent), then send it."""
+    body = await response.read()
+    headers.append((b"content-length", str(len(body)).encode()))
+    _meter_body(body, ex)
+    await _start(send, ex, response.status, headers)
+    await _end(send, ex, body)
+
+
+async def relay_stream(
+    response: UpstreamResponse,
+    ex: Exchange,
+    headers: list[tuple[bytes, bytes]],
+    send: Send,
+    first_token_deadline: float,
+    activity: Activity,
+) -> None:
+    """Relay an SSE response byte for byte; see the module docstring for the contract.
+
+    Before the commit point raises ``UpstreamTimeout`` (phase ``first_token``: no data event
+    by ``first_token_deadline``, loop time) or ``UpstreamCut``; the head (sent at the first
+    attempt that answered 200) and any keep-alive comments stay sent.
+    """
+    if not ex.started:
+        headers.extend(_STREAM_HEADERS)
+        await _start(send, ex, response.status, headers)
+    tap = SSETap()
+    chunks = response.chunks().__aiter__()
+    activity.stream_open()
+    try:
+        try:
+            async with asyncio.timeout_at(first_token_deadline):
+                while not ex.committed:
+                    try:
+                        chunk = await chunks.__anext__()
+                    except StopAsyncIteration:
+                        raise UpstreamCut("The upstream stream ended before its first event.") from None
+                    tap.feed(chunk)
+                    if tap.data_events:
+                        ex.committed = True
+                        ex.ttft_s = time.perf_counter() - ex.t0
+                    if await _forward(send, ex, tap, chunk):
+                        return
+        except TimeoutError:
+            raise UpstreamTimeout("No first token in time.", phase="first_token") from None
+        try:
+            async for chunk in chunks:
+                tap.feed(chunk)
+                if await _forward(send, ex, tap, chunk):
+                    return
+            tap.finish()
+            await _end(send, ex)
+        except UpstreamCut as exc:
+            tap.finish()
+            ex.error_code = exc.code
+            if tap.error is None:
+                await _end(send, ex, error_event(tap.generation_id, tap.model, tap.provider, 502, exc.message))
+            else:
+                await _end(send, ex)
+    finally:
+        activity.stream_close()
+        ex.done = tap.done and tap.error_end is None  # a [DONE] after an error event is not sent
+        ex.data_events += tap.data_events
+        ex.malformed_events += tap.malformed
+        if ex.committed:
+            ex.usage = usage_from(tap.usage)
+            ex.model, ex.provider, ex.finish_reason = tap.model, tap.provider, tap.finish_reason
+            ex.generation_id = tap.generation_id or ex.generation_id
+            if tap.error is not None and ex.error_code is None:
+                ex.error_code = str(tap.error.get("code", "stream_error"))
+
+
+async def _forward(send: Send, ex: Exchange, tap: SSETap, chunk: bytes) -> bool:
+    """Send ``chunk``; after an upstream error event, send up to its end and finish (True)."""
+    if tap.error_end is None:
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        return False
+    chunk_start = tap.offset - len(chunk)
+    keep = max(0, min(len(chunk), tap.error_end - chunk_start))
+    await _end(send, ex, chunk[:keep])
+    return True
+
+
+def error_event(generation_id: str | None, model: str | None, provider: str | None, code: int, message: str) -> bytes:
+    """One SSE error event in OpenRouter's mid-stream shape (§3.5)."""
+    event = {
+        "id": generation_id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "provider": provider,
+        "error": {"code": code, "message": message, "metadata": {"error_type": "provider_unavailable"}},
+        "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}],
+    }
+    return b"data: " + orjson.dumps(event) + b"\n\n"
+
+
+async def end_with_error(send: Send, ex: Exchange, code: int, message: str) -> None:
+    """Finish a response whose head is already out with one in-band error event."""
+    if not ex.finished:
+        await _end(send, ex, error_event(ex.generation_id, ex.model or ex.attempt_model, ex.provider, code, message))
+
+
+async def send_cached(hit: CachedResponse, ex: Exchange, headers: list[tuple[bytes, bytes]], send: Send) -> None:
+    """Answer from the response cache: the stored bytes, metered at zero upstream cost."""
+    if hit.stream:
+        headers.extend(_STREAM_HEADERS)
+        tap = SSETap()
+        tap.feed(hit.body)
+        tap.finish()
+        ex.usage, ex.model, ex.provider = usage_from(tap.usage), tap.model, tap.provider
+        ex.finish_reason, ex.done = tap.finish_reason, tap.done
+    else:
+        headers.append((b"content-length", str(len(hit.body)).encode()))
+        _meter_body(hit.body, ex)
+    if ex.usage is not None:
+        ex.usage = dataclasses.replace(ex.usage, cost_usd=0.0)
+    ex.generation_id = None  # that generation belongs to the request that was cached
+    ex.extra["cache"] = "hit"
+    await _start(send, ex, hit.status, [*hit.headers, *headers])
+    await _end(send, ex, hit.body)
+
+
+def _meter_body(body: bytes, ex: Exchange) -> None:
+    """Read usage, ids and finish reason from a whole JSON response (never raises)."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        ex.malformed_events += 1
+        return
+    if not isinstance(obj, dict):
+        return
+    ex.usage = usage_from(obj.get("usage"))
+    for name in ("model", "provider"):
+        if isinstance(obj.get(name), str):
+            setattr(ex, name, obj[name])
+    if isinstance(obj.get("id"), str):
+        ex.generation_id = obj["id"]
+    choices = obj.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        choice = choices[0]
+        if isinstance(choice.get("finish_reason"), str):
+            ex.finish_reason = choice["finish_reason"]
+        if isinstance(choice.get("error"), dict):
+            ex.error_code = str(choice["error"].get("code", "provider_error"))
+    if isinstance(obj.get("error"), dict):
+        ex.error_code = str(obj["error"].get("code", "provider_error"))
