@@ -1,9 +1,9 @@
-"""The request log: one JSON line per request, written by a thread off the event loop.
+"""The request log: one JSON line per request, written in batches off the event loop.
 
-An ``EntrySink``: ``emit_entry`` only puts the (immutable) entry on a queue; a
-``logging.handlers.QueueListener`` thread builds the JSON line and writes it to ``stderr`` or
-to a file (``logging.request_log``), so the event loop never encodes, nor waits on a disk or
-a pipe.
+An ``EntrySink``: ``emit_entry`` only appends the (immutable) entry to a batch; every
+``flush_interval_s`` a worker thread encodes the batch and writes it to ``stderr`` or to a
+file (``logging.request_log``) in one ``write``, so the event loop never waits on a disk or
+a pipe and pays no per-request thread hand-off.
 
 Fields: ``time`` (ISO 8601, UTC), ``request_id`` (the ``x-request-id`` the client got),
 ``key``, ``team``, ``route`` (the routing rule or alias), ``requested_model``, ``model``
@@ -19,11 +19,11 @@ content, unless ``include_content`` is set *and* the pipeline put the content in
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import queue
+import os
 import sys
 from datetime import UTC, datetime
-from logging.handlers import QueueListener
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,8 @@ import orjson
 from proxy.accounting import LedgerEntry
 
 __all__ = ["RequestLog", "request_line"]
+
+log = logging.getLogger("proxy.reqlog")
 
 
 def request_line(entry: LedgerEntry, include_content: bool = False) -> dict[str, Any]:
@@ -72,46 +74,72 @@ def request_line(entry: LedgerEntry, include_content: bool = False) -> dict[str,
     return line
 
 
-class _Listener(QueueListener):
-    """Turns each queued ``LedgerEntry`` into a log record, in the listener thread."""
-
-    def __init__(self, entries: queue.SimpleQueue[Any], target: logging.Handler, include_content: bool) -> None:
-        super().__init__(entries, target)
-        self.include_content = include_content
-
-    def prepare(self, record: Any) -> logging.LogRecord:
-        message = orjson.dumps(request_line(record, self.include_content)).decode()
-        return logging.makeLogRecord({"name": "proxy.requests", "levelno": logging.INFO, "msg": message})
-
-
 class RequestLog:
-    """Writes request lines to ``path`` (appending) or to ``stderr`` when ``path`` is None."""
+    """Writes request lines to ``path`` (appending) or to ``stderr`` when ``path`` is None.
 
-    def __init__(self, path: Path | None = None, *, include_content: bool = False) -> None:
+    ``emit_entry`` appends to an in-memory batch (no lock, no thread hand-off per
+    request); every ``flush_interval_s`` the batch is encoded and written by a worker thread
+    in one ``write``, so the event loop never encodes many lines nor waits on a pipe or a
+    disk. ``close`` writes what is left.
+    """
+
+    def __init__(
+        self, path: Path | None = None, *, include_content: bool = False, flush_interval_s: float = 0.2
+    ) -> None:
         self.include_content = include_content
-        target: logging.Handler
-        if path is None:
-            target = logging.StreamHandler(sys.stderr)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            target = logging.FileHandler(path, encoding="utf-8", delay=True)
-        target.setFormatter(logging.Formatter("%(message)s"))
-        self._target = target
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._listener = _Listener(self._queue, target, include_content)
+        self.path = path
+        self.flush_interval_s = flush_interval_s
+        self._batch: list[LedgerEntry] = []
+        self._task: asyncio.Task[None] | None = None
+        self._fd: int | None = None
         self._started = False
 
     def start(self) -> None:
-        self._listener.start()
+        if self.path is None:
+            try:
+                self._fd = sys.stderr.fileno()
+            except (AttributeError, OSError, ValueError):  # stderr replaced (e.g. captured): write text
+                self._fd = None
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="request-log")
         self._started = True
 
     def emit_entry(self, entry: LedgerEntry) -> None:
         if self._started:
-            self._queue.put_nowait(entry)
+            self._batch.append(entry)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_interval_s)
+            if self._batch:
+                batch, self._batch = self._batch, []
+                await asyncio.to_thread(self._write, batch)
+
+    def _write(self, batch: list[LedgerEntry]) -> None:
+        include = self.include_content
+        data = b"".join(orjson.dumps(request_line(e, include), option=orjson.OPT_APPEND_NEWLINE) for e in batch)
+        fd = self._fd
+        try:
+            if fd is None:
+                sys.stderr.write(data.decode())
+                sys.stderr.flush()
+                return
+            while data:
+                data = data[os.write(fd, data) :]
+        except (OSError, ValueError) as exc:
+            log.warning("request log write failed: %s", exc)
 
     def close(self) -> None:
-        """Write what is queued, stop the thread, close the target."""
-        if self._started:
-            self._started = False
-            self._listener.stop()
-        self._target.close()
+        """Write what is queued, stop the task, close the file."""
+        self._started = False
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        batch, self._batch = self._batch, []
+        if batch:
+            self._write(batch)
+        if self._fd is not None and self.path is not None:
+            os.close(self._fd)
+        self._fd = None

@@ -365,6 +365,7 @@ def test_redis_and_memory_counters_agree_step_for_step(redis_url: str, ops: list
                 spent = [await b.settle(releases, rid, now) for b in backends]
                 assert spent[0] == spent[1], (kind, arg, spent)
         finally:
+            await backends[1].aclose()  # type: ignore[attr-defined]
             await store.aclose()
 
     asyncio.run(main())

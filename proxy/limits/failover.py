@@ -69,6 +69,9 @@ class Failover:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        close = getattr(self.backend, "aclose", None)
+        if close is not None:
+            await close()
 
     async def reserve(
         self, bounds: tuple[Bound, ...], checks: Sequence[Check], rid: str, now_ms: int, *, dry: bool = False

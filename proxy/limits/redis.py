@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from proxy.limits.backend import Check, CheckState, Decision, Release
+from proxy.limits.lane import ScriptLane
 from proxy.limits.lua import RESERVE, SETTLE
 from proxy.store import StoreUnavailable
 
@@ -34,11 +35,12 @@ class RedisBackend:
         self._timeout_s = timeout_s
         self._reserve = client.register_script(RESERVE)
         self._settle = client.register_script(SETTLE)
+        self._lane = ScriptLane(client)
 
     async def _run(self, script: Any, keys: list[str], args: list[Any]) -> list[int]:
         try:
             async with asyncio.timeout(self._timeout_s):
-                result = await script(keys=keys, args=args)
+                result = await self._lane.evalsha(script, keys, args)
         except TimeoutError:
             raise StoreUnavailable(f"Redis did not answer within {self._timeout_s * 1000:.0f} ms") from None
         except (RedisError, OSError) as exc:
@@ -83,6 +85,10 @@ class RedisBackend:
                     script.sha = await self._client.script_load(script.script)
         except (RedisError, OSError, TimeoutError):
             return
+
+    async def aclose(self) -> None:
+        """Close the script lane's own connections (the shared client is the store's)."""
+        await self._lane.aclose()
 
     async def ping(self) -> bool:
         try:
