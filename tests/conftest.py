@@ -21,6 +21,8 @@ from proxy.app import ProxyApp, create_app
 from proxy.auth import hash_key
 from proxy.config import Settings, load_settings
 
+from .redis_server import redis_server
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_FIXTURES = REPO.parent / "shared" / "openrouter" / "fixtures"
 UPSTREAM_KEY = "sk-or-test-upstream-secret-key-do-not-leak"
@@ -84,6 +86,21 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    with redis_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store_url(request: pytest.FixtureRequest) -> str | None:
+    """Run a test against the in-memory store and against a real redis-server."""
+    if request.param == "memory":
+        return None
+    url: str = request.getfixturevalue("redis_url")
+    return url
 
 
 @pytest.fixture

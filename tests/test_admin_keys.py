@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,6 @@ from proxy.cli import main
 
 from .conftest import ALICE_KEY, ProxyUnderTest
 from .limits_support import open_test_store
-from .redis_server import redis_server
 
 ADMIN_KEY = "sk-admin-test-2222222222222222222222222222"
 MESSAGES: Any = [{"role": "user", "content": "Hi"}]
@@ -29,20 +28,6 @@ POLICY = {
     "tiers": {"tiny": {"requests_per_day": 1}, "std": {"requests_per_day": 100, "budget_usd_per_day": 1}},
 }
 MakeProxy = Callable[..., ProxyUnderTest]
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    with redis_server() as url:
-        yield url
-
-
-@pytest.fixture(params=["memory", "redis"])
-def store_url(request: pytest.FixtureRequest) -> str | None:
-    if request.param == "memory":
-        return None
-    url: str = request.getfixturevalue("redis_url")
-    return url
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +17,6 @@ from proxy.routing import Router, RoutingPolicy
 from proxy.store import MemoryStore, Store, open_store
 from proxy.store.cache_memory import MemoryCache
 from proxy.types import ChatCall, Principal, RoutePlan
-
-from .redis_server import redis_server
 
 FIXTURES = Path(__file__).resolve().parents[1] / "proxy/emulator/data/fixtures"
 STREAM = (FIXTURES / "stream_basic.sse").read_bytes()
@@ -39,12 +37,6 @@ ROUTER = Router(
         }
     )
 )
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    with redis_server() as url:
-        yield url
 
 
 @pytest_asyncio.fixture(params=["memory", "redis"])

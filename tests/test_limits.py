@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -21,21 +21,6 @@ from proxy.store import Store
 from proxy.types import Ticket, Usage
 
 from .limits_support import FakeClock, call, limiter, open_test_store, plan, principal, record
-from .redis_server import redis_server
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    with redis_server() as url:
-        yield url
-
-
-@pytest.fixture(params=["memory", "redis"])
-def store_url(request: pytest.FixtureRequest) -> str | None:
-    if request.param == "memory":
-        return None
-    url: str = request.getfixturevalue("redis_url")
-    return url
 
 
 def run(store_url: str | None, spec: dict[str, Any], body: Any, **kwargs: Any) -> Any:

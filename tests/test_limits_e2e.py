@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,25 +20,10 @@ import yaml
 
 from .conftest import ALICE_KEY, BOB_KEY, ProxyUnderTest
 from .limits_support import open_test_store
-from .redis_server import redis_server
 
 MESSAGES: Any = [{"role": "user", "content": "What is the capital of France?"}]
 MINI = "openai/gpt-4o-mini"
 MakeProxy = Callable[..., ProxyUnderTest]
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    with redis_server() as url:
-        yield url
-
-
-@pytest.fixture(params=["memory", "redis"])
-def store_url(request: pytest.FixtureRequest) -> str | None:
-    if request.param == "memory":
-        return None
-    url: str = request.getfixturevalue("redis_url")
-    return url
 
 
 @pytest.fixture

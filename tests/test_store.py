@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -12,22 +11,6 @@ from proxy.accounting import account, write_of
 from proxy.store import MemoryStore, Retention, Store, StoreUnavailable, open_store
 from proxy.store.base import day_of
 from proxy.types import Usage, UsageRecord
-
-from .redis_server import redis_server
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    with redis_server() as url:
-        yield url
-
-
-@pytest.fixture(params=["memory", "redis"])
-def store_url(request: pytest.FixtureRequest) -> str | None:
-    if request.param == "memory":
-        return None
-    url: str = request.getfixturevalue("redis_url")
-    return url
 
 
 def record(key: str, model: str, *, cost: float | None, status: int = 200, ts: float | None = None) -> UsageRecord:
