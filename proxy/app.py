@@ -15,6 +15,7 @@ OpenRouter's base-URL shape work unchanged.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -31,14 +32,14 @@ from starlette.routing import Route
 
 from proxy.admin import AdminAPI, admin_routes
 from proxy.admission import Admission
-from proxy.asgi import Receive, Scope, Send
+from proxy.asgi import Receive, Scope, Send, send_error
 from proxy.auth import Keyring
 from proxy.background import BackgroundServer
 from proxy.breaker import Breakers
 from proxy.cache import ResponseCache
 from proxy.catalog import ModelCatalog, openai_model_list
 from proxy.config import Settings, load_settings
-from proxy.errors import MethodNotAllowed, NotFound, ProxyError, render_error
+from proxy.errors import InternalError, MethodNotAllowed, NotFound, ProxyError, StoreDown, Unavailable, render_error
 from proxy.keystore import KeySync, open_keystore
 from proxy.limits import LimitsPolicy, check_key_tiers, load_limits_policy, open_limiter
 from proxy.observability import Observability, observability_routes
@@ -46,7 +47,7 @@ from proxy.pacing import Pacer
 from proxy.pipeline import ChatCompletions
 from proxy.routing import ContextGuard, ReloadingRouter, Router
 from proxy.sinks import Activity
-from proxy.store import Store, open_store
+from proxy.store import Store, StoreUnavailable, open_store
 from proxy.upstream import OpenRouterClient
 from proxy.usagelog import UsageLog
 from proxy.yamlsrc import ConfigError
@@ -106,13 +107,16 @@ class ProxyApp:
         self.starlette = Starlette(
             routes=routes,
             lifespan=self._lifespan,
-            exception_handlers={HTTPException: _http_exception, ProxyError: _proxy_error},
+            exception_handlers={HTTPException: _http_exception, ProxyError: _proxy_error, Exception: _unexpected},
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        runtime = self.runtime
-        if scope["type"] == "http" and runtime is not None and scope["path"] in CHAT_PATHS:
-            await runtime.chat(scope, receive, send)
+        if scope["type"] == "http" and scope["path"] in CHAT_PATHS:
+            runtime = self.runtime
+            if runtime is not None:
+                await runtime.chat(scope, receive, send)
+            else:
+                await send_error(send, Unavailable("The gateway is starting or stopping; retry shortly."), None)
             return
         await self.starlette(scope, receive, send)
 
@@ -170,6 +174,7 @@ class ProxyApp:
         try:
             yield
         finally:
+            await _until_idle(activity, settings.server.drain_timeout_s)
             await self.router.stop()
             await breakers.stop()
             self.runtime = None
@@ -196,12 +201,12 @@ class ProxyApp:
     def _admin(self) -> AdminAPI:
         admin = self._runtime().admin
         if admin is None:
-            raise ProxyError("The gateway is starting or stopping.")
+            raise Unavailable("The gateway is starting or stopping; retry shortly.")
         return admin
 
     def _runtime(self) -> Runtime:
         if self.runtime is None:
-            raise ProxyError("The gateway is starting or stopping.")
+            raise Unavailable("The gateway is starting or stopping; retry shortly.")
         return self.runtime
 
 
@@ -214,6 +219,22 @@ async def _proxy_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ProxyError)
     status, headers, body = render_error(exc, request.headers.get("x-request-id"))
     return Response(body, status_code=status, headers={k.decode(): v.decode() for k, v in headers})
+
+
+async def _until_idle(activity: Activity, timeout_s: float) -> None:
+    """Let requests uvicorn is still finishing (or just cancelled) settle and record first."""
+    deadline = asyncio.get_running_loop().time() + min(timeout_s, 10.0)
+    while activity.requests and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110 (a counter, polled briefly)
+        await asyncio.sleep(0.02)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    """Anything else still reaches the client in OpenAI's envelope, never as a traceback."""
+    if isinstance(exc, StoreUnavailable):
+        log.warning("store unavailable on %s: %s", request.url.path, exc)
+        return await _proxy_error(request, StoreDown("The gateway's store is unavailable; try again shortly."))
+    log.error("internal error on %s", request.url.path, exc_info=exc)
+    return await _proxy_error(request, InternalError("The gateway hit an internal error."))
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:

@@ -76,6 +76,18 @@ class Breakers:
             for listener in self.listeners:
                 listener(target, state)
 
+    def peek(self, target: str) -> bool:
+        """Would ``allow`` say yes now? (Claims nothing.)"""
+        if not self.settings.enabled:
+            return True
+        breaker = self._breakers.get(target)
+        if breaker is None or breaker.state == CLOSED:
+            return True
+        now = self._clock()
+        if breaker.state == OPEN:
+            return now >= breaker.open_until
+        return breaker.probe_since is None or now - breaker.probe_since > self.settings.open_s
+
     def allow(self, target: str) -> bool:
         """May an attempt go to ``target`` now? (Claims the probe when half-open.)"""
         if not self.settings.enabled:

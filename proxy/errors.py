@@ -23,6 +23,8 @@ OpenRouter said is lost. The hierarchy::
     ├── UpstreamUnreachable ....... 502 upstream_connection_error
     │   └── UpstreamCut ........... the body broke off after the response started
     ├── UpstreamTimeout ........... 504 upstream_timeout (connect, first byte, first token, total)
+    ├── Unavailable ............... 503 starting_or_stopping
+    ├── StoreDown ................. 503 store_unavailable (admin and report routes)
     ├── CircuitOpen ............... 503 upstream_unavailable / circuit_open
     ├── RequestTimeout ............ 408 request_timeout (slow request body)
     ├── RateLimited ............... 429 rate_limit_exceeded       (a gateway rate limit; Retry-After)
@@ -57,6 +59,8 @@ __all__ = [
     "QuotaExceeded",
     "RateLimited",
     "RequestTimeout",
+    "StoreDown",
+    "Unavailable",
     "UpstreamBusy",
     "UpstreamCut",
     "UpstreamKeyRejected",
@@ -245,6 +249,22 @@ class CircuitOpen(ProxyError):
     status = 503
     type = "upstream_unavailable"
     code = "circuit_open"
+
+
+class Unavailable(ProxyError):
+    """The gateway is starting or stopping."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "starting_or_stopping"
+
+
+class StoreDown(ProxyError):
+    """The shared store did not answer an admin or report request."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "store_unavailable"
 
 
 class RequestTimeout(ProxyError):

@@ -143,9 +143,13 @@ class ChatCompletions:
             ex.error_code = "internal_error"
             if not ex.started:
                 ex.status = await send_error(send, InternalError("The gateway hit an internal error."), request_id)
+            else:
+                await end_with_error(send, ex, 500, "The gateway hit an internal error.")
         finally:
-            self.activity.leave()
-            await self._settle(ex, ts)
+            try:
+                await self._settle(ex, ts)
+            finally:
+                self.activity.leave()
 
     async def _through_cache(
         self,
@@ -216,8 +220,9 @@ class ChatCompletions:
                 raise
             task.uncancel()
             ex.cancelled = True
+            ex.error_code = ex.error_code or "client_disconnected"
             if not ex.started:
-                ex.status, ex.error_code = 499, "client_disconnected"
+                ex.status = 499
             if ex.committed and ex.usage is None:
                 self._estimate_usage(call, ex)
         finally:
@@ -239,7 +244,13 @@ class ChatCompletions:
         for index, model in enumerate(models):
             if index and self.metrics is not None:
                 self.metrics.fallback(models[index - 1], model)
-            if not (self.breakers.allow(self._url_target) and self.breakers.allow(model)):
+            breakers = self.breakers
+            if not (
+                breakers.peek(self._url_target)
+                and breakers.peek(model)
+                and breakers.allow(self._url_target)
+                and breakers.allow(model)
+            ):
                 ex.attempts.append({"model": model, "error": "circuit_open"})
                 last = last or CircuitOpen(f"The circuit breaker for {model} is open; try again shortly.")
                 continue
@@ -249,7 +260,7 @@ class ChatCompletions:
                 began = time.perf_counter()
                 try:
                     await self._attempt(model, body, plan, forwarded, ex, send)
-                    self.breakers.record(model, True)
+                    self.breakers.record(model, ex.error_code is None)  # an in-band error counts too
                     self.breakers.record(self._url_target, True)
                     if ex.attempts:
                         ex.attempts.append({"model": model, "status": ex.status, "s": _since(began)})
@@ -347,13 +358,13 @@ class ChatCompletions:
             malformed_events=ex.malformed_events,
             extra=ex.extra or None,
         )
+        for sink in self.sinks:  # first: synchronous, so the record survives a cancelled settle
+            sink.emit(record)
         if ex.ticket is not None:
             try:
                 await self.admission.settle(ex.ticket, record)
             except Exception:
                 log.exception("settling admission for request %s failed", ex.request_id)
-        for sink in self.sinks:
-            sink.emit(record)
 
 
 def _body_for(call: ChatCall, plan: RoutePlan, index: int, model: str) -> bytes:

@@ -26,7 +26,7 @@ import orjson
 
 from proxy.asgi import Send
 from proxy.cache import CachedResponse
-from proxy.errors import UpstreamCut, UpstreamTimeout
+from proxy.errors import UpstreamCut, UpstreamStatusError, UpstreamTimeout
 from proxy.metering import usage_from
 from proxy.sinks import Activity
 from proxy.sse import SSETap
@@ -122,6 +122,9 @@ async def relay_stream(
                     except StopAsyncIteration:
                         raise UpstreamCut("The upstream stream ended before its first event.") from None
                     tap.feed(chunk)
+                    if tap.data_events == 1 and tap.error is not None:
+                        # the provider failed before its first token: nothing is committed yet
+                        raise _error_status(tap.error)
                     if tap.data_events:
                         ex.committed = True
                         ex.ttft_s = time.perf_counter() - ex.t0
@@ -165,6 +168,12 @@ async def _forward(send: Send, ex: Exchange, tap: SSETap, chunk: bytes) -> bool:
     keep = max(0, min(len(chunk), tap.error_end - chunk_start))
     await _end(send, ex, chunk[:keep])
     return True
+
+
+def _error_status(error: dict[str, Any]) -> UpstreamStatusError:
+    code = error.get("code")
+    status = code if isinstance(code, int) and 400 <= code <= 599 else 502
+    return UpstreamStatusError(status, error)
 
 
 def error_event(generation_id: str | None, model: str | None, provider: str | None, code: int, message: str) -> bytes:

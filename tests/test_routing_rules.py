@@ -258,7 +258,20 @@ def test_aliases_still_apply_with_rules_and_to_the_models_list() -> None:
     plan = decide(r, model="claude")
     assert plan.model == "anthropic/claude-haiku-4.5" and plan.rule == "tag"
     plan = decide(r, model="x/y", models=["claude", "z/z"])
-    assert plan.rule == "alias:models" and sent(plan)["models"] == ["anthropic/claude-haiku-4.5", "z/z"]
+    assert plan.rule == "client:models" and "models" not in sent(plan)
+    assert plan.fallbacks == ("anthropic/claude-haiku-4.5", "z/z")
+
+
+def test_a_client_models_list_cannot_reach_a_denied_model() -> None:
+    """The client's own fallback list is policy-governed: denied entries are dropped, the
+    rest become the proxy's fallbacks (limits, budgets and breakers cover them)."""
+    r = router(
+        [{"name": "no-opus", "match": {"model": "anthropic/claude-opus-*"}, "deny": "Opus is not allowed"}],
+        aliases={"opus": "anthropic/claude-opus-4"},
+    )
+    plan = decide(r, model="openai/gpt-4o-mini", models=["opus", "anthropic/claude-opus-4", "openai/gpt-4o"])
+    assert plan.fallbacks == ("openai/gpt-4o",)
+    assert "models" not in sent(plan)
 
 
 def test_headers_are_optional_and_read_lazily() -> None:

@@ -9,8 +9,13 @@ Decision for one request:
    the request as the client sent it, never what earlier rules changed. A matching
    ``deny`` rule raises ``PermissionDenied`` (403) with its message and the rule's name.
 3. The upstream model is the first rule's model or split arm, else the alias target, else
-   the requested model; variants are appended; aliases also apply to each entry of the
-   client's ``models`` list, unless a rule sends its own (``native_fallbacks``).
+   the requested model; variants are appended.
+4. The client's own ``models`` fallback list (OpenRouter's, §1.2) is never sent upstream as
+   it came: that would let a caller reach models the policy denies and spend past budget
+   holds priced on the routed model. Its entries (aliases resolved) become the proxy's own
+   fallbacks after the rule's chain, each kept only if the policy would not deny a request
+   for it; so limits, budgets, breakers and the record cover them. A rule that sends its
+   own native list (``native_fallbacks``) replaces the client's.
 
 Speed: the rules that can match a given requested model and caller (their model, key,
 team and tier conditions hold) are worked out once per (model, key name, team, tier) and
@@ -100,12 +105,14 @@ class CompiledPolicy:
         """
         key = (call.model, principal.name, principal.team, principal.tier)
         entry = self._memo.get(key) or self._remember(key, principal)
-        models = call.body.get("models")
-        aliased_models = bool(models) and isinstance(models, list) and any(m in self.aliases for m in models)
+        client_models = call.body.get("models")
         draft: Draft | None = None
         candidates = entry.candidates
-        if candidates:
+        view: RequestView | None = None
+        if candidates or client_models:
             view = RequestView(call, principal, headers, self._gate)
+        if candidates:
+            assert view is not None
             if entry.without_text is not None and view.lowered_ascii == "":
                 candidates = entry.without_text
             for rule in candidates:
@@ -120,11 +127,41 @@ class CompiledPolicy:
                     draft.add(rule.actions, call, principal)
                     if rule.stop:
                         break
-        if draft is None and entry.plain is not None and not aliased_models:
+        if draft is None and entry.plain is not None and not client_models:
             return entry.plain
-        return self._build(call, entry, draft, aliased_models)
+        extra: tuple[str, ...] = ()
+        if client_models and view is not None and not (draft is not None and draft.native):
+            extra = self._client_fallbacks(client_models, principal, view)
+        return self._build(call, entry, draft, extra, bool(client_models))
 
-    def _build(self, call: ChatCall, entry: _ModelEntry, draft: Draft | None, aliased_models: bool) -> RoutePlan:
+    def _client_fallbacks(self, models: Any, principal: Principal, view: RequestView) -> tuple[str, ...]:
+        """The client's ``models`` entries the policy allows, aliases resolved, in order."""
+        if not isinstance(models, list):
+            return ()
+        allowed: list[str] = []
+        for name in models:
+            if not isinstance(name, str) or not name:
+                continue
+            model = self.aliases.get(name, name)
+            if model not in allowed and self._permits(model, principal, view):
+                allowed.append(model)
+        return tuple(allowed)
+
+    def _permits(self, model: str, principal: Principal, view: RequestView) -> bool:
+        """Would a request for ``model`` pass the policy's deny rules (same caller, same body)?"""
+        key = (model, principal.name, principal.team, principal.tier)
+        entry = self._memo.get(key) or self._remember(key, principal)
+        for rule in entry.candidates:
+            if all(check(view) for check in rule.checks):
+                if rule.actions.deny is not None:
+                    return False
+                if rule.stop:
+                    break
+        return True
+
+    def _build(
+        self, call: ChatCall, entry: _ModelEntry, draft: Draft | None, extra: tuple[str, ...], drop_models: bool
+    ) -> RoutePlan:
         model = (draft.model if draft else None) or entry.target or call.model
         if draft is not None and draft.variants:
             model = with_variants(model, draft.variants)
@@ -134,18 +171,20 @@ class CompiledPolicy:
         fallbacks = draft.fallbacks if draft is not None else ()
         if draft is not None and draft.native:
             changes["models"] = [model, *fallbacks]
-        elif aliased_models:
-            changes["models"] = [self.aliases.get(m, m) for m in call.body["models"]]
+        else:
+            fallbacks = (*fallbacks, *(m for m in extra if m != model and m not in fallbacks))
         if draft is not None:
             draft.parameters(call.body, changes)
             rule: str | None = "+".join(draft.names)
         elif entry.target is not None:
             rule = f"alias:{call.model}"
         else:
-            rule = "alias:models"
+            rule = "client:models"
         body = request = None
-        if changes or fallbacks:
+        if changes or fallbacks or drop_models:
             request = {**call.body, **changes}
+            if drop_models and "models" not in changes:
+                del request["models"]
             body = orjson.dumps(request)
         return RoutePlan(
             model=model,
