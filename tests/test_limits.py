@@ -377,3 +377,29 @@ def test_budget_alerts_are_posted_to_the_webhook(serve: Callable[..., Any]) -> N
     ]
     assert received[0]["spent_usd"] == pytest.approx(0.0005) and received[0]["limit_usd"] == 0.001
     assert received[0]["period"] == time.strftime("%Y-%m", time.gmtime())
+
+
+def test_a_settlement_spends_once_even_when_retried(store_url: str | None) -> None:
+    """A retried settle (the first try may have run before its timeout) never spends twice."""
+    from proxy.limits.backend import Check, Release
+    from proxy.limits.memory import MemoryBackend
+    from proxy.limits.redis import RedisBackend
+    from proxy.store.redis import RedisStore
+
+    async def main() -> None:
+        store = RedisStore(store_url) if store_url else None
+        backend = RedisBackend(store.client, 5.0) if store else MemoryBackend()
+        key = f"orp:{{spend-once-{time.monotonic_ns()}}}:budget"
+        now = 1_700_000_000_000
+        try:
+            decision = await backend.reserve([Check(key, 1000, 300, ttl_ms=60_000)], "r1", now, 30_000)
+            assert decision.admitted
+            release = Release(key, False, spend=120, ttl_ms=60_000)
+            assert await backend.settle([release], "r1", now) == [120]
+            assert await backend.settle([release], "r1", now) == [120]  # the retry: no second spend
+        finally:
+            if store is not None:
+                await backend.aclose()  # type: ignore[attr-defined]
+                await store.aclose()
+
+    asyncio.run(main())

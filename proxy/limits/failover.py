@@ -114,7 +114,23 @@ class Failover:
             self.settle_failures_total += 1
             self._failed(str(exc))
             self._log_degraded()
+            holds = [r for r in releases if not r.window]
+            if holds and backend is self.backend:
+                # A hold (slot, budget) settles at most once (the script spends only while the
+                # request's hold exists), so retrying is safe even if the first try ran.
+                task = asyncio.get_running_loop().create_task(self._settle_later(holds, rid))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
             return None
+
+    async def _settle_later(self, holds: list[Release], rid: str) -> None:
+        for _ in range(3):
+            await asyncio.sleep(self.settings.store_retry_s)
+            try:
+                await self.backend.settle(holds, rid, int(self._clock() * 1000))
+                return
+            except StoreUnavailable:
+                continue
 
     def _release_later(self, checks: Sequence[Check], rid: str) -> None:
         holds = [Release(c.key, False) for c in checks if c.window is None]

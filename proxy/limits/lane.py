@@ -13,7 +13,8 @@ sends the same two scripts with the same key lists again and again, so this lane
 * uses redis-py ``Connection`` objects of its own, made from the store client's connection
   settings (host, port, password, TLS ...) but without a socket timeout: a caller bounds
   its wait with ``asyncio.timeout`` while the batch it is in still reads every reply (a
-  batch gives up after 5 s and drops its connection), so replies never get out of step;
+  batch gives up after 5 s and drops its connection), so replies never get out of step; at
+  most 64 connections are open, so a stalled Redis makes calls fail fast, not pile up;
 * answers ``NOSCRIPT`` (Redis restarted or flushed) by loading the script and retrying once.
 
 Replies are parsed by redis-py (with hiredis when installed). Errors are redis-py's own;
@@ -33,6 +34,7 @@ __all__ = ["ScriptLane"]
 
 _MAX_CACHED_KEY_LISTS = 4096
 _MAX_IDLE = 32
+_MAX_OPEN = 64
 _BATCH_TIMEOUT_S = 5.0
 
 
@@ -53,6 +55,7 @@ class ScriptLane:
         self._queue: list[tuple[bytes, asyncio.Future[Any]]] = []
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._open = 0
 
     def _encoded_keys(self, keys: Sequence[str]) -> bytes:
         cache_key = tuple(keys)
@@ -98,7 +101,17 @@ class ScriptLane:
 
     async def _send(self, batch: list[tuple[bytes, asyncio.Future[Any]]]) -> None:
         """One write, then the replies in order; every future gets its reply or the failure."""
-        conn = self._idle.pop() if self._idle else self._connection_class(**self._connection_kwargs)
+        if self._idle:
+            conn = self._idle.pop()
+        elif self._open >= _MAX_OPEN:  # Redis is stalling: fail fast instead of piling up sockets
+            busy = ConnectionError(f"{_MAX_OPEN} script-lane connections are all busy")
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(busy)
+            return
+        else:
+            conn = self._connection_class(**self._connection_kwargs)
+            self._open += 1
         done = 0
         clean = False
         try:
@@ -127,6 +140,7 @@ class ScriptLane:
             if clean and len(self._idle) < _MAX_IDLE:
                 self._idle.append(conn)
             else:
+                self._open -= 1
                 await conn.disconnect(nowait=True)
 
     async def aclose(self) -> None:
@@ -134,5 +148,6 @@ class ScriptLane:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         idle, self._idle = self._idle, []
+        self._open -= len(idle)
         for conn in idle:
             await conn.disconnect(nowait=True)

@@ -220,7 +220,7 @@ for i = 1, #KEYS / 2 do
       redis.call('ZREM', KEYS[2 * i], rid)
     end
     local spend, ttl = p[a + 4], p[a + 5]
-    if spend > 0 then
+    if spend > 0 and amount then  -- spend once: only while this request's hold exists
       out[i] = fmt(redis.call('HINCRBY', key, 'spent', fmt(spend)))
       if ttl > 0 then redis.call('PEXPIRE', key, fmt(ttl)) end
     else

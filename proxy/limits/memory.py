@@ -165,7 +165,7 @@ class MemoryBackend:
             held = hold.holds.pop(rid, None)
             if held is not None:
                 hold.held -= held[0]
-            if rel.spend > 0:
+            if rel.spend > 0 and held is not None:  # spend once: only while the hold exists
                 hold.spent += rel.spend
                 if rel.ttl_ms > 0:
                     hold.expires = now_ms + rel.ttl_ms
