@@ -243,7 +243,9 @@ class LedgerSettings(_Model):
     Records go to the store in batches of up to ``batch_size`` every ``flush_interval_s``
     (at most ``max_buffer`` wait while the store is down; older ones are dropped). The stream
     keeps at most ``stream_max_entries`` entries and none older than ``stream_max_age_s``
-    (``null``: no such cap); per-day rollups live ``rollup_ttl_days``. ``export_dir`` runs
+    (``null``: no such cap); the embedded in-memory store, which holds its stream in the
+    process's RAM, keeps at most ``memory_stream_max_entries`` (rollups are not affected);
+    per-day rollups live ``rollup_ttl_days``. ``export_dir`` runs
     the exporter in-process (the worker holding the directory's lock) every
     ``export_interval_s``, rotating files at ``export_max_file_mb``. ``reconcile`` fetches
     ``/generation`` costs for estimated records every ``reconcile_interval_s``, first
@@ -255,6 +257,7 @@ class LedgerSettings(_Model):
     batch_size: Annotated[int, Field(ge=1, le=10_000)] = 500
     max_buffer: Annotated[int, Field(ge=1)] = 100_000
     stream_max_entries: Annotated[int, Field(ge=100)] | None = 1_000_000
+    memory_stream_max_entries: Annotated[int, Field(ge=100)] = 10_000
     stream_max_age_s: Annotated[float, Field(gt=0)] | None = 7 * 86400.0
     rollup_ttl_days: Annotated[int, Field(ge=1)] = 400
     export_dir: Path | None = None

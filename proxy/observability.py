@@ -66,7 +66,10 @@ class Observability:
         breakers: BreakerSnapshot | None = None,
     ) -> None:
         conf = settings.ledger
-        self.retention = Retention(conf.stream_max_entries, conf.stream_max_age_s, conf.rollup_ttl_days * 86400)
+        max_entries = conf.stream_max_entries
+        if store.name == "memory":  # the embedded store keeps its stream in this process's RAM
+            max_entries = min(max_entries or conf.memory_stream_max_entries, conf.memory_stream_max_entries)
+        self.retention = Retention(max_entries, conf.stream_max_age_s, conf.rollup_ttl_days * 86400)
         self.prices = PriceBook(catalog.models, refresh_s=max(settings.upstream.models_ttl_s, 60.0))
         self.metrics = (
             Metrics(key_labels=settings.metrics.key_labels, max_label_values=settings.metrics.max_label_values)

@@ -119,14 +119,20 @@ class Reconciler:
         self._limit = asyncio.Semaphore(concurrency)
         self._backoff: dict[str, tuple[int, float]] = {}  # ticket id -> (failures, next try)
         self._cursor = 0
+        self._seen: set[str] = set()
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     async def run_once(self) -> int:
         """Handle one page of due tickets; the number settled. Raises ``StoreUnavailable``."""
+        if self._cursor == 0:
+            self._seen = set()
         self._cursor, page = await self.usage.tickets(self._cursor, self.batch_size)
         now = self._clock()
         due = []
+        self._seen.update(ref for ref, _ in page)
+        if self._cursor == 0 and len(self._backoff) > len(self._seen):  # forget tickets now gone
+            self._backoff = {ref: v for ref, v in self._backoff.items() if ref in self._seen}
         for ref, raw in page:
             try:
                 ticket = orjson.loads(raw)
@@ -181,8 +187,10 @@ class Reconciler:
 
     async def _run(self) -> None:
         while not self._stop.is_set():
-            try:
+            try:  # one pass walks every page of tickets, so the job keeps up with any rate
                 await self.run_once()
+                while self._cursor != 0 and not self._stop.is_set():
+                    await self.run_once()
             except Exception as exc:
                 log.warning("reconciliation pass failed: %s", exc)
             with contextlib.suppress(TimeoutError):

@@ -23,6 +23,7 @@ import asyncio
 import logging
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,7 @@ class RequestLog:
         self._task: asyncio.Task[None] | None = None
         self._fd: int | None = None
         self._started = False
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="request-log")
 
     def start(self) -> None:
         if self.path is None:
@@ -115,7 +117,7 @@ class RequestLog:
             await asyncio.sleep(self.flush_interval_s)
             if self._batch:
                 batch, self._batch = self._batch, []
-                await asyncio.to_thread(self._write, batch)
+                await asyncio.get_running_loop().run_in_executor(self._executor, self._write, batch)
 
     def _write(self, batch: list[LedgerEntry]) -> None:
         include = self.include_content
@@ -137,6 +139,7 @@ class RequestLog:
         if self._task is not None:
             self._task.cancel()
             self._task = None
+        self._executor.shutdown(wait=True)  # a batch being written finishes before the fd closes
         batch, self._batch = self._batch, []
         if batch:
             self._write(batch)

@@ -18,6 +18,7 @@ __all__ = ["MemoryUsage"]
 
 _TRIM_SLACK = 1.1  # like MAXLEN ~: trim only once the stream is 10% over its cap
 _BATCH_MEMORY = 10_000  # applied batch ids remembered
+_MAX_TICKETS = 20_000  # pending reconciliation tickets kept in RAM
 
 
 class MemoryUsage:
@@ -58,6 +59,8 @@ class MemoryUsage:
             self._lines.append(write.line)
             if write.ticket is not None:
                 self._tickets[entry_id] = write.ticket
+                if len(self._tickets) > _MAX_TICKETS:  # bounded RAM: the oldest estimate stays as is
+                    del self._tickets[next(iter(self._tickets))]
             group = self._days.setdefault(write.day, {}).get(write.group)
             if group is None:
                 group = self._days[write.day][write.group] = dict.fromkeys(METRICS, 0)
