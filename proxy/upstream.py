@@ -1,8 +1,8 @@
 """The OpenRouter client: one pooled connection set per worker, errors translated here.
 
 The hot path uses aiohttp's client directly: measured on the benchmark in
-``loadtests/`` it costs about half the CPU per request of httpx's API over the same
-transport (see README, "Performance"). The body is sent and received as bytes, untouched;
+``loadtests/client_bench.py`` it costs about half the CPU per request of httpx's API over
+the same transport (``docs/measurements/upstream-client-choice.md``). The body is sent and received as bytes, untouched;
 the proxy asks for ``Accept-Encoding: identity`` so the SSE side parser never has to
 decompress. Every aiohttp/asyncio exception is mapped to a ``proxy.errors`` class here:
 
