@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy.auth import Keyring, check_admin, hash_key, new_key
+from proxy.auth import Keyring, authorization_of, check_admin, hash_key, new_key
 from proxy.errors import InvalidRequest, NotFound
 from proxy.keystore import KeyExists, KeyMissing, KeyRecord, KeyStore, KeySync, now
 from proxy.limits import KeyBudgets, Limiter
@@ -201,17 +201,12 @@ async def _json_body(request: Request) -> dict[str, Any]:
     return body
 
 
-def _authorization(request: Request) -> bytes | None:
-    value = request.headers.get("authorization")
-    return value.encode("latin-1") if value is not None else None
-
-
 def admin_routes(resolve: Callable[[], AdminAPI]) -> list[Route]:
     """The routes; ``resolve`` returns the running worker's ``AdminAPI`` (raises if none)."""
 
     def admin(request: Request) -> AdminAPI:
         api = resolve()
-        check_admin(_authorization(request), api.admin_sha256)
+        check_admin(authorization_of(request.headers), api.admin_sha256)
         return api
 
     async def keys(request: Request) -> Response:
@@ -231,7 +226,7 @@ def admin_routes(resolve: Callable[[], AdminAPI]) -> list[Route]:
 
     async def own_limits(request: Request) -> Response:
         api = resolve()
-        principal = api.keyring.authenticate(_authorization(request))
+        principal = api.keyring.authenticate(authorization_of(request.headers))
         return JSONResponse(await limits_status(api.limiter, principal))
 
     return [

@@ -33,7 +33,7 @@ from starlette.routing import Route
 from proxy.admin import AdminAPI, admin_routes
 from proxy.admission import Admission
 from proxy.asgi import Receive, Scope, Send, send_error
-from proxy.auth import Keyring
+from proxy.auth import Keyring, authorization_of
 from proxy.background import BackgroundServer
 from proxy.breaker import Breakers
 from proxy.cache import ResponseCache
@@ -189,7 +189,7 @@ class ProxyApp:
 
     async def list_models(self, request: Request) -> Response:
         """``GET /v1/models``: OpenRouter's catalog in OpenAI's list shape, plus aliases."""
-        self.keyring.authenticate(_authorization(request))
+        self.keyring.authenticate(authorization_of(request.headers))
         runtime = self._runtime()
         models = await runtime.catalog.models()
         return JSONResponse(openai_model_list(models, self.router.model_aliases()))
@@ -208,11 +208,6 @@ class ProxyApp:
         if self.runtime is None:
             raise Unavailable("The gateway is starting or stopping; retry shortly.")
         return self.runtime
-
-
-def _authorization(request: Request) -> bytes | None:
-    value = request.headers.get("authorization")
-    return value.encode("latin-1") if value is not None else None
 
 
 async def _proxy_error(request: Request, exc: Exception) -> Response:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from proxy.errors import AuthenticationFailed, PermissionDenied
 from proxy.types import Principal
 
-__all__ = ["KEY_PREFIX", "Keyring", "check_admin", "hash_key", "new_key"]
+__all__ = ["KEY_PREFIX", "Keyring", "authorization_of", "check_admin", "hash_key", "new_key"]
 
 KEY_PREFIX = "sk-proxy-"
 
@@ -93,3 +93,9 @@ def check_admin(authorization: bytes | None, admin_sha256: str | None) -> None:
     digest = hashlib.sha256(token.strip()).digest()
     if scheme.lower() != b"bearer" or not token.strip() or not hmac.compare_digest(digest, bytes.fromhex(admin_sha256)):
         raise AuthenticationFailed("A valid admin key is required.")
+
+
+def authorization_of(headers: Mapping[str, str]) -> bytes | None:
+    """The raw ``Authorization`` value from a headers mapping (Starlette's ``request.headers``)."""
+    value = headers.get("authorization")
+    return value.encode("latin-1") if value is not None else None

@@ -20,18 +20,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy.auth import Keyring, check_admin
+from proxy.auth import Keyring, authorization_of, check_admin
 from proxy.errors import InvalidRequest, UsageUnavailable
 from proxy.report import AGGREGATE_GROUPS, build, parse_since, report_dict
 from proxy.report_sources import facts_from_store
 from proxy.store import StoreUnavailable, UsageLedger
 
 __all__ = ["UsageAPI", "usage_routes"]
-
-
-def _authorization(request: Request) -> bytes | None:
-    value = request.headers.get("authorization")
-    return value.encode("latin-1") if value is not None else None
 
 
 def _query(request: Request, default_since: str, default_by: str) -> tuple[float, tuple[str, ...]]:
@@ -64,13 +59,13 @@ class UsageAPI:
 
     async def admin_usage(self, request: Request) -> Response:
         """``GET /admin/usage``: all keys (admin key required)."""
-        check_admin(_authorization(request), self.admin_sha256)
+        check_admin(authorization_of(request.headers), self.admin_sha256)
         since, by = _query(request, "7d", "key,model")
         return JSONResponse(await self._report(since, by))
 
     async def own_usage(self, request: Request) -> Response:
         """``GET /v1/usage``: the calling virtual key's own usage."""
-        principal = self.keyring.authenticate(_authorization(request))
+        principal = self.keyring.authenticate(authorization_of(request.headers))
         since, by = _query(request, "30d", "day")
         body: dict[str, Any] = {"key": principal.name, "team": principal.team}
         body.update(await self._report(since, by, key=principal.name))
