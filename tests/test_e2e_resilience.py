@@ -270,3 +270,47 @@ def test_upstream_pacing_queues_bursts_and_bounds_the_queue(proxy_server: Any, e
     # one slot at once, two queued within 0.8 s at 2/s; the rest are told to come back (503, retryable)
     assert statuses.count(200) in (2, 3) and set(statuses) <= {200, 503}
     assert len(sent_since(emulator_app, before)) == statuses.count(200)
+
+
+async def _scripted_upstream(scope: Any, receive: Any, send: Any) -> None:
+    """A tiny OpenRouter stand-in: model ``x/fails-first`` streams an error as its very first
+    data event (a provider failing before its first token); any other model answers."""
+    if scope["type"] != "http":
+        return
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    model = orjson.loads(body)["model"]
+    head = {"id": "gen-1", "object": "chat.completion.chunk", "created": 1, "model": model, "provider": "P"}
+    if model == "x/fails-first":
+        error = {"code": 502, "message": "Provider returned error", "metadata": {"error_type": "provider_unavailable"}}
+        events = [
+            {**head, "error": error, "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}]}
+        ]
+    else:
+        events = [
+            {**head, "choices": [{"index": 0, "delta": {"content": "hi", "role": "assistant"}, "finish_reason": None}]},
+            {
+                **head,
+                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4, "cost": 0.000001},
+            },
+        ]
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+    payload = b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+    await send({"type": "http.response.body", "body": payload, "more_body": False})
+
+
+def test_a_provider_error_before_the_first_token_falls_back(proxy_server: Any, serve: Any) -> None:
+    upstream = serve(_scripted_upstream, lifespan="off")
+    router = FixedRouter({"x/fails-first": ("x/answers",)})
+    proxy = proxy_server(upstream_url=f"{upstream.url}/api/v1", router=router, extra="retries:\n  max_attempts: 1\n")
+    data = stream_bytes(proxy, body("x/fails-first"))
+    assert b'"error"' not in data  # nothing of the failed attempt reached the client
+    assert b'"model":"x/answers"' in data and data.endswith(b"data: [DONE]\n\n")
+    (rec,) = proxy.records(1)
+    assert [a["model"] for a in rec["extra"]["attempts"]] == ["x/fails-first", "x/answers"]
+    assert rec["routed_model"] == "x/answers" and rec["status"] == 200
