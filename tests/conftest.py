@@ -94,12 +94,22 @@ def redis_url() -> Iterator[str]:
         yield url
 
 
+@pytest.fixture
+def fresh_redis(redis_url: str) -> str:
+    """The module's redis-server, emptied for this test."""
+    import redis
+
+    with redis.Redis.from_url(redis_url) as client:
+        client.flushall()
+    return redis_url
+
+
 @pytest.fixture(params=["memory", "redis"])
 def store_url(request: pytest.FixtureRequest) -> str | None:
-    """Run a test against the in-memory store and against a real redis-server."""
+    """Run a test against the in-memory store and against a real, emptied redis-server."""
     if request.param == "memory":
         return None
-    url: str = request.getfixturevalue("redis_url")
+    url: str = request.getfixturevalue("fresh_redis")
     return url
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -22,6 +21,8 @@ from proxy.limits import Limiter, LimitsPolicy, open_limiter
 from proxy.limits.policy import LimitsFile
 from proxy.store import Store, open_store
 from proxy.types import ChatCall, Principal, RoutePlan, Usage, UsageRecord
+
+from .factories import free_port, usage_record
 
 MODELS = orjson.loads((Path(__file__).resolve().parents[1] / "proxy/emulator/data/models.json").read_bytes())
 MINI = "openai/gpt-4o-mini"  # 0.15 USD / M prompt tokens, 0.60 USD / M completion tokens
@@ -70,24 +71,7 @@ def plan(model: str = MINI) -> RoutePlan:
 
 
 def record(usage: Usage | None = None, status: int = 200) -> UsageRecord:
-    return UsageRecord(
-        request_id="r",
-        ts=time.time(),
-        key_name="alice",
-        team=None,
-        requested_model=MINI,
-        routed_model=MINI,
-        rule=None,
-        model=MINI,
-        provider="OpenAI",
-        generation_id=None,
-        stream=False,
-        status=status,
-        usage=usage,
-        finish_reason="stop",
-        latency_s=0.1,
-        ttfb_s=0.05,
-    )
+    return usage_record(team=None, model=MINI, status=status, usage=usage, generation_id=None)
 
 
 def open_test_store(url: str | None) -> Store:
@@ -96,13 +80,6 @@ def open_test_store(url: str | None) -> Store:
         with redis.Redis.from_url(url) as client:
             client.flushdb()
     return open_store(url)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class RestartableRedis:

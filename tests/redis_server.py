@@ -13,12 +13,7 @@ from contextlib import contextmanager
 
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+from .factories import free_port
 
 
 @contextmanager
@@ -29,7 +24,7 @@ def redis_server() -> Iterator[str]:
         if os.environ.get("REQUIRE_REDIS") == "1":
             pytest.fail("redis-server is not installed and REQUIRE_REDIS=1")
         pytest.skip("redis-server is not installed")
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory() as workdir:
         proc = subprocess.Popen(
             [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],

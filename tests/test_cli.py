@@ -19,6 +19,8 @@ from proxy.auth import hash_key
 from proxy.cli import main
 from proxy.report import build_report, parse_since, render
 
+from .factories import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -98,8 +100,7 @@ def test_serve_with_the_emulator_prints_a_dev_key_that_works(tmp_path: Path) -> 
     shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
     shutil.copytree(REPO / "policies", tmp_path / "policies")
     exe = Path(sys.executable).with_name("openrouter-proxy")
-    with socket_port() as port:
-        pass
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("OPENROUTER_API_KEY", "PROXY_DEV_KEY_SHA256")}
     proc = subprocess.Popen(
         [str(exe), "serve", "--upstream", "emulator", "--port", str(port), "--config", str(tmp_path / "config.yaml")],
@@ -140,18 +141,3 @@ def test_serve_refuses_to_start_without_an_upstream_key(
     monkeypatch.delenv("OPENROUTER_BASE_URL", raising=False)
     assert main(["serve", "--config", str(REPO / "config.yaml")]) == 2
     assert "--upstream emulator" in capsys.readouterr().err
-
-
-class socket_port:
-    """A free loopback port number (released on exit, then bound by the server)."""
-
-    def __enter__(self) -> int:
-        import socket
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        port: int = self.sock.getsockname()[1]
-        return port
-
-    def __exit__(self, *exc: object) -> None:
-        self.sock.close()

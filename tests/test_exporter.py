@@ -20,7 +20,7 @@ from proxy.store.usage import UsageLedger
 from proxy.store.usage_memory import MemoryUsage
 from proxy.types import Usage
 
-from .usage_fixtures import fresh_redis, module_redis, record  # noqa: F401  (fixtures)
+from .usage_fixtures import record
 
 EXE = Path(sys.executable).with_name("openrouter-proxy")
 
@@ -114,7 +114,7 @@ def _config(tmp_path: Path, redis_url: str) -> Path:
 
 
 @pytest.mark.slow
-def test_the_export_command_killed_mid_run_resumes_exactly_once(tmp_path: Path, fresh_redis: str) -> None:  # noqa: F811
+def test_the_export_command_killed_mid_run_resumes_exactly_once(tmp_path: Path, fresh_redis: str) -> None:
     """``openrouter-proxy export`` is SIGKILLed while it writes; a second run completes the files."""
 
     async def prepare() -> list[str]:

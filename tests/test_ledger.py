@@ -18,15 +18,12 @@ from proxy.accounting import counters_of_line, group_of_line, nano
 from proxy.store.usage import parse_id
 
 from .conftest import ProxyUnderTest
-from .usage_fixtures import (  # noqa: F401  (fixtures)
+from .usage_fixtures import (
     KINDS,
     admin_usage,
     exported,
     fire,
-    fresh_redis,
     ledger_config,
-    module_redis,
-    store_kind,
     wait_for,
 )
 
@@ -55,11 +52,11 @@ def sum_by_group(lines: list[dict[str, Any]]) -> dict[tuple[str, ...], dict[str,
 
 
 def test_n_concurrent_requests_make_n_records_and_rollups_equal_to_their_sum(
-    store_kind: str | None,  # noqa: F811
+    store_url: str | None,
     proxy_server: Callable[..., ProxyUnderTest],
     emulator_app: Any,
 ) -> None:
-    proxy = proxy_server(extra=ledger_config(redis_url=store_kind))
+    proxy = proxy_server(extra=ledger_config(redis_url=store_url))
     asyncio.run(fire(proxy, N))
     export_dir = proxy.settings.ledger.export_dir
     assert export_dir is not None
@@ -111,7 +108,7 @@ def test_n_concurrent_requests_make_n_records_and_rollups_equal_to_their_sum(
 
 
 def test_the_redis_ledger_and_the_export_survive_a_restart(
-    fresh_redis: str,  # noqa: F811
+    fresh_redis: str,
     proxy_server: Callable[..., ProxyUnderTest],
 ) -> None:
     extra = ledger_config(redis_url=fresh_redis)

@@ -13,7 +13,7 @@ from proxy.store.base import day_of
 from proxy.store.usage import parse_id
 from proxy.types import Usage
 
-from .usage_fixtures import fresh_redis, module_redis, record, store_kind  # noqa: F401  (fixtures)
+from .usage_fixtures import record
 
 
 def write(cost: float, *, key: str = "alice", ticket: bytes | None = None, ts: float | None = None) -> LedgerWrite:
@@ -32,7 +32,7 @@ def run(store_url: str | None, scenario: object) -> None:
     asyncio.run(main())
 
 
-def test_append_keeps_order_ids_and_rollups_in_agreement(store_kind: str | None) -> None:  # noqa: F811
+def test_append_keeps_order_ids_and_rollups_in_agreement(store_url: str | None) -> None:
     async def scenario(store: Store) -> None:
         writes = [write(0.0000075, key="alice" if i % 3 else "bob") for i in range(300)]
         ids: list[str | None] = []
@@ -57,10 +57,10 @@ def test_append_keeps_order_ids_and_rollups_in_agreement(store_kind: str | None)
         assert rows["alice"].cost_nusd == 200 * 7500
         assert [t.key for t in await store.usage.totals(day_of(time.time()), key="bob")] == ["bob"]
 
-    run(store_kind, scenario)
+    run(store_url, scenario)
 
 
-def test_a_repeated_batch_id_is_applied_once(store_kind: str | None) -> None:  # noqa: F811
+def test_a_repeated_batch_id_is_applied_once(store_url: str | None) -> None:
     async def scenario(store: Store) -> None:
         batch = [write(0.5), write(0.25)]
         assert len(await store.usage.append(batch, Retention(), "batch-1")) == 2
@@ -69,10 +69,10 @@ def test_a_repeated_batch_id_is_applied_once(store_kind: str | None) -> None:  #
         assert (row.requests, row.cost_usd) == (2, 0.75)
         assert len(await store.usage.read("0-0", 10)) == 2
 
-    run(store_kind, scenario)
+    run(store_url, scenario)
 
 
-def test_a_ticket_is_settled_exactly_once_even_by_concurrent_writers(store_kind: str | None) -> None:  # noqa: F811
+def test_a_ticket_is_settled_exactly_once_even_by_concurrent_writers(store_url: str | None) -> None:
     async def scenario(store: Store) -> None:
         (ref,) = await store.usage.append([write(0.0, ticket=b'{"t":1}')], Retention())
         assert ref is not None
@@ -89,10 +89,10 @@ def test_a_ticket_is_settled_exactly_once_even_by_concurrent_writers(store_kind:
         assert (await store.usage.tickets(0, 10))[1] == []
         assert await store.usage.drop_ticket(ref) is False
 
-    run(store_kind, scenario)
+    run(store_url, scenario)
 
 
-def test_the_stream_is_capped_by_length_and_by_age(store_kind: str | None) -> None:  # noqa: F811
+def test_the_stream_is_capped_by_length_and_by_age(store_url: str | None) -> None:
     async def scenario(store: Store) -> None:
         for _ in range(12):
             await store.usage.append([write(0.0) for _ in range(100)], Retention(max_entries=500, max_age_s=None))
@@ -104,4 +104,4 @@ def test_the_stream_is_capped_by_length_and_by_age(store_kind: str | None) -> No
         (row,) = await store.usage.totals(day_of(time.time()))
         assert row.requests == 1201  # trimming the stream never touches the rollups
 
-    run(store_kind, scenario)
+    run(store_url, scenario)

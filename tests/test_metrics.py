@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from proxy.metrics import Metrics
 from proxy.types import Usage
 
 from .conftest import REPO, ProxyUnderTest
+from .factories import free_port
 from .usage_fixtures import KINDS, exported, fire, ledger_config, record, wait_for
 
 N = 24
@@ -142,13 +142,6 @@ def test_several_workers_report_through_one_endpoint(tmp_path: Path) -> None:
         proc.wait(timeout=30)
         if proc.stdout is not None:
             proc.stdout.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture(autouse=True)

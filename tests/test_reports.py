@@ -16,14 +16,12 @@ from proxy.cli import main as cli_main
 from proxy.report import build, render
 
 from .conftest import ALICE_KEY, BOB_KEY, ProxyUnderTest
-from .usage_fixtures import (  # noqa: F401  (fixtures)
+from .usage_fixtures import (
     ADMIN_KEY,
     admin_usage,
     exported,
     fire,
-    fresh_redis,
     ledger_config,
-    module_redis,
     wait_for,
 )
 
@@ -37,7 +35,7 @@ def cli_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
 
 
 @pytest.fixture
-def loaded(fresh_redis: str, proxy_server: Callable[..., ProxyUnderTest]) -> ProxyUnderTest:  # noqa: F811
+def loaded(fresh_redis: str, proxy_server: Callable[..., ProxyUnderTest]) -> ProxyUnderTest:
     """A proxy on Redis, with N requests of every kind done, recorded, exported and reconciled."""
     proxy = proxy_server(extra=ledger_config(redis_url=fresh_redis))
     asyncio.run(fire(proxy, N))

@@ -12,26 +12,12 @@ from proxy.store import MemoryStore, Retention, Store, StoreUnavailable, open_st
 from proxy.store.base import day_of
 from proxy.types import Usage, UsageRecord
 
+from .factories import usage_record
+
 
 def record(key: str, model: str, *, cost: float | None, status: int = 200, ts: float | None = None) -> UsageRecord:
-    return UsageRecord(
-        request_id="r",
-        ts=ts or time.time(),
-        key_name=key,
-        team="t",
-        requested_model=model,
-        routed_model=model,
-        rule=None,
-        model=model,
-        provider="OpenAI",
-        generation_id="gen-1",
-        stream=False,
-        status=status,
-        usage=Usage(prompt_tokens=10, completion_tokens=5, total_tokens=15, cost_usd=cost),
-        finish_reason="stop",
-        latency_s=0.1,
-        ttfb_s=0.05,
-    )
+    usage = Usage(prompt_tokens=10, completion_tokens=5, total_tokens=15, cost_usd=cost)
+    return usage_record(key=key, team="t", model=model, status=status, usage=usage, ts=ts)
 
 
 async def add(store: Store, rec: UsageRecord) -> None:

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 import openai
 import orjson
-import pytest
-import redis
 
 from proxy.auth import hash_key
-from proxy.types import Usage, UsageRecord
+from proxy.types import UsageRecord
 
 from .conftest import ALICE_KEY, BOB_KEY, ProxyUnderTest
-from .redis_server import redis_server
+from .factories import usage_record
 
 ADMIN_KEY = "sk-admin-test-key-for-usage-reports-000000"
 KINDS = ("stream", "whole", "cut", "failed")
@@ -45,33 +43,6 @@ def ledger_config(
     if redis_url is not None:
         lines += ["store:", f"  redis_url: {redis_url}"]
     return "\n".join(lines) + "\n"
-
-
-@pytest.fixture(scope="module")
-def module_redis() -> Iterator[str]:
-    """One redis-server per test module."""
-    with redis_server() as url:
-        yield url
-
-
-@pytest.fixture
-def fresh_redis(module_redis: str) -> str:
-    """The module's redis-server, emptied for this test."""
-    client = redis.Redis.from_url(module_redis)
-    try:
-        client.flushall()
-    finally:
-        client.close()
-    return module_redis
-
-
-@pytest.fixture(params=["memory", "redis"])
-def store_kind(request: pytest.FixtureRequest) -> str | None:
-    """``None`` (in-memory store) or the URL of a fresh redis-server."""
-    if request.param == "memory":
-        return None
-    url: str = request.getfixturevalue("fresh_redis")
-    return url
 
 
 def wait_for(probe: Callable[[], T | None], timeout: float = 20.0, what: str = "condition") -> T:
@@ -103,39 +74,9 @@ def admin_usage(proxy: ProxyUnderTest, by: str, since: str = "1d") -> dict[str, 
     return body
 
 
-def record(
-    *,
-    key: str = "alice",
-    model: str = "openai/gpt-4o-mini",
-    status: int = 200,
-    usage: Usage | None = None,
-    generation_id: str | None = "gen-1",
-    ts: float | None = None,
-    error_code: str | None = None,
-    rule: str | None = None,
-    extra: dict[str, Any] | None = None,
-) -> UsageRecord:
-    """A ``UsageRecord`` with sensible defaults."""
-    return UsageRecord(
-        request_id=f"req-{time.monotonic_ns()}",
-        ts=time.time() if ts is None else ts,
-        key_name=key,
-        team="research" if key == "alice" else "web",
-        requested_model=model,
-        routed_model=model,
-        rule=rule,
-        model=model,
-        provider="OpenAI",
-        generation_id=generation_id,
-        stream=False,
-        status=status,
-        usage=usage,
-        finish_reason="stop",
-        latency_s=0.25,
-        ttfb_s=0.1,
-        error_code=error_code,
-        extra=extra,
-    )
+def record(*, key: str = "alice", **fields: Any) -> UsageRecord:
+    """A ``UsageRecord`` (``tests.factories.usage_record``) whose team follows the key."""
+    return usage_record(key=key, team="research" if key == "alice" else "web", **fields)
 
 
 async def fire(proxy: ProxyUnderTest, count: int, prefix: str = "ledger") -> None:
