@@ -1,14 +1,25 @@
-"""Small factories shared by the tests: a free loopback port and a ``UsageRecord``."""
+"""Small factories shared by the tests: a free loopback port, a ``UsageRecord``, and the
+README's serve command running in a subprocess."""
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import signal
 import socket
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from proxy.types import Usage, UsageRecord
 
-__all__ = ["free_port", "usage_record"]
+__all__ = ["ServedCli", "free_port", "served_cli", "usage_record"]
 
 
 def free_port() -> int:
@@ -53,3 +64,59 @@ def usage_record(
         error_code=error_code,
         extra=extra,
     )
+
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = Path(sys.executable).with_name("openrouter-proxy")
+
+
+@dataclass
+class ServedCli:
+    """A running ``openrouter-proxy serve --upstream emulator``: its process, URL and dev key."""
+
+    proc: subprocess.Popen[bytes]
+    url: str
+    key: str
+    log: Path
+
+
+@contextmanager
+def served_cli(folder: Path, *args: str, startups: int = 1, limits: bool = True) -> Iterator[ServedCli]:
+    """Run the README's serve command from ``folder`` (a copy of config.yaml and policies/,
+    no virtual keys, so it prints a one-time dev key). Output goes to ``folder/proxy.log``.
+    On exit the process gets SIGTERM (if still running) and is waited for."""
+    shutil.copy(REPO / "config.yaml", folder / "config.yaml")
+    shutil.copytree(REPO / "policies", folder / "policies")
+    if not limits:
+        (folder / "policies" / "limits.yaml").unlink()
+    drop = ("OPENROUTER_API_KEY", "REDIS_URL", "PROXY_DEV_KEY_SHA256", "PROMETHEUS_MULTIPROC_DIR")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    port = free_port()
+    log = folder / "proxy.log"
+    command = [
+        str(CLI),
+        "serve",
+        "--upstream",
+        "emulator",
+        "--port",
+        str(port),
+        "--config",
+        str(folder / "config.yaml"),
+    ]
+    with (
+        log.open("wb") as out,
+        subprocess.Popen([*command, *args], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=folder) as proc,
+    ):
+        try:
+            deadline = time.monotonic() + 30
+            while log.read_bytes().count(b"Application startup complete") < startups:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(log.read_text(errors="replace"))
+                time.sleep(0.05)
+            key = re.search(rb"sk-proxy-[A-Za-z0-9_-]+", log.read_bytes())
+            assert key is not None, log.read_text(errors="replace")
+            yield ServedCli(proc, f"http://127.0.0.1:{port}", key.group(0).decode(), log)
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)

@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import openai
@@ -19,7 +13,7 @@ from proxy.auth import hash_key
 from proxy.cli import main
 from proxy.report import build_report, parse_since, render
 
-from .factories import free_port
+from .factories import served_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,38 +91,14 @@ def test_usage_report_groups_totals_and_skips_bad_lines() -> None:
 
 def test_serve_with_the_emulator_prints_a_dev_key_that_works(tmp_path: Path) -> None:
     """What README's run command does: no keys configured, emulator upstream."""
-    shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
-    shutil.copytree(REPO / "policies", tmp_path / "policies")
-    exe = Path(sys.executable).with_name("openrouter-proxy")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("OPENROUTER_API_KEY", "PROXY_DEV_KEY_SHA256")}
-    proc = subprocess.Popen(
-        [str(exe), "serve", "--upstream", "emulator", "--port", str(port), "--config", str(tmp_path / "config.yaml")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=env,
-        cwd=tmp_path,
-    )
-    try:
-        assert proc.stdout is not None
-        output = b""
-        deadline = time.monotonic() + 20
-        while b"Application startup complete" not in output and time.monotonic() < deadline:
-            output += proc.stdout.readline()
-        key = re.search(rb"sk-proxy-[A-Za-z0-9_-]+", output)
-        assert key is not None, output.decode()
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key.group(0).decode(), max_retries=0)
+    with served_cli(tmp_path) as served:
+        client = openai.OpenAI(base_url=f"{served.url}/v1", api_key=served.key, max_retries=0)
         chunks = list(
             client.chat.completions.create(
                 model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True
             )
         )
         assert any(c.usage for c in chunks)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=20)
-        if proc.stdout is not None:
-            proc.stdout.close()
     log = tmp_path / "var" / "usage.jsonl"
     (rec,) = [orjson.loads(line) for line in log.read_bytes().splitlines()]
     assert rec["key"] == "dev" and rec["routed_model"] == "openai/gpt-4o-mini" and rec["cost_usd"] > 0

@@ -3,13 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import shutil
-import signal
-import subprocess
-import sys
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -23,8 +17,8 @@ from proxy.accounting import account, nano
 from proxy.metrics import Metrics
 from proxy.types import Usage
 
-from .conftest import REPO, ProxyUnderTest
-from .factories import free_port
+from .conftest import ProxyUnderTest
+from .factories import served_cli
 from .usage_fixtures import KINDS, exported, fire, ledger_config, record, wait_for
 
 N = 24
@@ -108,40 +102,16 @@ def _none(model: str | None) -> None:
 @pytest.mark.slow
 def test_several_workers_report_through_one_endpoint(tmp_path: Path) -> None:
     """``serve --workers 2``: prometheus-client's multiprocess mode, set up by ``serve``."""
-    shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
-    shutil.copytree(REPO / "policies", tmp_path / "policies")
-    exe = Path(sys.executable).with_name("openrouter-proxy")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("OPENROUTER_API_KEY", "PROMETHEUS_MULTIPROC_DIR")}
-    proc = subprocess.Popen(
-        [str(exe), "serve", "--upstream", "emulator", "--port", str(port), "--workers", "2", "--config", "config.yaml"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=env,
-        cwd=tmp_path,
-    )
-    try:
-        assert proc.stdout is not None
-        output = b""
-        deadline = time.monotonic() + 30
-        while output.count(b"Application startup complete") < 2 and time.monotonic() < deadline:
-            output += proc.stdout.readline()
-        key = re.search(rb"sk-proxy-[A-Za-z0-9_-]+", output)
-        assert key is not None, output.decode()
-        url = f"http://127.0.0.1:{port}"
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key=key.group(0).decode(), max_retries=0, timeout=10)
+    with served_cli(tmp_path, "--workers", "2", startups=2) as served:
+        url, key = served.url, served.key
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=10)
         for _ in range(10):  # each on a new connection, so both workers take some
             client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
             client.close()
-            client = openai.OpenAI(base_url=f"{url}/v1", api_key=key.group(0).decode(), max_retries=0, timeout=10)
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=10)
         samples = scrape(url)
         assert total(samples, P + "requests_total", status="200") == 10
         assert total(samples, P + "in_flight_requests") == 0
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
-        if proc.stdout is not None:
-            proc.stdout.close()
 
 
 @pytest.fixture(autouse=True)
