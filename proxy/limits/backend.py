@@ -18,17 +18,15 @@ nothing is written. Times are Unix milliseconds; every method may raise
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Hashable, Sequence
+from typing import NamedTuple, Protocol
 
 from proxy.limits.policy import Window
 
 __all__ = ["Backend", "Check", "CheckState", "Decision", "Release"]
 
 
-@dataclass(frozen=True, slots=True)
-class Check:
+class Check(NamedTuple):
     """One counter to check and reserve. ``window`` None = a hold.
 
     ``limit`` and ``cost`` are in the counter's unit (requests, tokens, nano-USD);
@@ -42,8 +40,7 @@ class Check:
     ttl_ms: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class CheckState:
+class CheckState(NamedTuple):
     """A counter as the reservation saw it (after reserving, when admitted).
 
     ``used``: window total, or ``spent + held`` of a hold; ``spent``: a hold's settled
@@ -59,14 +56,12 @@ class CheckState:
     bucket: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     admitted: bool
     states: tuple[CheckState, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class Release:
+class Release(NamedTuple):
     """Settlement of one reserved counter.
 
     Window: add ``delta`` (actual minus reserved) to ``bucket`` if that bucket is still
@@ -86,12 +81,26 @@ class Backend(Protocol):
     name: str
 
     async def reserve(
-        self, checks: Sequence[Check], rid: str, now_ms: int, lease_ms: int, *, dry: bool = False
+        self,
+        checks: Sequence[Check],
+        rid: str,
+        now_ms: int,
+        lease_ms: int,
+        *,
+        dry: bool = False,
+        shape: Hashable | None = None,
     ) -> Decision:
-        """Check every counter; when all fit (and not ``dry``) reserve them all for ``rid``."""
+        """Check every counter; when all fit (and not ``dry``) reserve them all for ``rid``.
 
-    async def settle(self, releases: Sequence[Release], rid: str, now_ms: int) -> list[int]:
-        """Apply ``releases`` of request ``rid``; returns each hold's ``spent`` afterwards (0 for windows)."""
+        ``shape``: calls with the same shape have the same checks but for their costs (a
+        backend may cache their encoding)."""
+
+    async def settle(
+        self, releases: Sequence[Release], rid: str, now_ms: int, *, shape: Hashable | None = None
+    ) -> list[int]:
+        """Apply ``releases`` of request ``rid``; returns each hold's ``spent`` afterwards (0 for windows).
+
+        ``shape``: calls with the same shape release the same keys the same way."""
 
     async def ping(self) -> bool:
         """True when the backend answers."""

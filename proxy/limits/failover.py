@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -74,19 +74,27 @@ class Failover:
             await close()
 
     async def reserve(
-        self, bounds: tuple[Bound, ...], checks: Sequence[Check], rid: str, now_ms: int, *, dry: bool = False
+        self,
+        bounds: tuple[Bound, ...],
+        checks: Sequence[Check],
+        rid: str,
+        now_ms: int,
+        *,
+        dry: bool = False,
+        shape: Hashable | None = None,
     ) -> tuple[Decision, Backend, tuple[Bound, ...]]:
         """``(decision, backend that decided, bounds as applied)``; the bounds carry the
         local shares when the local counters decided. Raises ``LimitsUnavailable``."""
         local = self.local
         if local is None:
-            return await self.backend.reserve(checks, rid, now_ms, self._lease_ms, dry=dry), self.backend, bounds
+            decision = await self.backend.reserve(checks, rid, now_ms, self._lease_ms, dry=dry, shape=shape)
+            return decision, self.backend, bounds
         now = time.monotonic()
         if now >= self._retry_at:
             if self._down_since is not None:
                 self._retry_at = now + self.settings.store_retry_s  # one probe at a time while down
             try:
-                decision = await self.backend.reserve(checks, rid, now_ms, self._lease_ms, dry=dry)
+                decision = await self.backend.reserve(checks, rid, now_ms, self._lease_ms, dry=dry, shape=shape)
             except StoreUnavailable as exc:
                 self._failed(str(exc))
                 if not dry:
@@ -103,13 +111,15 @@ class Failover:
                 )
         share = self.settings.replicas
         scaled = tuple(replace(b, rule=replace(b.rule, limit=max(1, b.rule.limit // share))) for b in bounds)
-        local_checks = [replace(c, limit=b.rule.limit) for c, b in zip(checks, scaled, strict=True)]
+        local_checks = [c._replace(limit=b.rule.limit) for c, b in zip(checks, scaled, strict=True)]
         return await local.reserve(local_checks, rid, now_ms, self._lease_ms, dry=dry), local, scaled
 
-    async def settle(self, backend: Backend, releases: Sequence[Release], rid: str, now_ms: int) -> list[int] | None:
+    async def settle(
+        self, backend: Backend, releases: Sequence[Release], rid: str, now_ms: int, *, shape: Hashable | None = None
+    ) -> list[int] | None:
         """Settle on the backend that reserved; ``None`` (counted, logged) when it failed."""
         try:
-            return await backend.settle(releases, rid, now_ms)
+            return await backend.settle(releases, rid, now_ms, shape=shape if backend is self.backend else None)
         except StoreUnavailable as exc:
             self.settle_failures_total += 1
             self._failed(str(exc))

@@ -19,7 +19,7 @@ from proxy.errors import QuotaExceeded, RateLimited
 from proxy.limits.backend import CheckState
 from proxy.limits.policy import NANO, Bound
 
-__all__ = ["binding_check", "format_reset", "limit_error", "ratelimit_headers"]
+__all__ = ["HeaderPlan", "binding_check", "format_reset", "header_plan", "limit_error", "ratelimit_headers"]
 
 _CONCURRENCY_RETRY_MS = 1000
 
@@ -39,23 +39,45 @@ def format_reset(ms: int) -> str:
     return f"{hours}h{minutes}m{secs}s" if hours else f"{minutes}m{secs}s"
 
 
-def ratelimit_headers(bounds: Sequence[Bound], states: Sequence[CheckState]) -> list[tuple[bytes, bytes]]:
-    """``x-ratelimit-*`` for the tightest ``requests`` and ``tokens`` window."""
-    headers: list[tuple[bytes, bytes]] = []
+HeaderPlan = tuple[tuple[tuple[bytes, bytes, bytes], tuple[tuple[int, int], ...]], ...]
+
+
+def header_plan(bounds: Sequence[Bound]) -> HeaderPlan:
+    """For ``requests`` and ``tokens``: the three header names and ``(check index, limit)`` of
+    each applicable window (kinds without one are left out)."""
+    plan = []
     for metric in ("requests", "tokens"):
-        best: tuple[int, int, int] | None = None  # remaining, limit, reset_ms
-        for bound, state in zip(bounds, states, strict=True):
-            if bound.rule.metric != metric:
-                continue
-            remaining = max(0, bound.rule.limit - state.used)
-            if best is None or remaining < best[0]:
-                best = (remaining, bound.rule.limit, state.reset_ms)
-        if best is not None:
-            headers += (
-                (f"x-ratelimit-limit-{metric}".encode(), str(best[1]).encode()),
-                (f"x-ratelimit-remaining-{metric}".encode(), str(best[0]).encode()),
-                (f"x-ratelimit-reset-{metric}".encode(), format_reset(best[2]).encode()),
+        windows = tuple((i, b.rule.limit) for i, b in enumerate(bounds) if b.rule.metric == metric)
+        if windows:
+            names = (
+                f"x-ratelimit-limit-{metric}".encode(),
+                f"x-ratelimit-remaining-{metric}".encode(),
+                f"x-ratelimit-reset-{metric}".encode(),
             )
+            plan.append((names, windows))
+    return tuple(plan)
+
+
+def ratelimit_headers(
+    bounds: Sequence[Bound], states: Sequence[CheckState], plan: HeaderPlan | None = None
+) -> list[tuple[bytes, bytes]]:
+    """``x-ratelimit-*`` for the tightest ``requests`` and ``tokens`` window (``plan``:
+    ``header_plan(bounds)``, when the caller keeps it)."""
+    headers: list[tuple[bytes, bytes]] = []
+    for (limit_name, remaining_name, reset_name), windows in plan or header_plan(bounds):
+        best_remaining, best_limit, best_reset = -1, 0, 0
+        for i, limit in windows:
+            state = states[i]
+            remaining = limit - state.used
+            if remaining < 0:
+                remaining = 0
+            if best_remaining < 0 or remaining < best_remaining:
+                best_remaining, best_limit, best_reset = remaining, limit, state.reset_ms
+        headers += (
+            (limit_name, b"%d" % best_limit),
+            (remaining_name, b"%d" % best_remaining),
+            (reset_name, format_reset(best_reset).encode()),
+        )
     return headers
 
 

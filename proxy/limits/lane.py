@@ -1,153 +1,277 @@
-"""A lean path for the limiter's two scripts: pre-encoded ``EVALSHA`` on its own connections.
+"""A lean path for the limiter's two scripts: pre-encoded ``EVALSHA`` pipelined on one connection.
 
-redis-py's generic command path costs the admission hot path about 0.5 ms of CPU per call
-(measured: argument encoding in ``pack_command``, a pool lock, and an ``asyncio.wait_for``
-task around each socket write and read when the pool has a socket timeout). The limiter
-sends the same two scripts with the same key lists again and again, so this lane:
+redis-py's generic command path costs the admission hot path a lot of CPU per call
+(measured with ``loadtests/lane_bench.py``: argument encoding in ``pack_command``, a pool
+lock, a task and an ``asyncio.timeout`` per call, a ``StreamReader`` between socket and
+parser). The limiter sends the same two scripts with the same key lists again and again,
+so this lane:
 
 * encodes each distinct key list once (kept in a bounded cache) and only the few dynamic
   arguments per call, into one RESP ``EVALSHA`` command;
-* pipelines: calls made in the same event-loop iteration are written together in one
-  ``write`` and their replies read in order (fewer syscalls under concurrency, no added
-  wait at concurrency 1);
-* uses redis-py ``Connection`` objects of its own, made from the store client's connection
-  settings (host, port, password, TLS ...) but without a socket timeout: a caller bounds
-  its wait with ``asyncio.timeout`` while the batch it is in still reads every reply (a
-  batch gives up after 5 s and drops its connection), so replies never get out of step; at
-  most 64 connections are open, so a stalled Redis makes calls fail fast, not pile up;
+* keeps **one** connection per worker, opened and authenticated by redis-py from the store
+  client's settings (host or unix socket, password, TLS, database ...), whose transport it
+  then takes over with an ``asyncio.Protocol`` that feeds bytes straight to ``hiredis``;
+  replies are matched to calls in order (Redis answers a connection's commands in order);
+* pipelines: every command queued in one event-loop iteration goes out in one ``write``;
+  *deferred* commands (settlements, see ``evalsha(defer=True)``) wait up to ``defer_s`` for
+  the next write, so at low concurrency a request's settlement shares the next request's
+  admission round trip instead of costing one of its own;
+* bounds each call by its own ``timeout_s`` (a timer on the call's future, no task): a
+  reply that comes later is read and dropped, so replies never get out of step. When the
+  oldest unanswered command is older than ``stall_s`` the connection is dropped, every
+  waiting call fails, and the next call opens a new connection;
 * answers ``NOSCRIPT`` (Redis restarted or flushed) by loading the script and retrying once.
 
-Replies are parsed by redis-py (with hiredis when installed). Errors are redis-py's own;
-the caller translates them.
+Errors: ``TimeoutError`` (no reply in time), ``ConnectionError``/``OSError`` (connection
+lost or refused), ``redis.exceptions.ResponseError`` (an error reply, e.g. a script error).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from typing import Any
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
+import hiredis
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 
-__all__ = ["ScriptLane"]
+__all__ = ["EncodedKeys", "ScriptLane", "encode_keys"]
 
 _MAX_CACHED_KEY_LISTS = 4096
-_MAX_IDLE = 32
-_MAX_OPEN = 64
-_BATCH_TIMEOUT_S = 5.0
+_STALL_S = 5.0
+_DEFER_S = 0.005
+
+Waiter = Callable[[Any], None]  # called once with the reply, or with the exception
 
 
 def _bulk(value: bytes) -> bytes:
     return b"$%d\r\n%b\r\n" % (len(value), value)
 
 
-class ScriptLane:
-    """``evalsha(script, keys, args)`` over a small set of dedicated connections."""
+class EncodedKeys(NamedTuple):
+    """A key list as RESP: ``numkeys`` and then each key (``encode_keys``)."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    numkeys: int
+    block: bytes
+
+
+def encode_keys(keys: Sequence[str]) -> EncodedKeys:
+    """``keys`` encoded once, for callers that send the same key list many times."""
+    return EncodedKeys(len(keys), _bulk(str(len(keys)).encode()) + b"".join(_bulk(k.encode()) for k in keys))
+
+
+class _Replies(asyncio.Protocol):
+    """The read side of the lane's connection: replies go to ``waiters`` in order."""
+
+    def __init__(self, on_lost: Callable[[_Replies], None]) -> None:
+        self.reader = hiredis.Reader()
+        self.waiters: deque[tuple[Waiter, float]] = deque()
+        self.transport: asyncio.Transport | None = None
+        self.owner: Any = None  # the StreamWriter that opened the transport: it closes it when collected
+        self.closed = False
+        self._on_lost = on_lost
+
+    def data_received(self, data: bytes) -> None:
+        reader, waiters = self.reader, self.waiters
+        reader.feed(data)
+        while True:
+            reply = reader.gets()
+            if reply is False:
+                return
+            if waiters:
+                waiters.popleft()[0](reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(ConnectionError(f"Redis connection lost: {exc}" if exc else "Redis connection closed"))
+
+    def fail(self, exc: Exception) -> None:
+        """Drop the connection and fail every waiting call with ``exc``."""
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.abort()
+            self._on_lost(self)
+        waiters, self.waiters = self.waiters, deque()
+        for waiter, _ in waiters:
+            waiter(exc)
+
+
+def _resolve(future: asyncio.Future[Any]) -> Waiter:
+    def waiter(reply: Any) -> None:
+        if not future.done():
+            if isinstance(reply, Exception):
+                future.set_exception(ResponseError(str(reply)) if isinstance(reply, hiredis.ReplyError) else reply)
+            else:
+                future.set_result(reply)
+
+    return waiter
+
+
+def _expire(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
+
+
+class ScriptLane:
+    """``evalsha(script, keys, args)`` over one dedicated, pipelined connection."""
+
+    def __init__(self, client: aioredis.Redis, *, defer_s: float = _DEFER_S, stall_s: float = _STALL_S) -> None:
         pool = client.connection_pool
         self._client = client
         self._connection_class = pool.connection_class
         self._connection_kwargs = {**pool.connection_kwargs, "socket_timeout": None}
-        self._idle: list[Any] = []
-        self._keys_cache: dict[tuple[str, ...], bytes] = {}
-        self._queue: list[tuple[bytes, asyncio.Future[Any]]] = []
+        self._defer_s = defer_s
+        self._stall_s = stall_s
+        self._keys_cache: dict[tuple[str, ...], EncodedKeys] = {}
+        self._now: list[tuple[bytes, Waiter]] = []
+        self._deferred: list[tuple[bytes, Waiter]] = []
         self._scheduled = False
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._open = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._conn: _Replies | None = None
+        self._connecting: asyncio.Task[None] | None = None
+        self._closed = False
 
-    def _encoded_keys(self, keys: Sequence[str]) -> bytes:
+    # -- encoding ------------------------------------------------------------------
+
+    def _encoded_keys(self, keys: Sequence[str] | EncodedKeys) -> EncodedKeys:
+        if isinstance(keys, EncodedKeys):
+            return keys
         cache_key = tuple(keys)
-        block = self._keys_cache.get(cache_key)
-        if block is None:
+        found = self._keys_cache.get(cache_key)
+        if found is None:
             if len(self._keys_cache) >= _MAX_CACHED_KEY_LISTS:
                 self._keys_cache.clear()
-            block = b"".join(_bulk(k.encode()) for k in keys)
-            self._keys_cache[cache_key] = block
-        return block
+            found = self._keys_cache[cache_key] = encode_keys(keys)
+        return found
 
-    def _command(self, sha: str, keys: Sequence[str], args: Sequence[Any]) -> bytes:
-        head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%b\r\n" % (3 + len(keys) + len(args), sha.encode())
-        tail = b"".join(_bulk(a if isinstance(a, bytes) else str(a).encode()) for a in args)
-        return b"".join((head, _bulk(str(len(keys)).encode()), self._encoded_keys(keys), tail))
+    def command(self, sha: str, keys: Sequence[str] | EncodedKeys, args: Sequence[Any]) -> bytes:
+        """The RESP bytes of ``EVALSHA sha len(keys) *keys *args``."""
+        encoded = self._encoded_keys(keys)
+        head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%b\r\n" % (3 + encoded.numkeys + len(args), sha.encode())
+        tail = b"".join([_bulk(a if isinstance(a, bytes) else str(a).encode()) for a in args])
+        return b"".join((head, encoded.block, tail))
 
-    async def evalsha(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """Run a redis-py ``Script`` (its ``sha`` and ``script``) with ``keys`` and ``args``."""
+    # -- calls ---------------------------------------------------------------------
+
+    async def evalsha(
+        self,
+        script: Any,
+        keys: Sequence[str] | EncodedKeys,
+        args: Sequence[Any],
+        timeout_s: float,
+        *,
+        defer: bool = False,
+    ) -> Any:
+        """Run a redis-py ``Script`` (its ``sha`` and ``script``) with ``keys`` and ``args``;
+        its reply (bytes, int, list ...). ``defer``: the command may wait up to ``defer_s``
+        to share a write with the next command. Raises as the module docstring says."""
         if not script.sha:
             script.sha = await self._client.script_load(script.script)
+        deadline = time.monotonic() + timeout_s
         try:
-            return await self._call(self._command(script.sha, keys, args))
-        except NoScriptError:
+            return await self._call(self.command(script.sha, keys, args), timeout_s, defer)
+        except ResponseError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        async with asyncio.timeout(max(0.001, deadline - time.monotonic())):
             script.sha = await self._client.script_load(script.script)
-            return await self._call(self._command(script.sha, keys, args))
+        return await self._call(self.command(script.sha, keys, args), max(0.001, deadline - time.monotonic()), False)
 
-    async def _call(self, command: bytes) -> Any:
-        """Queue ``command``; calls made in the same loop iteration share one write (pipelining)."""
+    def _call(self, command: bytes, timeout_s: float, defer: bool) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._queue.append((command, future))
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._flush)
-        return await future
+        timer = loop.call_later(timeout_s, _expire, future)
+        future.add_done_callback(lambda _: timer.cancel())
+        if self._closed:
+            future.set_exception(ConnectionError("the script lane is closed"))
+            return future
+        entry = (command, _resolve(future))
+        if defer:
+            self._deferred.append(entry)
+            if self._timer is None and not self._scheduled:
+                self._timer = loop.call_later(self._defer_s, self._flush)
+        else:
+            self._now.append(entry)
+            if not self._scheduled:
+                self._scheduled = True
+                loop.call_soon(self._flush)
+        return future
 
     def _flush(self) -> None:
+        """Write everything queued (deferred commands first, so they keep their order)."""
         self._scheduled = False
-        batch, self._queue = self._queue, []
-        task = asyncio.get_running_loop().create_task(self._send(batch))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _send(self, batch: list[tuple[bytes, asyncio.Future[Any]]]) -> None:
-        """One write, then the replies in order; every future gets its reply or the failure."""
-        if self._idle:
-            conn = self._idle.pop()
-        elif self._open >= _MAX_OPEN:  # Redis is stalling: fail fast instead of piling up sockets
-            busy = ConnectionError(f"{_MAX_OPEN} script-lane connections are all busy")
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(busy)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        conn = self._conn
+        if conn is None or conn.closed:
+            if self._connecting is None and (self._now or self._deferred):
+                self._connecting = asyncio.get_running_loop().create_task(self._connect())
             return
-        else:
-            conn = self._connection_class(**self._connection_kwargs)
-            self._open += 1
-        done = 0
-        clean = False
+        batch = self._deferred + self._now if self._deferred else self._now
+        self._deferred, self._now = [], []
+        if not batch:
+            return
+        waiters = conn.waiters
+        now = time.monotonic()
+        if waiters and now - waiters[0][1] > self._stall_s:
+            conn.fail(ConnectionError(f"Redis did not answer for {self._stall_s:.0f} s; connection dropped"))
+            for _, waiter in batch:
+                waiter(ConnectionError("Redis is not answering"))
+            return
+        waiters.extend((waiter, now) for _, waiter in batch)
+        assert conn.transport is not None
+        conn.transport.write(b"".join(command for command, _ in batch))
+
+    async def _connect(self) -> None:
+        """Open the connection (redis-py does the handshake), take its transport, then flush."""
         try:
-            async with asyncio.timeout(_BATCH_TIMEOUT_S):
-                await conn.send_packed_command(b"".join(c for c, _ in batch), check_health=False)
-                for _, future in batch:
-                    try:
-                        reply: Any = await conn.read_response()
-                    except ResponseError as exc:  # an error reply: the connection stays in step
-                        reply = exc
-                    done += 1
-                    if not future.done():
-                        if isinstance(reply, ResponseError):
-                            future.set_exception(reply)
-                        else:
-                            future.set_result(reply)
-            clean = True
+            conn = self._connection_class(**self._connection_kwargs)
+            await conn.connect()  # type: ignore[no-untyped-call]
+            writer = conn._writer  # the transport redis-py opened and authenticated
+            if writer is None:
+                raise ConnectionError("redis-py returned an unconnected connection")
+            conn._writer = conn._reader = None  # detached: redis-py must not close it when collected
+            replies = _Replies(self._lost)
+            transport: Any = writer.transport
+            transport.set_protocol(replies)
+            replies.transport, replies.owner = transport, writer
+            self._conn = replies
         except (Exception, asyncio.CancelledError) as exc:
             failure = exc if isinstance(exc, Exception) else ConnectionError("script lane closed")
-            for _, future in batch[done:]:
-                if not future.done():
-                    future.set_exception(failure)
+            queued = self._deferred + self._now
+            self._deferred, self._now = [], []
+            for _, waiter in queued:
+                waiter(failure)
             if isinstance(exc, asyncio.CancelledError):
                 raise
         finally:
-            if clean and len(self._idle) < _MAX_IDLE:
-                self._idle.append(conn)
-            else:
-                self._open -= 1
-                await conn.disconnect(nowait=True)
+            self._connecting = None
+        self._flush()
+
+    def _lost(self, conn: _Replies) -> None:
+        if self._conn is conn:
+            self._conn = None
 
     async def aclose(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        idle, self._idle = self._idle, []
-        self._open -= len(idle)
-        for conn in idle:
-            await conn.disconnect(nowait=True)
+        """Write what is queued, wait briefly for the replies, close the connection."""
+        if self._now or self._deferred:
+            self._flush()
+        if self._connecting is not None:
+            await asyncio.gather(self._connecting, return_exceptions=True)
+        conn = self._conn
+        if conn is not None and conn.waiters and not conn.closed:
+            last: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            conn.waiters.append((_resolve(last), time.monotonic()))
+            assert conn.transport is not None
+            conn.transport.write(b"*1\r\n$4\r\nPING\r\n")  # answered after everything before it
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(last, 1.0)
+        self._closed = True
+        if conn is not None:
+            conn.fail(ConnectionError("script lane closed"))
+        self._conn = None

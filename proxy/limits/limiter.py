@@ -28,17 +28,16 @@ import itertools
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from proxy.config import LimitsSettings
 from proxy.errors import LimitsUnavailable
 from proxy.limits.alerts import BudgetAlerts
 from proxy.limits.backend import Backend, Check, CheckState, Decision, Release
 from proxy.limits.failover import Failover
-from proxy.limits.headers import binding_check, limit_error, ratelimit_headers
+from proxy.limits.headers import binding_check, header_plan, limit_error, ratelimit_headers
 from proxy.limits.policy import Bound, KeyBudgets, LimitsPolicy, Period, Rule
 from proxy.limits.pricing import Pricer, actual_cost_nusd, max_output_tokens
 from proxy.pricing import Price
@@ -81,17 +80,86 @@ def _safe(part: str) -> str:
     return part.replace("{", "%7B").replace("}", "%7D")
 
 
-@dataclass(frozen=True, slots=True)
-class _Reserved:
+_REQUESTS, _TOKENS, _CONCURRENT, _BUDGET = 0, 1, 2, 3
+_FIXED_COST = (_REQUESTS, _CONCURRENT)
+_KIND = {"requests": _REQUESTS, "tokens": _TOKENS, "concurrent": _CONCURRENT, "budget": _BUDGET}
+
+
+class _Binding:
+    """``bounds`` compiled for one UTC minute: the checks with their costs left to fill in,
+    the budget periods of that minute, and what settlement releases. Hashable by identity:
+    it is the backends' ``shape`` of the checks it makes."""
+
+    __slots__ = (
+        "bounds",
+        "budget_releases",
+        "concurrent",
+        "ends",
+        "kinds",
+        "minute",
+        "needs_prompt",
+        "template",
+        "ttls",
+        "windows",
+    )
+
+    def __init__(self, bounds: tuple[Bound, ...], minute: int, lease_ms: int) -> None:
+        self.bounds = bounds
+        self.minute = minute
+        self.kinds = tuple(_KIND[b.rule.metric] for b in bounds)
+        self.needs_prompt = any(k in (_TOKENS, _BUDGET) for k in self.kinds)
+        start_ms = minute * 60_000
+        template, ends, ttls = [], [], []
+        for bound, kind in zip(bounds, self.kinds, strict=True):
+            rule, end, ttl = bound.rule, 0, 0
+            if kind == _REQUESTS:
+                check = Check(bound.key, rule.limit, 1, rule.window)
+            elif kind == _TOKENS:
+                check = Check(bound.key, rule.limit, 0, rule.window)
+            elif kind == _CONCURRENT:
+                check = Check(bound.key, rule.limit, 1, ttl_ms=lease_ms + _LEASE_GRACE_MS)
+            else:  # the period's key and a TTL that outlives the period by a day
+                period, end = period_of(rule.period, minute * 60.0)
+                ttl = end - start_ms + _DAY_MS if end else 0
+                check = Check(f"{bound.key}:{period}", rule.limit, 0, ttl_ms=ttl)
+            template.append(check)
+            ends.append(end)
+            ttls.append(ttl)
+        self.template = tuple(template)
+        self.ends = tuple(ends)
+        self.ttls = tuple(ttls)
+        self.windows = header_plan(bounds)
+        budget_releases, at = [], 0  # (index in settle()'s releases, bound, period id) of each budget
+        for bound, check, kind in zip(bounds, template, self.kinds, strict=True):
+            if kind == _BUDGET:
+                budget_releases.append((at, bound, check.key.rsplit(":", 1)[1]))
+            at += kind != _REQUESTS
+        self.budget_releases = tuple(budget_releases)
+        self.concurrent = tuple(
+            Release(c.key, False) for c, k in zip(template, self.kinds, strict=True) if k == _CONCURRENT
+        )
+
+    def checks(self, tokens: int, budget: int) -> tuple[Check, ...]:
+        """The checks of one request costing ``tokens`` tokens and ``budget`` nano-USD."""
+        if not self.needs_prompt:
+            return self.template
+        return tuple(
+            [
+                c if k in _FIXED_COST else Check(c.key, c.limit, tokens if k == _TOKENS else budget, c.window, c.ttl_ms)
+                for c, k in zip(self.template, self.kinds, strict=True)
+            ]
+        )
+
+
+class _Reserved(NamedTuple):
     """``Ticket.state``: everything ``settle`` needs."""
 
     rid: str
     backend: Backend
     degraded: bool
-    bounds: tuple[Bound, ...]
+    binding: _Binding
     checks: tuple[Check, ...]
     states: tuple[CheckState, ...]
-    period_ends: tuple[int, ...]
     budget_nusd: int
     price: Price | None
 
@@ -122,6 +190,7 @@ class Limiter:
         self._rid_prefix = secrets.token_hex(6)
         self._rid_seq = itertools.count()
         self._bound_cache: dict[tuple[Principal, str | None, KeyBudgets | None], tuple[Bound, ...]] = {}
+        self._bindings: dict[tuple[Principal, str | None, KeyBudgets | None], _Binding | None] = {}
         self.rejected_total: Counter[str] = Counter()
 
     async def start(self) -> None:
@@ -137,37 +206,55 @@ class Limiter:
     async def admit(self, principal: Principal, call: ChatCall, plan: RoutePlan) -> Ticket:
         """Reserve every applicable limit and budget; raise ``RateLimited``/``QuotaExceeded``
         (429) or ``LimitsUnavailable`` (503, ``fail_closed``). Nothing stays reserved on raise."""
-        bounds = self.bounds(principal, plan.model)
-        if not bounds:
-            return _EMPTY
         now = self._clock()
-        metrics = {b.rule.metric for b in bounds}
-        prompt = estimate_prompt_tokens(call.body) if metrics & {"tokens", "budget"} else 0
-        tokens = prompt + (max_output_tokens(call.body) or 0)
-        budget, price = 0, None
-        if "budget" in metrics:
-            budget, price = await self.pricer.worst_case((plan.model, *plan.fallbacks), prompt, call.body)
-        checks, ends = self._checks(bounds, now, tokens, budget)
+        binding = self._binding(principal, plan.model, int(now // 60))
+        if binding is None:
+            return _EMPTY
+        tokens = budget = 0
+        price = None
+        if binding.needs_prompt:
+            prompt = estimate_prompt_tokens(call.body)
+            tokens = prompt + (max_output_tokens(call.body) or 0)
+            if _BUDGET in binding.kinds:
+                budget, price = await self.pricer.worst_case((plan.model, *plan.fallbacks), prompt, call.body)
+        checks = binding.checks(tokens, budget)
         rid = f"{self._rid_prefix}{next(self._rid_seq):x}"
+        now_ms = int(now * 1000)
         try:
-            decision, backend, bounds = await self.failover.reserve(bounds, checks, rid, int(now * 1000))
+            decision, backend, bounds = await self.failover.reserve(binding.bounds, checks, rid, now_ms, shape=binding)
         except LimitsUnavailable:
             self.rejected_total["store"] += 1
             raise
         degraded = backend is self.failover.local
         if not decision.admitted:
             i = binding_check(decision.states)
-            waits = [max(0, end - int(now * 1000)) for end in ends]
+            waits = [max(0, end - now_ms) for end in binding.ends]
             error = limit_error(i, bounds, decision.states, [c.cost for c in checks], waits)
             self.rejected_total[bounds[i].rule.metric] += 1
             if degraded:
                 error.headers.append(DEGRADED_HEADER)
             raise error
-        headers = ratelimit_headers(bounds, decision.states)
         if degraded:
+            headers = ratelimit_headers(bounds, decision.states)
             headers.append(DEGRADED_HEADER)
-        state = _Reserved(rid, backend, degraded, bounds, tuple(checks), decision.states, tuple(ends), budget, price)
+        else:
+            headers = ratelimit_headers(bounds, decision.states, binding.windows)
+        state = _Reserved(rid, backend, degraded, binding, checks, decision.states, budget, price)
         return Ticket(tuple(headers), state)
+
+    def _binding(self, principal: Principal, model: str | None, minute: int) -> _Binding | None:
+        budgets = self._budgets_of(principal.key_id)
+        cache_key = (principal, model, budgets)
+        if cache_key in self._bindings:
+            found = self._bindings[cache_key]
+            if found is None or found.minute == minute:
+                return found
+        bounds = self.bounds(principal, model)
+        binding = _Binding(bounds, minute, self._lease_ms) if bounds else None
+        if len(self._bindings) > 10_000:
+            self._bindings.clear()
+        self._bindings[cache_key] = binding
+        return binding
 
     def bounds(self, principal: Principal, model: str | None) -> tuple[Bound, ...]:
         """The rules for ``principal`` calling ``model`` (``None``: all models), with keys."""
@@ -189,25 +276,6 @@ class Limiter:
         self._bound_cache[cache_key] = found
         return found
 
-    def _checks(self, bounds: Sequence[Bound], now: float, tokens: int, budget: int) -> tuple[list[Check], list[int]]:
-        checks, ends = [], []
-        for bound in bounds:
-            rule = bound.rule
-            end = 0
-            if rule.metric == "requests":
-                check = Check(bound.key, rule.limit, 1, rule.window)
-            elif rule.metric == "tokens":
-                check = Check(bound.key, rule.limit, tokens, rule.window)
-            elif rule.metric == "concurrent":
-                check = Check(bound.key, rule.limit, 1, ttl_ms=self._lease_ms + _LEASE_GRACE_MS)
-            else:
-                period, end = period_of(rule.period, now)
-                ttl = end - int(now * 1000) + _DAY_MS if end else 0
-                check = Check(f"{bound.key}:{period}", rule.limit, budget, ttl_ms=ttl)
-            checks.append(check)
-            ends.append(end)
-        return checks, ends
-
     # -- settlement -----------------------------------------------------------------
 
     async def settle(self, ticket: Ticket, record: UsageRecord) -> None:
@@ -215,32 +283,36 @@ class Limiter:
         state = ticket.state
         if not isinstance(state, _Reserved):
             return
-        usage = record.usage
-        tokens = (usage.total_tokens or usage.prompt_tokens + usage.completion_tokens) if usage else 0
-        cost = actual_cost_nusd(usage, state.price, state.budget_nusd)
-        now_ms = int(self._clock() * 1000)
-        releases: list[Release] = []
-        for bound, check, st, end in zip(state.bounds, state.checks, state.states, state.period_ends, strict=True):
-            metric = bound.rule.metric
-            if metric == "tokens":
-                releases.append(Release(check.key, True, bucket=st.bucket, delta=tokens - check.cost))
-            elif metric == "concurrent":
-                releases.append(Release(check.key, False))
-            elif metric == "budget":
-                releases.append(Release(check.key, False, spend=cost, ttl_ms=end - now_ms + _DAY_MS if end else 0))
+        binding = state.binding
+        kinds = binding.kinds
+        if _TOKENS not in kinds and _BUDGET not in kinds:
+            releases: list[Release] = list(binding.concurrent)
+            cost = 0
+        else:
+            usage = record.usage
+            tokens = (usage.total_tokens or usage.prompt_tokens + usage.completion_tokens) if usage else 0
+            cost = actual_cost_nusd(usage, state.price, state.budget_nusd)
+            releases = []
+            for kind, check, st, ttl in zip(kinds, state.checks, state.states, binding.ttls, strict=True):
+                if kind == _TOKENS:
+                    releases.append(Release(check.key, True, st.bucket, tokens - check.cost))
+                elif kind == _CONCURRENT:
+                    releases.append(Release(check.key, False))
+                elif kind == _BUDGET:
+                    releases.append(Release(check.key, False, 0, 0, cost, ttl))
         if not releases:
             return
-        spent = await self.failover.settle(state.backend, releases, state.rid, now_ms)
-        if spent is None or state.degraded or not cost:
+        now_ms = int(self._clock() * 1000)
+        spent = await self.failover.settle(state.backend, releases, state.rid, now_ms, shape=binding)
+        if spent is None or state.degraded or not cost or not self.alerts.thresholds:
             return
-        budgets = [(b, c) for b, c in zip(state.bounds, state.checks, strict=True) if b.rule.metric == "budget"]
-        spent_of = [s for rel, s in zip(releases, spent, strict=True) if rel.spend]
-        for (bound, check), after in zip(budgets, spent_of, strict=True):
+        for at, bound, period in binding.budget_releases:
+            after = spent[at]
             self.alerts.crossed(
                 scope=bound.scope,
                 subject=bound.subject,
                 budget=bound.rule.name,
-                period=check.key.rsplit(":", 1)[1],
+                period=period,
                 limit=bound.rule.limit,
                 before=after - cost,
                 after=after,
@@ -252,8 +324,7 @@ class Limiter:
         """Every counter of ``principal`` (all models) as it stands, without reserving."""
         bounds = self.bounds(principal, None)
         now = self._clock()
-        checks, _ = self._checks(bounds, now, 0, 0)
-        checks = [replace(c, cost=0) for c in checks]
+        checks = [c._replace(cost=0) for c in _Binding(bounds, int(now // 60), self._lease_ms).template]
         decision, backend, bounds = await self.failover.reserve(bounds, checks, "-", int(now * 1000), dry=True)
         return bounds, checks, decision, backend is self.failover.local
 

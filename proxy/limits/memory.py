@@ -9,7 +9,7 @@ ones are swept every few thousand calls.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 from proxy.limits.backend import Check, CheckState, Decision, Release
@@ -81,7 +81,14 @@ class MemoryBackend:
         return hold
 
     async def reserve(
-        self, checks: Sequence[Check], rid: str, now_ms: int, lease_ms: int, *, dry: bool = False
+        self,
+        checks: Sequence[Check],
+        rid: str,
+        now_ms: int,
+        lease_ms: int,
+        *,
+        dry: bool = False,
+        shape: Hashable | None = None,
     ) -> Decision:
         self._calls += 1
         if self._calls % _SWEEP_EVERY == 0:
@@ -148,7 +155,9 @@ class MemoryBackend:
             hold.expires = now + max(check.ttl_ms, lease_ms + _LEASE_GRACE_MS)
         return CheckState(used=state.used + check.cost, spent=state.spent)
 
-    async def settle(self, releases: Sequence[Release], rid: str, now_ms: int) -> list[int]:
+    async def settle(
+        self, releases: Sequence[Release], rid: str, now_ms: int, *, shape: Hashable | None = None
+    ) -> list[int]:
         out = []
         for rel in releases:
             if rel.window:

@@ -1,28 +1,31 @@
 """Counters in Redis: one ``EVALSHA`` reserves a request's checks, one settles them.
 
-Built on the store's shared client (``RedisStore.client``, one pool per worker). Every call
-is bounded by ``timeout_s`` (tens of milliseconds), and every redis-py error or timeout is
-translated to ``StoreUnavailable`` here. A call cut short by the timeout may still have run
-on the server: its window counts age out with the window and its holds with their lease.
-After a Redis restart the scripts are loaded again on first use (redis-py's ``Script``
-retries ``NOSCRIPT`` with ``SCRIPT LOAD``).
+Both go through ``proxy.limits.lane.ScriptLane`` (one pipelined connection per worker, set
+up from the store client's settings); a settlement may wait up to 5 ms to share the next
+admission's write. Every call is bounded by ``timeout_s`` (tens of milliseconds), and every
+redis-py error or timeout is translated to ``StoreUnavailable`` here. A call cut short by
+the timeout may still have run on the server: its window counts age out with the window and
+its holds with their lease. After a Redis restart the lane loads the scripts again
+(``NOSCRIPT``). Encodings are cached per ``shape`` (see ``Backend.reserve``).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from proxy.limits.backend import Check, CheckState, Decision, Release
-from proxy.limits.lane import ScriptLane
+from proxy.limits.lane import EncodedKeys, ScriptLane, encode_keys
 from proxy.limits.lua import RESERVE, SETTLE
 from proxy.store import StoreUnavailable
 
 __all__ = ["RedisBackend"]
+
+_MAX_SHAPES = 4096
 
 
 class RedisBackend:
@@ -36,46 +39,69 @@ class RedisBackend:
         self._reserve = client.register_script(RESERVE)
         self._settle = client.register_script(SETTLE)
         self._lane = ScriptLane(client)
+        self._reserve_shapes: dict[Hashable, tuple[EncodedKeys, str]] = {}
+        self._settle_shapes: dict[Hashable, EncodedKeys] = {}
 
-    async def _run(self, script: Any, keys: list[str], args: list[Any]) -> list[int]:
+    async def _run(
+        self, script: Any, keys: list[str] | EncodedKeys, args: list[Any], *, defer: bool = False
+    ) -> list[int]:
         try:
-            async with asyncio.timeout(self._timeout_s):
-                result = await self._lane.evalsha(script, keys, args)
+            result = await self._lane.evalsha(script, keys, args, self._timeout_s, defer=defer)
         except TimeoutError:
             raise StoreUnavailable(f"Redis did not answer within {self._timeout_s * 1000:.0f} ms") from None
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        if isinstance(result, bytes):
-            result = result.decode()
-        if not isinstance(result, str):
+        if not isinstance(result, bytes):
             raise StoreUnavailable(f"unexpected script result {result!r}")
-        return [int(v) for v in result.split(",")] if result else []
+        return [int(v) for v in result.split(b",")] if result else []
+
+    def _reserve_encoding(self, checks: Sequence[Check], shape: Hashable | None) -> tuple[EncodedKeys, str]:
+        """The keys and the argument template (``%d`` for each cost) of ``checks``."""
+        found = self._reserve_shapes.get(shape) if shape is not None else None
+        if found is None:
+            keys: list[str] = []
+            params: list[str] = []
+            for check in checks:
+                keys += (check.key, check.key + ":x")
+                window = check.window
+                bucket_ms, buckets = (window.bucket_ms, window.buckets) if window else (0, 0)
+                params.append(f"{check.limit},%d,{bucket_ms},{buckets},{check.ttl_ms}")
+            found = (encode_keys(keys), ",".join(params))
+            if shape is not None:
+                if len(self._reserve_shapes) >= _MAX_SHAPES:
+                    self._reserve_shapes.clear()
+                self._reserve_shapes[shape] = found
+        return found
 
     async def reserve(
-        self, checks: Sequence[Check], rid: str, now_ms: int, lease_ms: int, *, dry: bool = False
+        self,
+        checks: Sequence[Check],
+        rid: str,
+        now_ms: int,
+        lease_ms: int,
+        *,
+        dry: bool = False,
+        shape: Hashable | None = None,
     ) -> Decision:
-        keys: list[str] = []
-        params: list[int] = []
-        for check in checks:
-            keys += (check.key, check.key + ":x")
-            window = check.window
-            bucket_ms, buckets = (window.bucket_ms, window.buckets) if window else (0, 0)
-            params += (check.limit, check.cost, bucket_ms, buckets, check.ttl_ms)
-        args = [now_ms, rid, lease_ms, 1 if dry else 0, ",".join(map(str, params))]
-        raw = await self._run(self._reserve, keys, args)
-        states = tuple(
-            CheckState(used=u, spent=s, reset_ms=r, retry_ms=t, bucket=b)
-            for u, s, r, t, b in zip(*[iter(raw[1:])] * 5, strict=True)
-        )
-        return Decision(bool(raw[0]), states)
+        keys, template = self._reserve_encoding(checks, shape)
+        params = template % tuple([check.cost for check in checks])
+        raw = await self._run(self._reserve, keys, [now_ms, rid, lease_ms, 1 if dry else 0, params])
+        make = CheckState._make
+        return Decision(raw[0] == 1, tuple([make(raw[i : i + 5]) for i in range(1, len(raw), 5)]))
 
-    async def settle(self, releases: Sequence[Release], rid: str, now_ms: int) -> list[int]:
-        keys: list[str] = []
-        params: list[int] = []
-        for rel in releases:
-            keys += (rel.key, rel.key + ":x")
-            params += (1 if rel.window else 2, rel.bucket, rel.delta, rel.spend, rel.ttl_ms)
-        return await self._run(self._settle, keys, [rid, ",".join(map(str, params))])
+    async def settle(
+        self, releases: Sequence[Release], rid: str, now_ms: int, *, shape: Hashable | None = None
+    ) -> list[int]:
+        keys = self._settle_shapes.get(shape) if shape is not None else None
+        if keys is None:
+            keys = encode_keys([k for rel in releases for k in (rel.key, rel.key + ":x")])
+            if shape is not None:
+                if len(self._settle_shapes) >= _MAX_SHAPES:
+                    self._settle_shapes.clear()
+                self._settle_shapes[shape] = keys
+        params = ",".join([f"{1 if r.window else 2},{r.bucket},{r.delta},{r.spend},{r.ttl_ms}" for r in releases])
+        # deferred: a settlement may wait a few ms to share the next admission's round trip
+        return await self._run(self._settle, keys, [rid, params], defer=True)
 
     async def warm(self) -> None:
         """Load both scripts and open a connection now, not on the first requests (never raises)."""
