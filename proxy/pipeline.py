@@ -29,6 +29,7 @@ from proxy.auth import Keyring
 from proxy.breaker import Breakers
 from proxy.cache import BodyRecorder, ResponseCache
 from proxy.config import RetrySettings, ServerSettings, UpstreamSettings
+from proxy.deadline import Deadline
 from proxy.errors import (
     CircuitOpen,
     InternalError,
@@ -114,11 +115,15 @@ class ChatCompletions:
             if scope["method"] != "POST":
                 raise MethodNotAllowed("Use POST for /v1/chat/completions.")
             ex.principal = self.keyring.authenticate(authorization)
+            deadline = Deadline(asyncio.get_running_loop().time() + self.server.body_timeout_s)
             try:
-                async with asyncio.timeout(self.server.body_timeout_s):
-                    raw = await read_body(receive, self.server.max_body_bytes, content_length)
-            except TimeoutError:
-                raise RequestTimeout("The request body did not arrive in time.") from None
+                raw = await read_body(receive, self.server.max_body_bytes, content_length)
+            except asyncio.CancelledError:
+                if deadline.expired_here():
+                    raise RequestTimeout("The request body did not arrive in time.") from None
+                raise
+            finally:
+                deadline.stop()
             call = parse_chat_request(raw)
             check_caps(call, self.server.max_n, self.server.max_output_tokens)
             ex.requested_model, ex.stream = call.model, call.stream
@@ -206,15 +211,16 @@ class ChatCompletions:
         watch = DisconnectWatch(receive, task)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeouts.total_timeout_s
+        total = Deadline(deadline)
         try:
-            async with asyncio.timeout_at(deadline):
-                await self._attempts(call, plan, forwarded, ex, send, deadline)
-        except TimeoutError:
-            ex.error_code = "upstream_timeout"
-            if not ex.started:
-                raise UpstreamTimeout("The request did not complete in time.", phase="total") from None
-            await end_with_error(send, ex, 504, "The request did not complete in time.")
+            await self._attempts(call, plan, forwarded, ex, send, deadline)
         except asyncio.CancelledError:
+            if total.expired_here():
+                ex.error_code = "upstream_timeout"
+                if not ex.started:
+                    raise UpstreamTimeout("The request did not complete in time.", phase="total") from None
+                await end_with_error(send, ex, 504, "The request did not complete in time.")
+                return
             if not watch.disconnected:
                 ex.error_code = "shutdown"
                 raise
@@ -226,6 +232,7 @@ class ChatCompletions:
             if ex.committed and ex.usage is None:
                 self._estimate_usage(call, ex)
         finally:
+            total.stop()
             watch.stop()
 
     async def _attempts(
@@ -304,11 +311,15 @@ class ChatCompletions:
         """One upstream attempt; returns once the response was relayed, raises before commit."""
         timeouts = self.timeouts
         ex.attempt_model = model
+        first_byte = Deadline(asyncio.get_running_loop().time() + timeouts.first_byte_timeout_s)
         try:
-            async with asyncio.timeout(timeouts.first_byte_timeout_s):
-                response = await self.client.chat(body, forwarded)
-        except TimeoutError:
-            raise UpstreamTimeout(f"{model} sent no response in time.", phase="first_byte") from None
+            response = await self.client.chat(body, forwarded)
+        except asyncio.CancelledError:
+            if first_byte.expired_here():
+                raise UpstreamTimeout(f"{model} sent no response in time.", phase="first_byte") from None
+            raise
+        finally:
+            first_byte.stop()
         try:
             ex.ttfb_s = time.perf_counter() - ex.t0
             ex.generation_id = response.generation_id

@@ -26,6 +26,7 @@ import orjson
 
 from proxy.asgi import Send
 from proxy.cache import CachedResponse
+from proxy.deadline import Deadline
 from proxy.errors import UpstreamCut, UpstreamStatusError, UpstreamTimeout
 from proxy.metering import usage_from
 from proxy.sinks import Activity
@@ -114,24 +115,28 @@ async def relay_stream(
     chunks = response.chunks().__aiter__()
     activity.stream_open()
     try:
+        first_token = Deadline(first_token_deadline)
         try:
-            async with asyncio.timeout_at(first_token_deadline):
-                while not ex.committed:
-                    try:
-                        chunk = await chunks.__anext__()
-                    except StopAsyncIteration:
-                        raise UpstreamCut("The upstream stream ended before its first event.") from None
-                    tap.feed(chunk)
-                    if tap.data_events == 1 and tap.error is not None:
-                        # the provider failed before its first token: nothing is committed yet
-                        raise _error_status(tap.error)
-                    if tap.data_events:
-                        ex.committed = True
-                        ex.ttft_s = time.perf_counter() - ex.t0
-                    if await _forward(send, ex, tap, chunk):
-                        return
-        except TimeoutError:
-            raise UpstreamTimeout("No first token in time.", phase="first_token") from None
+            while not ex.committed:
+                try:
+                    chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    raise UpstreamCut("The upstream stream ended before its first event.") from None
+                tap.feed(chunk)
+                if tap.data_events == 1 and tap.error is not None:
+                    # the provider failed before its first token: nothing is committed yet
+                    raise _error_status(tap.error)
+                if tap.data_events:
+                    ex.committed = True
+                    ex.ttft_s = time.perf_counter() - ex.t0
+                if await _forward(send, ex, tap, chunk):
+                    return
+        except asyncio.CancelledError:
+            if first_token.expired_here():
+                raise UpstreamTimeout("No first token in time.", phase="first_token") from None
+            raise
+        finally:
+            first_token.stop()
         try:
             async for chunk in chunks:
                 tap.feed(chunk)

@@ -20,7 +20,8 @@ so this lane:
   reply that comes later is read and dropped, so replies never get out of step. When the
   oldest unanswered command is older than ``stall_s`` the connection is dropped, every
   waiting call fails, and the next call opens a new connection;
-* answers ``NOSCRIPT`` (Redis restarted or flushed) by loading the script and retrying once.
+* answers ``NOSCRIPT`` (Redis restarted or flushed) by sending the script itself once (``EVAL``,
+  which also caches it again), on the same connection.
 
 Errors: ``TimeoutError`` (no reply in time), ``ConnectionError``/``OSError`` (connection
 lost or refused), ``redis.exceptions.ResponseError`` (an error reply, e.g. a script error).
@@ -121,7 +122,6 @@ class ScriptLane:
 
     def __init__(self, client: aioredis.Redis, *, defer_s: float = _DEFER_S, stall_s: float = _STALL_S) -> None:
         pool = client.connection_pool
-        self._client = client
         self._connection_class = pool.connection_class
         self._connection_kwargs = {**pool.connection_kwargs, "socket_timeout": None}
         self._defer_s = defer_s
@@ -148,10 +148,17 @@ class ScriptLane:
             found = self._keys_cache[cache_key] = encode_keys(keys)
         return found
 
-    def command(self, sha: str, keys: Sequence[str] | EncodedKeys, args: Sequence[Any]) -> bytes:
-        """The RESP bytes of ``EVALSHA sha len(keys) *keys *args``."""
+    def command(
+        self,
+        sha: str,
+        keys: Sequence[str] | EncodedKeys,
+        args: Sequence[Any],
+        *,
+        verb: bytes = b"EVALSHA",
+    ) -> bytes:
+        """The RESP bytes of ``EVALSHA sha len(keys) *keys *args`` (``verb=b"EVAL"``: ``sha`` is the script)."""
         encoded = self._encoded_keys(keys)
-        head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%b\r\n" % (3 + encoded.numkeys + len(args), sha.encode())
+        head = b"*%d\r\n%b%b" % (3 + encoded.numkeys + len(args), _bulk(verb), _bulk(sha.encode()))
         tail = b"".join([_bulk(a if isinstance(a, bytes) else str(a).encode()) for a in args])
         return b"".join((head, encoded.block, tail))
 
@@ -169,17 +176,16 @@ class ScriptLane:
         """Run a redis-py ``Script`` (its ``sha`` and ``script``) with ``keys`` and ``args``;
         its reply (bytes, int, list ...). ``defer``: the command may wait up to ``defer_s``
         to share a write with the next command. Raises as the module docstring says."""
-        if not script.sha:
-            script.sha = await self._client.script_load(script.script)
         deadline = time.monotonic() + timeout_s
         try:
             return await self._call(self.command(script.sha, keys, args), timeout_s, defer)
         except ResponseError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
-        async with asyncio.timeout(max(0.001, deadline - time.monotonic())):
-            script.sha = await self._client.script_load(script.script)
-        return await self._call(self.command(script.sha, keys, args), max(0.001, deadline - time.monotonic()), False)
+        # Redis restarted or flushed its scripts: EVAL sends the script itself (and caches it again)
+        text = script.script if isinstance(script.script, str) else script.script.decode()
+        remaining = max(0.001, deadline - time.monotonic())
+        return await self._call(self.command(text, keys, args, verb=b"EVAL"), remaining, False)
 
     def _call(self, command: bytes, timeout_s: float, defer: bool) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
