@@ -1,4 +1,7 @@
-"""The Redis store: many proxy replicas share one Redis (or Redis Cluster) and act as one.
+"""The Redis store: many proxy replicas share one Redis and act as one.
+
+Keys are laid out for Redis Cluster (hash tags per request and for the ledger), but the
+client talks to one endpoint and does not follow ``MOVED`` redirects.
 
 The usage ledger (``store.usage``, a Stream plus per-day rollup hashes) is
 ``proxy.store.usage_redis``; it shares this store's client. Every redis-py error is
