@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import redis.asyncio as aioredis
+import stack
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -48,8 +45,8 @@ async def timed(name: str, call: Callable[[], Awaitable[object]], calls: int, co
     print(f"{name:24s} c={concurrency:<3d} {cpu / calls * 1e6:8.1f} µs CPU/call {wall / calls * 1e6:8.1f} µs wall/call")
 
 
-async def run(port: int, calls: int) -> None:
-    client = aioredis.Redis(host="127.0.0.1", port=port)
+async def run(url: str, calls: int) -> None:
+    client = aioredis.Redis.from_url(url)
     script = client.register_script(SCRIPT)
     lane = ScriptLane(client)
 
@@ -78,28 +75,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=20_000)
     args = parser.parse_args()
-    server = shutil.which("redis-server")
-    if server is None:
-        sys.exit("redis-server is not installed")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as folder:
-        proc = subprocess.Popen(
-            [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", folder],
-            stdout=subprocess.DEVNULL,
-        )
-        try:
-            for _ in range(100):
-                try:
-                    socket.create_connection(("127.0.0.1", port), 0.1).close()
-                    break
-                except OSError:
-                    time.sleep(0.05)
-            uvloop.run(run(port, args.calls))
-        finally:
-            proc.terminate()
-            proc.wait()
+    with stack.redis(None) as server:
+        uvloop.run(run(server.url, args.calls))
 
 
 if __name__ == "__main__":

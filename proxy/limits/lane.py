@@ -101,8 +101,10 @@ class _Replies(asyncio.Protocol):
             waiter(exc)
 
 
-def _resolve(future: asyncio.Future[Any]) -> Waiter:
+def _resolve(future: asyncio.Future[Any], timer: asyncio.TimerHandle | None = None) -> Waiter:
     def waiter(reply: Any) -> None:
+        if timer is not None:
+            timer.cancel()
         if not future.done():
             if isinstance(reply, Exception):
                 future.set_exception(ResponseError(str(reply)) if isinstance(reply, hiredis.ReplyError) else reply)
@@ -190,12 +192,10 @@ class ScriptLane:
     def _call(self, command: bytes, timeout_s: float, defer: bool) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        timer = loop.call_later(timeout_s, _expire, future)
-        future.add_done_callback(lambda _: timer.cancel())
         if self._closed:
             future.set_exception(ConnectionError("the script lane is closed"))
             return future
-        entry = (command, _resolve(future))
+        entry = (command, _resolve(future, loop.call_later(timeout_s, _expire, future)))
         if defer:
             self._deferred.append(entry)
             if self._timer is None and not self._scheduled:
