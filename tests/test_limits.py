@@ -403,3 +403,66 @@ def test_a_settlement_spends_once_even_when_retried(store_url: str | None) -> No
                 await store.aclose()
 
     asyncio.run(main())
+
+
+def test_holds_written_without_a_lease_marker_are_still_reclaimed(redis_url: str) -> None:
+    """A hold left by an older script layout (no ``x`` field) is freed once its lease ends,
+    and the hash then carries the earliest remaining lease end."""
+    import redis.asyncio as aioredis
+
+    from proxy.limits.backend import Check
+    from proxy.limits.redis import RedisBackend
+
+    async def main() -> None:
+        client = aioredis.Redis.from_url(redis_url)
+        backend = RedisBackend(client, 5.0)
+        key = f"orp:{{legacy-{time.monotonic_ns()}}}:concurrent_requests"
+        now = 1_700_000_000_000
+        try:
+            await client.hset(key, mapping={"spent": 0, "held": 1, "r:old": 1})
+            await client.zadd(key + ":x", {"old": now - 1})
+            check = Check(key, 1, 1, ttl_ms=60_000)
+            decision = await backend.reserve([check], "new", now, 30_000)
+            assert decision.admitted, "the expired legacy hold still occupied the only slot"
+            fields = await client.hgetall(key)
+            assert b"r:old" not in fields and fields[b"held"] == b"1"
+            assert int(fields[b"x"]) == now + 30_000
+            assert not (await backend.reserve([check], "third", now + 1, 30_000)).admitted
+        finally:
+            await backend.aclose()
+            await client.delete(key, key + ":x")
+            await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_counters_keep_an_expiry_that_outlives_their_leases(redis_url: str) -> None:
+    """Window hashes expire with their newest bucket; hold hashes and lease sets stay at
+    least a lease ahead of the newest hold, however often they are written."""
+    import redis.asyncio as aioredis
+
+    from proxy.limits.backend import Check
+    from proxy.limits.policy import MINUTE
+    from proxy.limits.redis import RedisBackend
+
+    async def main() -> None:
+        client = aioredis.Redis.from_url(redis_url)
+        backend = RedisBackend(client, 5.0)
+        tag = f"orp:{{ttl-{time.monotonic_ns()}}}"
+        window, hold = f"{tag}:requests_per_minute", f"{tag}:concurrent_requests"
+        now = int(time.time() * 1000)
+        lease = 30_000
+        try:
+            checks = [Check(window, 100, 1, MINUTE), Check(hold, 100, 1, ttl_ms=1_000)]
+            for i in range(5):
+                assert (await backend.reserve(checks, f"r{i}", now + i, lease)).admitted
+            assert 0 < await client.pttl(window) <= MINUTE.ms + MINUTE.bucket_ms + 1_000
+            for name in (hold, hold + ":x"):
+                ttl = await client.pttl(name)
+                assert lease + 60_000 - 1_000 < ttl <= lease + 60_000, (name, ttl)
+        finally:
+            await backend.aclose()
+            await client.delete(window, hold, hold + ":x")
+            await client.aclose()
+
+    asyncio.run(main())

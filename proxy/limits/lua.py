@@ -2,13 +2,22 @@
 
 Each check declares two keys (a window uses the first; a hold uses a hash and its lease
 set, ``<key>:x``); every key of one request carries the same hash tag, so a script runs
-on one Redis Cluster slot. Numbers written back are formatted with ``%d`` (Lua would
-print large doubles as ``1e+15``). Layouts:
+on one Redis Cluster slot, and the keys of one request are distinct (one per rule).
+Numbers written back are formatted with ``%d`` (Lua would print large doubles as
+``1e+15``). Layouts:
 
 * window hash: ``t`` total of live buckets, ``o``/``n`` oldest/newest bucket index, and
-  one field per bucket index (bucket = ``floor(now_ms / bucket_ms)``).
-* hold hash: ``spent``, ``held`` and ``r:<rid>`` = amount held by request ``rid``; the
-  lease set scores each ``rid`` by the Unix ms its hold expires.
+  one field per bucket index (bucket = ``floor(now_ms / bucket_ms)``). Its expiry follows
+  the newest bucket, so it is set only when a new bucket opens.
+* hold hash: ``spent``, ``held``, ``r:<rid>`` = amount held by request ``rid``, ``x`` = no
+  later than the earliest lease's end (Unix ms; the lease set is only scanned once it has
+  passed) and ``e`` = when the hash expires (refreshed at most once a minute, always at
+  least a lease ahead); the lease set scores each ``rid`` by the Unix ms its hold expires.
+
+Every ``redis.call`` from Lua costs Redis a few microseconds beyond the command itself,
+so each counter is read with one ``HMGET`` and written with one ``HSET``: a window costs
+2 calls to reserve and 2 to settle, a hold 3 and 4 (the previous layout's scripts made
+about twice as many).
 
 RESERVE: ``ARGV = now_ms, rid, lease_ms, dry, "limit,cost,bucket_ms (0 = hold),buckets,
 ttl_ms,..."`` (five numbers per check, comma-separated); returns ``"admitted,used,spent,
@@ -29,6 +38,7 @@ local function numbers(csv)
   for v in string.gmatch(csv, '[^,]+') do out[#out + 1] = tonumber(v) end
   return out
 end
+local function push(t, a, b) t[#t + 1] = a; t[#t + 1] = b end
 """
 
 RESERVE = (
@@ -55,11 +65,12 @@ local function buckets_of(key)
   return idxs, counts
 end
 
+-- returns the state and what take_window needs: {count of bucket b, oldest, newest}
 local function check_window(key, limit, cost, g, nb)
   local b = math.floor(now / g)
   local cutoff = b - nb
-  local h = redis.call('HMGET', key, 't', 'o', 'n')
-  local t, o, newest = tonumber(h[1]) or 0, tonumber(h[2]), tonumber(h[3])
+  local h = redis.call('HMGET', key, 't', 'o', 'n', fmt(b))
+  local t, o, newest, cur = tonumber(h[1]) or 0, tonumber(h[2]), tonumber(h[3]), tonumber(h[4]) or 0
   if o ~= nil and o < cutoff then
     local idxs, counts = buckets_of(key)
     t, o, newest = 0, nil, nil
@@ -76,7 +87,7 @@ local function check_window(key, limit, cost, g, nb)
     if o == nil then
       redis.call('DEL', key)
     else
-      if #dead > 0 then redis.call('HDEL', key, unpack(dead)) end
+      for i = 1, #dead, 256 do redis.call('HDEL', key, unpack(dead, i, math.min(i + 255, #dead))) end
       redis.call('HSET', key, 't', fmt(t), 'o', fmt(o), 'n', fmt(newest))
     end
   end
@@ -97,41 +108,65 @@ local function check_window(key, limit, cost, g, nb)
   end
   local reset = 0
   if newest ~= nil then reset = (newest + nb + 1) * g - now end
-  return {t, 0, reset, retry, b}
+  return {t, 0, reset, retry, b}, {cur, o, newest}
 end
 
-local function take_window(key, cost, g, nb, state)
-  local b = state[5]
-  redis.call('HINCRBY', key, fmt(b), fmt(cost))
-  local t = redis.call('HINCRBY', key, 't', fmt(cost))
-  local h = redis.call('HMGET', key, 'o', 'n')
-  local o, newest = tonumber(h[1]), tonumber(h[2])
-  if o == nil or b < o then redis.call('HSET', key, 'o', fmt(b)) end
-  if newest == nil or b > newest then
+local function take_window(key, cost, g, nb, state, seen)
+  local b, o, newest = state[5], seen[2], seen[3]
+  local t = state[1] + cost
+  local f = {'t', fmt(t), fmt(b), fmt(seen[1] + cost)}
+  if o == nil or b < o then push(f, 'o', fmt(b)) end
+  local opened = newest == nil or b > newest
+  if opened then
     newest = b
-    redis.call('HSET', key, 'n', fmt(b))
+    push(f, 'n', fmt(b))
   end
+  redis.call('HSET', key, unpack(f))
   local reset = (newest + nb + 1) * g - now
-  redis.call('PEXPIRE', key, fmt(reset + 1000))
+  -- the expiry is (newest + buckets + 1) * bucket_ms + 1 s: it moves only with the newest bucket
+  if opened then redis.call('PEXPIRE', key, fmt(reset + 1000)) end
   return {t, 0, reset, 0, b}
 end
 
-local function check_hold(key, z, limit, cost)
+-- frees the holds whose lease ended; returns held and the new earliest lease end (or nil)
+local function purge(key, z, held)
   local expired = redis.call('ZRANGEBYSCORE', z, '-inf', now)
   if #expired > 0 then
     local freed = 0
-    for _, r in ipairs(expired) do
-      local amount = redis.call('HGET', key, 'r:' .. r)
-      if amount then
-        freed = freed + tonumber(amount)
-        redis.call('HDEL', key, 'r:' .. r)
+    for i = 1, #expired, 256 do
+      local fields = {}
+      for j = i, math.min(i + 255, #expired) do fields[#fields + 1] = 'r:' .. expired[j] end
+      local amounts = redis.call('HMGET', key, unpack(fields))
+      local gone = {}
+      for j, amount in ipairs(amounts) do
+        if amount then
+          freed = freed + tonumber(amount)
+          gone[#gone + 1] = fields[j]
+        end
       end
+      if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
     end
     redis.call('ZREMRANGEBYSCORE', z, '-inf', now)
-    if freed > 0 then redis.call('HINCRBY', key, 'held', fmt(-freed)) end
+    held = held - freed
   end
-  local h = redis.call('HMGET', key, 'spent', 'held')
-  local spent, held = tonumber(h[1]) or 0, tonumber(h[2]) or 0
+  local first = redis.call('ZRANGE', z, 0, 0, 'WITHSCORES')
+  local x = tonumber(first[2])
+  if x ~= nil then
+    redis.call('HSET', key, 'held', fmt(held), 'x', fmt(x))
+  else
+    redis.call('HSET', key, 'held', fmt(held))
+    redis.call('HDEL', key, 'x')
+  end
+  return held, x
+end
+
+-- returns the state and what take_hold needs: {earliest lease end, expiry}
+local function check_hold(key, z, limit, cost)
+  local h = redis.call('HMGET', key, 'spent', 'held', 'x', 'e')
+  local spent, held, x, e = tonumber(h[1]) or 0, tonumber(h[2]) or 0, tonumber(h[3]), tonumber(h[4])
+  if (x ~= nil and x <= now) or (x == nil and held ~= 0) then
+    held, x = purge(key, z, held)
+  end
   local retry = 0
   if spent + held + cost > limit then
     if cost > limit or spent + cost > limit then
@@ -142,30 +177,41 @@ local function check_hold(key, z, limit, cost)
       if first[2] then retry = math.max(1, tonumber(first[2]) - now) end
     end
   end
-  return {spent + held, spent, 0, retry, 0}
+  return {spent + held, spent, 0, retry, 0}, {x, e}
 end
 
-local function take_hold(key, z, cost, ttl, state)
-  redis.call('HSET', key, 'r:' .. rid, fmt(cost))
-  redis.call('HINCRBY', key, 'held', fmt(cost))
-  redis.call('ZADD', z, fmt(now + lease), rid)
+local function take_hold(key, z, cost, ttl, state, seen)
+  local ends = now + lease
+  local f = {'r:' .. rid, fmt(cost), 'held', fmt(state[1] - state[2] + cost)}
+  if seen[1] == nil or ends < seen[1] then push(f, 'x', fmt(ends)) end
+  local keep = 0
   if ttl > 0 then
-    local keep = fmt(math.max(ttl, lease + 60000))
-    redis.call('PEXPIRE', key, keep)
-    redis.call('PEXPIRE', z, keep)
+    keep = math.max(ttl, lease + 60000)
+    -- refreshed at most once a minute, so the hash always outlives its newest lease
+    if seen[2] == nil or seen[2] < now + keep - 60000 then
+      push(f, 'e', fmt(now + keep))
+    else
+      keep = 0
+    end
+  end
+  redis.call('HSET', key, unpack(f))
+  redis.call('ZADD', z, fmt(ends), rid)
+  if keep > 0 then
+    redis.call('PEXPIRE', key, fmt(keep))
+    redis.call('PEXPIRE', z, fmt(keep))
   end
   return {state[1] + cost, state[2], 0, 0, 0}
 end
 
-local states, fits = {}, true
+local states, seen, fits = {}, {}, true
 for i = 1, #KEYS / 2 do
   local a = (i - 1) * 5
   local limit, cost, g = p[a + 1], p[a + 2], p[a + 3]
   local key = KEYS[2 * i - 1]
   if g > 0 then
-    states[i] = check_window(key, limit, cost, g, p[a + 4])
+    states[i], seen[i] = check_window(key, limit, cost, g, p[a + 4])
   else
-    states[i] = check_hold(key, KEYS[2 * i], limit, cost)
+    states[i], seen[i] = check_hold(key, KEYS[2 * i], limit, cost)
   end
   if states[i][4] ~= 0 then fits = false end
 end
@@ -176,9 +222,9 @@ if fits and not dry then
     if cost > 0 then
       local key = KEYS[2 * i - 1]
       if g > 0 then
-        states[i] = take_window(key, cost, g, p[a + 4], states[i])
+        states[i] = take_window(key, cost, g, p[a + 4], states[i], seen[i])
       else
-        states[i] = take_hold(key, KEYS[2 * i], cost, p[a + 5], states[i])
+        states[i] = take_hold(key, KEYS[2 * i], cost, p[a + 5], states[i], seen[i])
       end
     end
   end
@@ -204,28 +250,30 @@ for i = 1, #KEYS / 2 do
     local delta = p[a + 3]
     if delta ~= 0 then
       local field = fmt(p[a + 2])
-      local count = tonumber(redis.call('HGET', key, field))
+      local h = redis.call('HMGET', key, field, 't')
+      local count = tonumber(h[1])
       if count ~= nil then
         local new = math.max(0, count + delta)
-        redis.call('HSET', key, field, fmt(new))
-        redis.call('HINCRBY', key, 't', fmt(new - count))
+        redis.call('HSET', key, field, fmt(new), 't', fmt((tonumber(h[2]) or 0) + new - count))
       end
     end
     out[i] = '0'
   else
-    local amount = redis.call('HGET', key, 'r:' .. rid)
-    if amount then
-      redis.call('HDEL', key, 'r:' .. rid)
-      redis.call('HINCRBY', key, 'held', fmt(-tonumber(amount)))
+    local member = 'r:' .. rid
+    local h = redis.call('HMGET', key, member, 'held', 'spent')
+    local amount, spent = tonumber(h[1]), tonumber(h[3]) or 0
+    if amount then  -- spend once: only while this request's hold exists
+      local f = {'held', fmt((tonumber(h[2]) or 0) - amount)}
+      local spend = p[a + 4]
+      if spend > 0 then
+        spent = spent + spend
+        push(f, 'spent', fmt(spent))
+      end
+      redis.call('HDEL', key, member)
+      redis.call('HSET', key, unpack(f))
       redis.call('ZREM', KEYS[2 * i], rid)
     end
-    local spend, ttl = p[a + 4], p[a + 5]
-    if spend > 0 and amount then  -- spend once: only while this request's hold exists
-      out[i] = fmt(redis.call('HINCRBY', key, 'spent', fmt(spend)))
-      if ttl > 0 then redis.call('PEXPIRE', key, fmt(ttl)) end
-    else
-      out[i] = fmt(tonumber(redis.call('HGET', key, 'spent')) or 0)
-    end
+    out[i] = fmt(spent)
   end
 end
 return table.concat(out, ',')
