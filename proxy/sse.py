@@ -28,6 +28,7 @@ __all__ = ["SSETap"]
 
 _MAX_PENDING = 1 << 20  # an "event" longer than 1 MiB without a separator is dropped
 _DONE = b"[DONE]"
+_CLOSE_BRACE = ord("}")
 
 
 class SSETap:
@@ -88,9 +89,20 @@ class SSETap:
             if end < 0:
                 break
             if end > pos:
-                self._event(data[pos:end])
-                if self.error is not None and self.error_end is None:
-                    self.error_end = base + end + 2 if self._exact else self._offset
+                if (  # the usual event: one `data: {...}` line after the first, naming nothing we read
+                    self.data_events
+                    and data.startswith(b"data: {", pos)
+                    and data[end - 1] == _CLOSE_BRACE
+                    and find(b"\n", pos, end) < 0
+                    and find(b'"usage"', pos, end) < 0
+                    and find(b'"error"', pos, end) < 0
+                    and find(b'"finish_reason":"', pos, end) < 0
+                ):
+                    self.data_events += 1  # what _event would do, without copying the event
+                else:
+                    self._event(data[pos:end])
+                    if self.error is not None and self.error_end is None:
+                        self.error_end = base + end + 2 if self._exact else self._offset
             pos = end + 2
         self._keep(data[pos:] if pos else data)
 

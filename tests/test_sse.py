@@ -129,6 +129,20 @@ def test_content_that_mentions_usage_is_not_mistaken() -> None:
     assert tap.data_events == 2
 
 
+def test_events_after_the_first_are_read_only_when_they_can_carry_something() -> None:
+    """Later one-line ``data: {...}`` events are counted without parsing; anything else
+    (finish reason, a multi-line event, a payload that is not an object) is still read."""
+    first = b'data: {"id":"g","model":"m","choices":[{"index":0,"delta":{"content":"a"}}]}\n\n'
+    plain = b'data: {"choices":[{"index":0,"delta":{"content":"b"},"finish_reason":null}]}\n\n'
+    two_lines = b'data: {"choices":[{"index":0,\ndata: "delta":{"content":"c"}}]}\n\n'
+    finish = b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"length"}]}\n\n'
+    not_object = b"data: {not json\n\n"
+    tap = tap_of(first + plain * 3 + two_lines + finish + not_object + b"data: [DONE]\n\n")
+    assert (tap.generation_id, tap.model) == ("g", "m")
+    assert tap.data_events == 7 and tap.malformed == 1
+    assert tap.finish_reason == "length" and tap.done
+
+
 def test_oversized_event_without_separator_is_dropped() -> None:
     tap = SSETap()
     tap.feed(b"data: " + b"x" * (2 << 20))
