@@ -33,13 +33,13 @@ from proxy.auth import Keyring, authorization_of, check_admin, hash_key, new_key
 from proxy.errors import InvalidRequest, NotFound
 from proxy.keystore import KeyExists, KeyMissing, KeyRecord, KeyStore, KeySync, now
 from proxy.limits import KeyBudgets, Limiter
+from proxy.limits.policy import PositiveUSD
 from proxy.limits.status import limits_status
 from proxy.types import Principal
 
 __all__ = ["AdminAPI", "admin_routes"]
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$"
-USD = Annotated[float, Field(gt=0)]
 _M = TypeVar("_M", bound=BaseModel)
 
 
@@ -48,9 +48,9 @@ class _KeyChange(BaseModel):
 
     team: Annotated[str, Field(min_length=1, max_length=128)] | None = None
     tier: Annotated[str, Field(min_length=1, max_length=128)] | None = None
-    budget_usd_per_day: USD | None = None
-    budget_usd_per_month: USD | None = None
-    budget_usd_total: USD | None = None
+    budget_usd_per_day: PositiveUSD | None = None
+    budget_usd_per_month: PositiveUSD | None = None
+    budget_usd_total: PositiveUSD | None = None
 
 
 class _KeyCreate(_KeyChange):

@@ -344,7 +344,7 @@ def test_redis_and_memory_counters_agree_step_for_step(redis_url: str, ops: list
                 rid, checks, buckets = taken[index % len(taken)]
                 releases = [
                     Release(checks[0].key, True, bucket=buckets[0], delta=delta),
-                    Release(checks[2].key, False, spend=spend, ttl_ms=TTL),
+                    Release(checks[2].key, False, spend=spend),
                     Release(checks[3].key, False),
                 ]
                 spent = [await b.settle(releases, rid, now) for b in backends]
@@ -394,7 +394,7 @@ def test_a_settlement_spends_once_even_when_retried(store_url: str | None) -> No
         try:
             decision = await backend.reserve([Check(key, 1000, 300, ttl_ms=60_000)], "r1", now, 30_000)
             assert decision.admitted
-            release = Release(key, False, spend=120, ttl_ms=60_000)
+            release = Release(key, False, spend=120)
             assert await backend.settle([release], "r1", now) == [120]
             assert await backend.settle([release], "r1", now) == [120]  # the retry: no second spend
         finally:
@@ -459,10 +459,50 @@ def test_counters_keep_an_expiry_that_outlives_their_leases(redis_url: str) -> N
             assert 0 < await client.pttl(window) <= MINUTE.ms + MINUTE.bucket_ms + 1_000
             for name in (hold, hold + ":x"):
                 ttl = await client.pttl(name)
-                assert lease + 60_000 - 1_000 < ttl <= lease + 60_000, (name, ttl)
+                assert lease + 60_000 < ttl <= lease + 120_000, (name, ttl)
+            # Later takes (the proxy's clock jumps ahead of Redis's here, so the check reads
+            # the recorded expiry ``e``): 50 s on it is not moved yet still gives the newest
+            # lease its 60 s grace; 100 s on it is moved. The lease set expires with it.
+            first_e = int(await client.hget(hold, "e") or 0)
+            for at, moved in ((now + 50_000, False), (now + 100_000, True)):
+                assert (await backend.reserve(checks, f"at{at}", at, lease)).admitted
+                e = int(await client.hget(hold, "e") or 0)
+                assert (e != first_e) is moved
+                assert e >= at + lease + 60_000, (moved, e - at)
+                assert abs(await client.pttl(hold + ":x") - (e - at)) < 1_000
         finally:
             await backend.aclose()
             await client.delete(window, hold, hold + ":x")
+            await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_lease_set_emptied_by_settlement_gets_an_expiry_when_recreated(redis_url: str) -> None:
+    """Redis deletes a lease set when settlement removes its last member; the next hold
+    recreates it, and it must expire with its hash (else a budget period's set leaks)."""
+    import redis.asyncio as aioredis
+
+    from proxy.limits.backend import Check, Release
+    from proxy.limits.redis import RedisBackend
+
+    async def main() -> None:
+        client = aioredis.Redis.from_url(redis_url)
+        backend = RedisBackend(client, 5.0)
+        hold = f"orp:{{reset-{time.monotonic_ns()}}}:budget:2026-11-21"
+        now = int(time.time() * 1000)
+        try:
+            check = Check(hold, 10**9, 100, ttl_ms=3_600_000)
+            for i in range(3):
+                assert (await backend.reserve([check], f"r{i}", now + i, 30_000)).admitted
+                assert await backend.settle([Release(hold, False, spend=40)], f"r{i}", now + i) == [40 * (i + 1)]
+                assert not await client.exists(hold + ":x")  # emptied, so deleted
+            assert (await backend.reserve([check], "open", now + 10, 30_000)).admitted
+            assert 0 < await client.pttl(hold + ":x") <= 3_600_000 + 60_000
+            assert 0 < await client.pttl(hold) <= 3_600_000 + 60_000
+        finally:
+            await backend.aclose()
+            await client.delete(hold, hold + ":x")
             await client.aclose()
 
     asyncio.run(main())

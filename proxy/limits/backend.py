@@ -74,7 +74,6 @@ class Release(NamedTuple):
     bucket: int = 0
     delta: int = 0
     spend: int = 0
-    ttl_ms: int = 0
 
 
 class Backend(Protocol):

@@ -99,7 +99,6 @@ class _Binding:
         "minute",
         "needs_prompt",
         "template",
-        "ttls",
         "windows",
     )
 
@@ -109,9 +108,9 @@ class _Binding:
         self.kinds = tuple(_KIND[b.rule.metric] for b in bounds)
         self.needs_prompt = any(k in (_TOKENS, _BUDGET) for k in self.kinds)
         start_ms = minute * 60_000
-        template, ends, ttls = [], [], []
+        template, ends = [], []
         for bound, kind in zip(bounds, self.kinds, strict=True):
-            rule, end, ttl = bound.rule, 0, 0
+            rule, end = bound.rule, 0
             if kind == _REQUESTS:
                 check = Check(bound.key, rule.limit, 1, rule.window)
             elif kind == _TOKENS:
@@ -124,10 +123,8 @@ class _Binding:
                 check = Check(f"{bound.key}:{period}", rule.limit, 0, ttl_ms=ttl)
             template.append(check)
             ends.append(end)
-            ttls.append(ttl)
         self.template = tuple(template)
         self.ends = tuple(ends)
-        self.ttls = tuple(ttls)
         self.windows = header_plan(bounds)
         budget_releases, at = [], 0  # (index in settle()'s releases, bound, period id) of each budget
         for bound, check, kind in zip(bounds, template, self.kinds, strict=True):
@@ -293,13 +290,13 @@ class Limiter:
             tokens = (usage.total_tokens or usage.prompt_tokens + usage.completion_tokens) if usage else 0
             cost = actual_cost_nusd(usage, state.price, state.budget_nusd)
             releases = []
-            for kind, check, st, ttl in zip(kinds, state.checks, state.states, binding.ttls, strict=True):
+            for kind, check, st in zip(kinds, state.checks, state.states, strict=True):
                 if kind == _TOKENS:
                     releases.append(Release(check.key, True, st.bucket, tokens - check.cost))
                 elif kind == _CONCURRENT:
                     releases.append(Release(check.key, False))
                 elif kind == _BUDGET:
-                    releases.append(Release(check.key, False, 0, 0, cost, ttl))
+                    releases.append(Release(check.key, False, 0, 0, cost))
         if not releases:
             return
         now_ms = int(self._clock() * 1000)

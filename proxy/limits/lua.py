@@ -11,18 +11,21 @@ Numbers written back are formatted with ``%d`` (Lua would print large doubles as
   the newest bucket, so it is set only when a new bucket opens.
 * hold hash: ``spent``, ``held``, ``r:<rid>`` = amount held by request ``rid``, ``x`` = no
   later than the earliest lease's end (Unix ms; the lease set is only scanned once it has
-  passed) and ``e`` = when the hash expires (refreshed at most once a minute, always at
-  least a lease ahead); the lease set scores each ``rid`` by the Unix ms its hold expires.
+  passed) and ``e`` = when the hash expires (Unix ms; moved at most once a minute, so it is
+  always at least ``max(ttl, lease + 60 s)`` after the newest take and at most a minute more);
+  the lease set scores each ``rid`` by the Unix ms its hold expires and gets the hash's
+  expiry on every take (Redis deletes an emptied set, and its next ``ZADD`` recreates it
+  without one). Amounts are Lua doubles, exact up to 2^53 (budgets are capped well below).
 
 Every ``redis.call`` from Lua costs Redis a few microseconds beyond the command itself,
 so each counter is read with one ``HMGET`` and written with one ``HSET``: a window costs
-2 calls to reserve and 2 to settle, a hold 3 and 4 (the previous layout's scripts made
+2 calls to reserve and 2 to settle, a hold 4 and 4 (the previous layout's scripts made
 about twice as many).
 
 RESERVE: ``ARGV = now_ms, rid, lease_ms, dry, "limit,cost,bucket_ms (0 = hold),buckets,
 ttl_ms,..."`` (five numbers per check, comma-separated); returns ``"admitted,used,spent,
 reset_ms,retry_ms,bucket,..."`` (five per check). SETTLE: ``ARGV = rid, "kind (1 window, 2
-hold),bucket,delta,spend,ttl_ms,..."``; returns ``"spent,..."`` per release. Arguments and
+hold),bucket,delta,spend,..."``; returns ``"spent,..."`` per release. Arguments and
 results travel as one string each: redis-py parses a 20-integer array several times
 slower than one string.
 """
@@ -184,22 +187,22 @@ local function take_hold(key, z, cost, ttl, state, seen)
   local ends = now + lease
   local f = {'r:' .. rid, fmt(cost), 'held', fmt(state[1] - state[2] + cost)}
   if seen[1] == nil or ends < seen[1] then push(f, 'x', fmt(ends)) end
-  local keep = 0
+  local left, refresh = 0, false  -- ms until the hash expires (0: it does not)
   if ttl > 0 then
-    keep = math.max(ttl, lease + 60000)
-    -- refreshed at most once a minute, so the hash always outlives its newest lease
-    if seen[2] == nil or seen[2] < now + keep - 60000 then
-      push(f, 'e', fmt(now + keep))
+    -- the hash must outlive this lease by the grace; its expiry moves at most once a minute
+    local least = math.max(ttl, lease + 60000)
+    if seen[2] == nil or seen[2] < now + least then
+      left, refresh = least + 60000, true
+      push(f, 'e', fmt(now + left))
     else
-      keep = 0
+      left = seen[2] - now
     end
   end
   redis.call('HSET', key, unpack(f))
   redis.call('ZADD', z, fmt(ends), rid)
-  if keep > 0 then
-    redis.call('PEXPIRE', key, fmt(keep))
-    redis.call('PEXPIRE', z, fmt(keep))
-  end
+  if refresh then redis.call('PEXPIRE', key, fmt(left)) end
+  -- every time: the lease set is deleted when its last member goes and recreated without one
+  if left > 0 then redis.call('PEXPIRE', z, fmt(left)) end
   return {state[1] + cost, state[2], 0, 0, 0}
 end
 
@@ -244,7 +247,7 @@ local rid = ARGV[1]
 local p = numbers(ARGV[2])
 local out = {}
 for i = 1, #KEYS / 2 do
-  local a = (i - 1) * 5
+  local a = (i - 1) * 4
   local key = KEYS[2 * i - 1]
   if p[a + 1] == 1 then
     local delta = p[a + 3]

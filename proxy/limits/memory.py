@@ -152,7 +152,9 @@ class MemoryBackend:
         heapq.heappush(hold.leases, (now + lease_ms, rid))
         hold.held += check.cost
         if check.ttl_ms > 0:
-            hold.expires = now + max(check.ttl_ms, lease_ms + _LEASE_GRACE_MS)
+            least = max(check.ttl_ms, lease_ms + _LEASE_GRACE_MS)
+            if not hold.expires or hold.expires < now + least:  # moved at most once a minute, as in Lua
+                hold.expires = now + least + _LEASE_GRACE_MS
         return CheckState(used=state.used + check.cost, spent=state.spent)
 
     async def settle(
@@ -175,9 +177,7 @@ class MemoryBackend:
             if held is not None:
                 hold.held -= held[0]
             if rel.spend > 0 and held is not None:  # spend once: only while the hold exists
-                hold.spent += rel.spend
-                if rel.ttl_ms > 0:
-                    hold.expires = now_ms + rel.ttl_ms
+                hold.spent += rel.spend  # the expiry stays: the take set it past the period's end
             out.append(hold.spent)
         return out
 

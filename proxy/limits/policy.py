@@ -16,7 +16,8 @@ File shape (every limit is optional; a tier without any limits admits everything
           anthropic/claude-sonnet-4.5: {requests_per_minute: 20}
 
 A key's tier limits apply to the key alone; a team's tier limits to all keys of the team
-together. Budgets are kept in integer nano-USD (1e-9 USD), so sums are exact.
+together. Budgets are kept in integer nano-USD (1e-9 USD), so sums are exact; one budget is
+at most ``MAX_BUDGET_USD`` (1,000,000 USD) so Redis's Lua numbers (doubles) stay exact.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from proxy.yamlsrc import ConfigError, Problem, Source, load_yaml, problems_from
 __all__ = [
     "DAY",
     "HOUR",
+    "MAX_BUDGET_USD",
     "MINUTE",
     "SECOND",
     "Bound",
@@ -40,6 +42,7 @@ __all__ = [
     "LimitsPolicy",
     "Metric",
     "Period",
+    "PositiveUSD",
     "Rule",
     "Window",
     "check_key_tiers",
@@ -121,7 +124,9 @@ _BUDGETS: dict[str, Period] = {
 }
 
 PositiveInt = Annotated[int, Field(ge=1)]
-PositiveUSD = Annotated[float, Field(gt=0)]
+# Counters hold nano-USD as Lua doubles, exact to 2**53 (~9.0e6 USD): a budget stays well below
+MAX_BUDGET_USD = 1_000_000
+PositiveUSD = Annotated[float, Field(gt=0, le=MAX_BUDGET_USD)]
 
 
 class ModelLimits(BaseModel):

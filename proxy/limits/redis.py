@@ -99,7 +99,7 @@ class RedisBackend:
                 if len(self._settle_shapes) >= _MAX_SHAPES:
                     self._settle_shapes.clear()
                 self._settle_shapes[shape] = keys
-        params = ",".join([f"{1 if r.window else 2},{r.bucket},{r.delta},{r.spend},{r.ttl_ms}" for r in releases])
+        params = ",".join([f"{1 if r.window else 2},{r.bucket},{r.delta},{r.spend}" for r in releases])
         # deferred: a settlement may wait a few ms to share the next admission's round trip
         return await self._run(self._settle, keys, [rid, params], defer=True)
 
