@@ -116,7 +116,10 @@ def test_create_use_update_and_revoke_a_key(admin_proxy: Callable[..., ProxyUnde
     own = httpx.get(f"{proxy.base_url}/limits", headers={"Authorization": f"Bearer {secret}"}).json()
     assert own["key"] == "carol" and own["budgets"] == shown["limits"]["budgets"]
 
-    for body, param in (({"tier": "gold"}, "tier"), ({"colour": "red"}, "colour"), ({"budget_usd_total": -1}, None),
+    for body, param in (
+        ({"tier": "gold"}, "tier"),
+        ({"colour": "red"}, "colour"),
+        ({"budget_usd_total": -1}, None),
         ({"budget_usd_per_month": 2_000_000}, None),  # above MAX_BUDGET_USD
     ):
         refused = admin(proxy, "PATCH", "/admin/keys/carol", body)

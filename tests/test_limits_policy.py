@@ -31,6 +31,12 @@ def test_the_shipped_policy_compiles() -> None:
     assert overridden["budget_usd_per_day"] == 2 * NANO
 
 
+def test_the_load_test_policy_compiles() -> None:
+    """``loadtests/`` ships its own policies; the benchmark must not find them broken."""
+    policy = load_limits_policy(REPO / "loadtests" / "policies" / "limits.yaml")
+    assert {"bench", "team-bench", "tight"} <= set(policy.tiers)
+
+
 def test_problems_name_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "limits.yaml"
     path.write_text(
