@@ -11,9 +11,10 @@ c. ``proxy``: ``openrouter-proxy serve`` in front of it, with virtual keys (8 ke
    a redis-server the bench starts), metering, the usage log and metrics;
 
 then probes time to first token and event pacing (``streamprobe.py``), RSS after many
-requests, and the proxy with ``--workers 2``. Each process tree's CPU time is read from
-``/proc`` around every measured run (``measure.py``). The proxy and the floor are pinned
-to CPU 0, wrk, the emulator and Redis to CPU 1 (``--proxy-cpus`` / ``--load-cpus``).
+requests, and the proxy unpinned with ``--workers 1`` and ``2`` (with the cores each used).
+Each process tree's CPU time is read from ``/proc`` around every measured run
+(``measure.py``). The proxy and the floor are pinned to CPU 0, wrk, the emulator and Redis
+to CPU 1 (``--proxy-cpus`` / ``--load-cpus``).
 Writes ``loadtests/results/bench-<date>.md`` and prints it. Only 127.0.0.1 is used;
 every run is bounded in time::
 
@@ -169,16 +170,54 @@ def memory_check(bench: Bench, target: Target, total: int) -> MemoryCheck:
     return MemoryCheck(start_served, start_rss / 2**20, target.served, samples[-1][1], samples)
 
 
+def _process_cpu(pids: Sequence[int]) -> dict[int, float]:
+    """utime + stime of each of ``pids`` (not their children), in seconds."""
+    out = {}
+    for pid in pids:
+        try:
+            fields = measure._stat_fields(pid)
+        except OSError:
+            continue
+        out[pid] = (int(fields[11]) + int(fields[12])) / measure.CLK_TCK
+    return out
+
+
 def scaling(bench: Bench, config: Path, env: dict[str, str], luas: dict[str, Path]) -> list[ScalingRow]:
-    """Throughput at 64 connections, no pinning, with 1 and then 2 workers."""
-    rows = []
+    """Throughput at 64 connections with 1 and then 2 workers, the proxy not pinned.
+
+    Besides req/s, each row records how many cores the proxy tree used, each process's
+    share and how busy the whole machine was: on a machine with few CPUs the second
+    worker can only take what wrk, the emulator and Redis leave, and these figures say
+    whether the proxy or the machine set the limit.
+    """
+    args, rows = bench.args, []
     for workers in (1, 2):
-        with stack.proxy(None, config, env, workers=workers) as proc:
-            target = Target(f"proxy --workers {workers}", f"{proc.url}/v1/chat/completions", [proc.pid], luas)
+        with stack.proxy(stack.ALL_CPUS, config, env, workers=workers) as proc:
+            url = f"{proc.url}/v1/chat/completions"
             for mode in MODES:
-                cell = bench.measure(target, mode, 64, bench.args.duration)
-                rows.append(ScalingRow(workers, mode, cell.rps, cell.cpu_us or 0.0, cell.p50_us, cell.errors))
-    bench.cells[:] = [c for c in bench.cells if not c.target.startswith("proxy --workers")]
+                measure.run_wrk(url, luas[mode], 64, args.warmup, args.load_cpus)
+                pids = measure.tree(proc.pid)
+                before, busy_before = _process_cpu(pids), measure.system_busy_seconds()
+                stats = measure.run_wrk(url, luas[mode], 64, args.duration, args.load_cpus)
+                busy = measure.system_busy_seconds() - busy_before
+                after = _process_cpu(pids)
+                used = sorted((after[p] - before[p] for p in after if p in before), reverse=True)
+                seconds, requests = stats.seconds, stats.requests or 1
+                rows.append(
+                    ScalingRow(
+                        workers=workers,
+                        mode=mode,
+                        rps=stats.requests / seconds,
+                        cpu_us=sum(used) * 1e6 / requests,
+                        p50_us=stats.p50_us,
+                        errors=stats.socket_errors + stats.status_errors,
+                        proxy_cores=sum(used) / seconds,
+                        process_cores=tuple(u / seconds for u in used if u / seconds >= 0.01),
+                        machine_busy=busy / seconds,
+                        cpus=os.cpu_count() or 1,
+                    )
+                )
+                print(f"  workers {workers} {mode}: {report.scaling_line(rows[-1])}", file=sys.stderr, flush=True)
     return rows
 
 

@@ -133,6 +133,10 @@ def free_port() -> int:
         return port
 
 
+# Every CPU: a process started by a pinned bench would otherwise inherit the bench's CPUs.
+ALL_CPUS = f"0-{(os.cpu_count() or 1) - 1}"
+
+
 def pinned(cpus: str | None, argv: Sequence[str]) -> list[str]:
     return ["taskset", "-c", cpus, *argv] if cpus and shutil.which("taskset") else list(argv)
 
