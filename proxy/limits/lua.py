@@ -14,12 +14,13 @@ Numbers written back are formatted with ``%d`` (Lua would print large doubles as
   passed) and ``e`` = when the hash expires (Unix ms; moved at most once a minute, so it is
   always at least ``max(ttl, lease + 60 s)`` after the newest take and at most a minute more);
   the lease set scores each ``rid`` by the Unix ms its hold expires and gets the hash's
-  expiry on every take (Redis deletes an emptied set, and its next ``ZADD`` recreates it
-  without one). Amounts are Lua doubles, exact up to 2^53 (budgets are capped well below).
+  expiry plus a minute on every take (Redis deletes an emptied set, and its next ``ZADD``
+  recreates it without one); holds left without a lease set are dropped on the next purge.
+  Amounts are Lua doubles, exact up to 2^53 (budgets are capped well below).
 
 Every ``redis.call`` from Lua costs Redis a few microseconds beyond the command itself,
 so each counter is read with one ``HMGET`` and written with one ``HSET``: a window costs
-2 calls to reserve and 2 to settle, a hold 4 and 4 (the previous layout's scripts made
+2 calls to reserve and 2 to settle, a hold 4 (5 when its expiry moves) and 4 (the previous layout's scripts made
 about twice as many).
 
 RESERVE: ``ARGV = now_ms, rid, lease_ms, dry, "limit,cost,bucket_ms (0 = hold),buckets,
@@ -157,6 +158,15 @@ local function purge(key, z, held)
   if x ~= nil then
     redis.call('HSET', key, 'held', fmt(held), 'x', fmt(x))
   else
+    if held ~= 0 then
+      -- no lease left yet something held: holds whose lease set was lost; none can settle
+      local orphans = {}
+      for _, f in ipairs(redis.call('HKEYS', key)) do
+        if string.sub(f, 1, 2) == 'r:' then orphans[#orphans + 1] = f end
+      end
+      for i = 1, #orphans, 256 do redis.call('HDEL', key, unpack(orphans, i, math.min(i + 255, #orphans))) end
+      held = 0
+    end
     redis.call('HSET', key, 'held', fmt(held))
     redis.call('HDEL', key, 'x')
   end
@@ -201,8 +211,10 @@ local function take_hold(key, z, cost, ttl, state, seen)
   redis.call('HSET', key, unpack(f))
   redis.call('ZADD', z, fmt(ends), rid)
   if refresh then redis.call('PEXPIRE', key, fmt(left)) end
-  -- every time: the lease set is deleted when its last member goes and recreated without one
-  if left > 0 then redis.call('PEXPIRE', z, fmt(left)) end
+  -- every time: the lease set is deleted when its last member goes and recreated without
+  -- one. A minute past the hash, as ``e`` may come from a replica whose clock runs behind:
+  -- a set outliving its hash is harmless, a hash outliving its set keeps orphans (purged).
+  if left > 0 then redis.call('PEXPIRE', z, fmt(left + 60000)) end
   return {state[1] + cost, state[2], 0, 0, 0}
 end
 

@@ -51,6 +51,9 @@ class _Hold:
             held = self.holds.pop(rid, None)
             if held is not None:
                 self.held -= held[0]
+        if self.first_lease() is None and self.holds:  # as the script: holds without a lease are dropped
+            self.holds.clear()
+            self.held = 0
 
     def first_lease(self) -> int | None:
         while self.leases and self.leases[0][1] not in self.holds:
