@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from proxy.yamlsrc import ConfigError, Problem, Source, load_yaml, problems_from_validation
 
@@ -55,6 +55,7 @@ DEFAULT_FORWARD_HEADERS = (
     "x-openrouter-cache-clear",
 )
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+LEASE_MARGIN_S = 60.0
 
 
 class _Model(BaseModel):
@@ -208,9 +209,11 @@ class LimitsSettings(_Model):
     on local limits of limit / ``replicas`` (proxy processes sharing the store: replicas x
     workers) (``fail_open``) or answer 503 (``fail_closed``);
     the store is retried after ``store_retry_s``. Reservations of a request that never
-    settles expire after ``lease_s``. Budget reservations: prompt estimate x
-    ``prompt_margin`` + max output (``default_max_completion_tokens`` when neither request
-    nor catalog gives one); a model without a known price reserves ``unknown_price_usd``.
+    settles expire after ``lease_s``, which must exceed ``upstream.total_timeout_s`` by a
+    minute (a request that runs to its timeout must still find its budget hold to spend).
+    Budget reservations: prompt estimate x ``prompt_margin`` + max output
+    (``default_max_completion_tokens`` when neither request nor catalog gives one); a model
+    without a known price reserves ``unknown_price_usd``.
     Spend crossing a fraction in ``alert_thresholds`` logs once per period and POSTs to
     ``alert_webhook_url`` (if set). See README, "Rate limits and budgets".
     """
@@ -220,7 +223,7 @@ class LimitsSettings(_Model):
     replicas: Annotated[int, Field(ge=1)] = 1
     store_timeout_ms: Annotated[int, Field(ge=1, le=10_000)] = 50
     store_retry_s: Annotated[float, Field(gt=0)] = 1.0
-    lease_s: Annotated[float, Field(gt=0)] = 900.0
+    lease_s: Annotated[float, Field(gt=0)] = 960.0
     prompt_margin: Annotated[float, Field(ge=1)] = 1.2
     default_max_completion_tokens: Annotated[int, Field(ge=1)] = 4096
     unknown_price_usd: Annotated[float, Field(ge=0)] = 0.05
@@ -302,6 +305,16 @@ class Settings(_Model):
     logging: LoggingSettings = LoggingSettings()
     policies_dir: Path = Path("policies")
     keys: tuple[KeyEntry, ...] = ()
+
+    @model_validator(mode="after")
+    def _lease_outlives_requests(self) -> Settings:
+        least = self.upstream.total_timeout_s + LEASE_MARGIN_S
+        if self.limits.lease_s < least:
+            raise ValueError(
+                f"limits.lease_s ({self.limits.lease_s:g}) must be at least upstream.total_timeout_s + "
+                f"{LEASE_MARGIN_S:g} ({least:g}): a request still running when its lease ends loses its budget hold"
+            )
+        return self
 
 
 def load_settings(path: Path, environ: Mapping[str, str]) -> Settings:

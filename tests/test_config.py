@@ -50,3 +50,16 @@ def test_duplicate_keys_and_forbidden_forward_headers(tmp_path: Path) -> None:
     path.write_text("upstream:\n  forward_headers: [Authorization]\n")
     with pytest.raises(ConfigError):
         load_settings(path, {})
+
+
+def test_a_lease_shorter_than_a_request_may_run_is_refused(tmp_path: Path) -> None:
+    """A request that runs to ``total_timeout_s`` settles after a shorter lease ended, and its
+    budget hold would be gone (its spend lost): such a config does not load."""
+    path = tmp_path / "config.yaml"
+    path.write_text("upstream:\n  total_timeout_s: 1800\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, {})
+    (problem,) = info.value.problems
+    assert "limits.lease_s (960) must be at least upstream.total_timeout_s + 60 (1860)" in problem.message
+    path.write_text("upstream:\n  total_timeout_s: 1800\nlimits:\n  lease_s: 1860\n")
+    assert load_settings(path, {}).limits.lease_s == 1860

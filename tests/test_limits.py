@@ -379,6 +379,32 @@ def test_budget_alerts_are_posted_to_the_webhook(serve: Callable[..., Any]) -> N
     assert received[0]["period"] == time.strftime("%Y-%m", time.gmtime())
 
 
+def test_a_budget_reserved_at_zero_still_records_what_was_spent(store_url: str | None) -> None:
+    """A free model's worst case is 0 nano-USD; if OpenRouter bills it after all, the
+    settlement must still add the spend (the hold is taken even at zero)."""
+    from proxy.limits.backend import Check, Release
+    from proxy.limits.memory import MemoryBackend
+    from proxy.limits.redis import RedisBackend
+    from proxy.store.redis import RedisStore
+
+    async def main() -> None:
+        store = RedisStore(store_url) if store_url else None
+        backend = RedisBackend(store.client, 5.0) if store else MemoryBackend()
+        key = f"orp:{{zero-{time.monotonic_ns()}}}:budget"
+        now = 1_700_000_000_000
+        try:
+            budget = Check(key, 1000, 0, ttl_ms=60_000)
+            assert (await backend.reserve([budget], "r1", now, 30_000)).admitted
+            assert await backend.settle([Release(key, False, spend=700)], "r1", now) == [700]
+            assert (await backend.reserve([budget._replace(cost=301)], "r2", now, 30_000)).states[0].retry_ms == -1
+        finally:
+            if store is not None:
+                await backend.aclose()  # type: ignore[attr-defined]
+                await store.aclose()
+
+    asyncio.run(main())
+
+
 def test_a_settlement_spends_once_even_when_retried(store_url: str | None) -> None:
     """A retried settle (the first try may have run before its timeout) never spends twice."""
     from proxy.limits.backend import Check, Release

@@ -234,7 +234,8 @@ if fits and not dry then
   for i = 1, #KEYS / 2 do
     local a = (i - 1) * 5
     local cost, g = p[a + 2], p[a + 3]
-    if cost > 0 then
+    -- a hold is taken even at zero cost: its settlement adds what was actually spent
+    if cost > 0 or g == 0 then
       local key = KEYS[2 * i - 1]
       if g > 0 then
         states[i] = take_window(key, cost, g, p[a + 4], states[i], seen[i])

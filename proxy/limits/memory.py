@@ -100,11 +100,9 @@ class MemoryBackend:
         fits = all(s.retry_ms == 0 for s in states)
         if fits and not dry:
             states = [
-                s
-                if c.cost <= 0
-                else self._take_window(c, s, now_ms)
+                (self._take_window(c, s, now_ms) if c.cost > 0 else s)
                 if c.window
-                else self._take_hold(c, s, rid, now_ms, lease_ms)
+                else self._take_hold(c, s, rid, now_ms, lease_ms)  # even at zero: settling adds the spend
                 for c, s in zip(checks, states, strict=True)
             ]
         return Decision(fits, tuple(states))
