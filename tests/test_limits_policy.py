@@ -41,12 +41,13 @@ def test_problems_name_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "limits.yaml"
     path.write_text(
         "default_tier: gold\nteams:\n  red: nope\ntiers:\n  free:\n    requests_per_minute: 0\n    tokens_per_hour: 5\n"
-        "    budget_usd_per_month: 5000000\n"
+        "    budget_usd_per_month: 5000000\n    tokens_per_day: 10000000000000000\n"
     )
     with pytest.raises(ConfigError) as info:
         load_limits_policy(path)
     assert [str(p) for p in info.value.problems] == [
         f"{path}:6: tiers.free.requests_per_minute: Input should be greater than or equal to 1",
+        f"{path}:9: tiers.free.tokens_per_day: Input should be less than or equal to 1000000000000000",
         f"{path}:8: tiers.free.budget_usd_per_month: Input should be less than or equal to 1000000",
         f"{path}:7: tiers.free.tokens_per_hour: unknown key",
     ]
