@@ -82,23 +82,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
             flush=True,
         )
     workers = args.workers or settings.server.workers
+    options: dict[str, object] = {
+        "app": "proxy.app:app_from_env",
+        "factory": True,
+        "host": host,
+        "port": port,
+        "loop": "uvloop",
+        "http": "httptools",
+        "lifespan": "on",
+        "log_level": settings.server.log_level,
+        "access_log": False,
+        "timeout_graceful_shutdown": math.ceil(settings.server.drain_timeout_s),
+    }
     if workers > 1:
         from proxy.metrics import prepare_multiprocess_dir
+        from proxy.workers import reuseport_supported, serve_workers
 
         prepare_multiprocess_dir(env)
-    uvicorn.run(
-        "proxy.app:app_from_env",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        log_level=settings.server.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=math.ceil(settings.server.drain_timeout_s),
-    )
+        if reuseport_supported():
+            uvicorn.Config(**options)  # type: ignore[arg-type]  # sets up logging in this process
+            return serve_workers(options, workers, settings.server.drain_timeout_s)
+    uvicorn.run(workers=workers, **options)  # type: ignore[arg-type]
     return 0
 
 

@@ -1,0 +1,150 @@
+"""``serve --workers N``: N uvicorn servers, each listening on its own ``SO_REUSEPORT`` socket.
+
+uvicorn's own multi-worker mode shares one listening socket among its workers. Under a
+burst of new connections the first worker to wake accepts most of them (an event loop
+accepts every pending connection per wake-up), and as clients keep their connections
+alive, the load stays where it landed: ``loadtests/bench.py`` measured two workers at
+0.90 + 0.35 cores with 64 connections. With one socket per worker bound with
+``SO_REUSEPORT`` the kernel spreads new connections across the workers by address hash.
+
+The supervisor (this process) checks that the port is free, starts the workers (spawned
+processes, so each imports the app afresh), starts a new one when one exits on its own,
+and on SIGTERM or SIGINT passes SIGTERM on and waits ``drain_s`` plus a few seconds for
+their graceful shutdown before killing what is left. A worker that exits before its
+startup completed (a bad config, the store's scripts refused, a port taken) is a startup
+failure: the supervisor then stops every worker and exits 1 instead of restarting it in a
+loop.
+Linux only (``SO_REUSEPORT``); elsewhere ``serve`` keeps uvicorn's shared socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event as EventType
+from types import FrameType
+from typing import Any
+
+__all__ = ["listen_socket", "reuseport_supported", "serve_workers"]
+
+log = logging.getLogger("uvicorn.error")
+
+_KILL_AFTER_S = 5.0
+
+
+def reuseport_supported() -> bool:
+    """``SO_REUSEPORT`` spreads connections over the sockets of a port (Linux 3.9+)."""
+    return hasattr(socket, "SO_REUSEPORT") and os.uname().sysname == "Linux"
+
+
+def listen_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
+    """A TCP socket bound to ``(host, port)``, listening. Raises ``OSError`` (port taken)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _orphan_watch(parent: int) -> None:
+    """Stop this worker (SIGTERM to itself) once its supervisor is gone (killed with -9)."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _report_started(server: Any, started: EventType) -> None:
+    while not server.started and not server.should_exit:
+        time.sleep(0.05)
+    if server.started:
+        started.set()
+
+
+def _worker(config_kwargs: Mapping[str, Any], parent: int, started: EventType) -> None:
+    """One worker process: its own socket on the shared port, then uvicorn until stopped.
+
+    It leaves the terminal's process group, so a Ctrl-C reaches the supervisor alone,
+    which passes on exactly one SIGTERM (a second signal would make uvicorn skip draining).
+    """
+    import uvicorn
+
+    os.setpgrp()
+    threading.Thread(target=_orphan_watch, args=(parent,), daemon=True).start()
+    config = uvicorn.Config(**config_kwargs)
+    sock = listen_socket(config.host, config.port, reuse_port=True)
+    server = uvicorn.Server(config)
+    threading.Thread(target=_report_started, args=(server, started), daemon=True).start()
+    server.run(sockets=[sock])
+
+
+def serve_workers(config_kwargs: Mapping[str, Any], workers: int, drain_s: float) -> int:
+    """Run ``workers`` uvicorn servers with ``config_kwargs`` (``uvicorn.Config`` arguments,
+    ``host`` and ``port`` included) until SIGTERM/SIGINT; the exit code (0, or 1 when a
+    worker failed to start or the port is taken)."""
+    host, port = str(config_kwargs["host"]), int(config_kwargs["port"])
+    try:  # a plain bind fails if anything (another proxy's reuse-port sockets too) holds the port
+        listen_socket(host, port, reuse_port=False).close()
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", host, port, exc.strerror or exc)
+        return 1
+    ctx = multiprocessing.get_context("spawn")
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def start() -> tuple[BaseProcess, EventType]:
+        started = ctx.Event()
+        proc = ctx.Process(
+            target=_worker, args=(dict(config_kwargs), os.getpid(), started), name="openrouter-proxy-worker"
+        )
+        proc.start()
+        return proc, started
+
+    log.info("Started supervisor [%d]: %d workers on %s:%d (SO_REUSEPORT)", os.getpid(), workers, host, port)
+    procs = [start() for _ in range(workers)]
+    code = 0
+    try:
+        while not stop.wait(0.2):
+            for i, (proc, started) in enumerate(procs):
+                if proc.is_alive():
+                    continue
+                if not started.is_set():
+                    log.error("worker [%s] exited with %s while starting; stopping", proc.pid, proc.exitcode)
+                    code = 1
+                    stop.set()
+                    break
+                log.warning("worker [%s] exited with %s; starting another", proc.pid, proc.exitcode)
+                procs[i] = start()
+    finally:
+        for proc, _ in procs:
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + drain_s + _KILL_AFTER_S
+        for proc, _ in procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+        for proc, _ in procs:
+            if proc.is_alive():
+                log.error("worker [%s] did not stop in time; killing it", proc.pid)
+                proc.kill()
+                proc.join()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    log.info("Stopped supervisor [%d]", os.getpid())
+    return code

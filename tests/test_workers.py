@@ -1,0 +1,124 @@
+"""``serve --workers 2``: a ``SO_REUSEPORT`` socket per worker, supervised (``proxy/workers.py``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from proxy.workers import reuseport_supported
+from tests.factories import free_port, served_cli
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not reuseport_supported(), reason="SO_REUSEPORT is Linux-only"),
+]
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _sockets(port: int, state: str) -> set[str]:
+    """Inodes of TCP sockets on local ``port`` in ``state`` (``0A`` listen, ``01`` established)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == state:
+                inodes.add(fields[9])
+    return inodes
+
+
+def _held(pid: int, inodes: set[str]) -> int:
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        count += link.startswith("socket:[") and link[8:-1] in inodes
+    return count
+
+
+def _workers(pid: int, port: int) -> list[int]:
+    """The supervisor's children that listen on ``port`` (not multiprocessing's helper)."""
+    listening = _sockets(port, "0A")
+    return [child for child in _children(pid) if _held(child, listening)]
+
+
+def test_each_worker_listens_on_its_own_socket_and_takes_a_share(tmp_path: Path) -> None:
+    with served_cli(tmp_path, "--workers", "2", startups=2, limits=False) as served:
+        port = int(served.url.rsplit(":", 1)[1])
+        workers = _workers(served.proc.pid, port)
+        assert len(workers) == 2
+        listening = _sockets(port, "0A")
+        assert len(listening) == 2, "the workers share one listening socket"
+        assert _held(served.proc.pid, listening) == 0, "the supervisor holds a listening socket"
+
+        conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(40)]
+        try:
+            for conn in conns:
+                conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: proxy\r\n\r\n")
+            for conn in conns:
+                assert conn.recv(65536).startswith(b"HTTP/1.1 200")
+            established = _sockets(port, "01")
+            shares = [_held(pid, established) for pid in workers]
+            assert sum(shares) == 40 and min(shares) >= 8, shares  # by address hash: ~20 each
+        finally:
+            for conn in conns:
+                conn.close()
+
+        # a worker that dies is replaced, and the port keeps answering meanwhile
+        os.kill(workers[0], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            now = _workers(served.proc.pid, port)
+            if len(now) == 2 and workers[0] not in now:
+                break
+            assert httpx.get(f"{served.url}/healthz", timeout=5).status_code == 200
+            time.sleep(0.1)
+        else:
+            raise AssertionError(served.log.read_text(errors="replace"))
+
+        served.proc.send_signal(signal.SIGTERM)
+        assert served.proc.wait(timeout=30) == 0
+    assert not [pid for pid in now if Path(f"/proc/{pid}").exists()], "workers outlived the supervisor"
+    log = served.log.read_text(errors="replace")
+    assert "starting another" in log and "Stopped supervisor" in log
+
+
+def test_a_taken_port_fails_at_once(tmp_path: Path) -> None:
+    port = free_port()
+    with socket.create_server(("127.0.0.1", port)):
+        (tmp_path / "config.yaml").write_bytes((Path(__file__).parents[1] / "config.yaml").read_bytes())
+        done = subprocess.run(
+            [*_cli(), "serve", "--upstream", "emulator", "--port", str(port), "--workers", "2"],
+            cwd=tmp_path,
+            capture_output=True,
+            timeout=60,
+            env={k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")},
+        )
+    assert done.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr.decode()
+
+
+def _cli() -> list[str]:
+    from tests.factories import CLI
+
+    return [str(CLI)]
