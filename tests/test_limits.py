@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -379,10 +379,9 @@ def test_budget_alerts_are_posted_to_the_webhook(serve: Callable[..., Any]) -> N
     assert received[0]["period"] == time.strftime("%Y-%m", time.gmtime())
 
 
-def test_a_budget_reserved_at_zero_still_records_what_was_spent(store_url: str | None) -> None:
-    """A free model's worst case is 0 nano-USD; if OpenRouter bills it after all, the
-    settlement must still add the spend (the hold is taken even at zero)."""
-    from proxy.limits.backend import Check, Release
+def run_backend(store_url: str | None, name: str, body: Callable[[Any, str], Awaitable[None]]) -> None:
+    """``body(backend, key)`` on the Redis backend of ``store_url`` (else the memory one);
+    ``key`` is a fresh hold key of its own."""
     from proxy.limits.memory import MemoryBackend
     from proxy.limits.redis import RedisBackend
     from proxy.store.redis import RedisStore
@@ -390,13 +389,8 @@ def test_a_budget_reserved_at_zero_still_records_what_was_spent(store_url: str |
     async def main() -> None:
         store = RedisStore(store_url) if store_url else None
         backend = RedisBackend(store.client, 5.0) if store else MemoryBackend()
-        key = f"orp:{{zero-{time.monotonic_ns()}}}:budget"
-        now = 1_700_000_000_000
         try:
-            budget = Check(key, 1000, 0, ttl_ms=60_000)
-            assert (await backend.reserve([budget], "r1", now, 30_000)).admitted
-            assert await backend.settle([Release(key, False, spend=700)], "r1", now) == [700]
-            assert (await backend.reserve([budget._replace(cost=301)], "r2", now, 30_000)).states[0].retry_ms == -1
+            await body(backend, f"orp:{{{name}-{time.monotonic_ns()}}}:budget")
         finally:
             if store is not None:
                 await backend.aclose()  # type: ignore[attr-defined]
@@ -405,28 +399,58 @@ def test_a_budget_reserved_at_zero_still_records_what_was_spent(store_url: str |
     asyncio.run(main())
 
 
+def test_a_budget_reserved_at_zero_still_records_what_was_spent(store_url: str | None) -> None:
+    """A free model's worst case is 0 nano-USD; if OpenRouter bills it after all, the
+    settlement must still add the spend (the hold is taken even at zero)."""
+    from proxy.limits.backend import Check, Release
+
+    async def body(backend: Any, key: str) -> None:
+        now = 1_700_000_000_000
+        budget = Check(key, 1000, 0, ttl_ms=60_000)
+        assert (await backend.reserve([budget], "r1", now, 30_000)).admitted
+        assert await backend.settle([Release(key, False, spend=700)], "r1", now) == [700]
+        assert (await backend.reserve([budget._replace(cost=301)], "r2", now, 30_000)).states[0].retry_ms == -1
+
+    run_backend(store_url, "zero", body)
+
+
 def test_a_settlement_spends_once_even_when_retried(store_url: str | None) -> None:
     """A retried settle (the first try may have run before its timeout) never spends twice."""
     from proxy.limits.backend import Check, Release
-    from proxy.limits.memory import MemoryBackend
+
+    async def body(backend: Any, key: str) -> None:
+        now = 1_700_000_000_000
+        decision = await backend.reserve([Check(key, 1000, 300, ttl_ms=60_000)], "r1", now, 30_000)
+        assert decision.admitted
+        release = Release(key, False, spend=120)
+        assert await backend.settle([release], "r1", now) == [120]
+        assert await backend.settle([release], "r1", now) == [120]  # the retry: no second spend
+
+    run_backend(store_url, "spend-once", body)
+
+
+ScriptBody = Callable[[Any, Any, str], Awaitable[None]]
+
+
+def run_scripts(redis_url: str, name: str, body: ScriptBody) -> None:
+    """``body(client, backend, tag)`` on a fresh ``RedisBackend`` and raw client; ``tag`` is a
+    hash-tagged key prefix of its own, whose keys are deleted afterwards."""
+    import redis.asyncio as aioredis
+
     from proxy.limits.redis import RedisBackend
-    from proxy.store.redis import RedisStore
 
     async def main() -> None:
-        store = RedisStore(store_url) if store_url else None
-        backend = RedisBackend(store.client, 5.0) if store else MemoryBackend()
-        key = f"orp:{{spend-once-{time.monotonic_ns()}}}:budget"
-        now = 1_700_000_000_000
+        client = aioredis.Redis.from_url(redis_url)
+        backend = RedisBackend(client, 5.0)
+        tag = f"orp:{{{name}-{time.monotonic_ns()}}}"
         try:
-            decision = await backend.reserve([Check(key, 1000, 300, ttl_ms=60_000)], "r1", now, 30_000)
-            assert decision.admitted
-            release = Release(key, False, spend=120)
-            assert await backend.settle([release], "r1", now) == [120]
-            assert await backend.settle([release], "r1", now) == [120]  # the retry: no second spend
+            await body(client, backend, tag)
         finally:
-            if store is not None:
-                await backend.aclose()  # type: ignore[attr-defined]
-                await store.aclose()
+            await backend.aclose()
+            keys = [key async for key in client.scan_iter(match=tag + "*")]
+            if keys:
+                await client.delete(*keys)
+            await client.aclose()
 
     asyncio.run(main())
 
@@ -434,134 +458,89 @@ def test_a_settlement_spends_once_even_when_retried(store_url: str | None) -> No
 def test_holds_written_without_a_lease_marker_are_still_reclaimed(redis_url: str) -> None:
     """A hold left by an older script layout (no ``x`` field) is freed once its lease ends,
     and the hash then carries the earliest remaining lease end."""
-    import redis.asyncio as aioredis
-
     from proxy.limits.backend import Check
-    from proxy.limits.redis import RedisBackend
 
-    async def main() -> None:
-        client = aioredis.Redis.from_url(redis_url)
-        backend = RedisBackend(client, 5.0)
-        key = f"orp:{{legacy-{time.monotonic_ns()}}}:concurrent_requests"
-        now = 1_700_000_000_000
-        try:
-            await client.hset(key, mapping={"spent": 0, "held": 1, "r:old": 1})
-            await client.zadd(key + ":x", {"old": now - 1})
-            check = Check(key, 1, 1, ttl_ms=60_000)
-            decision = await backend.reserve([check], "new", now, 30_000)
-            assert decision.admitted, "the expired legacy hold still occupied the only slot"
-            fields = await client.hgetall(key)
-            assert b"r:old" not in fields and fields[b"held"] == b"1"
-            assert int(fields[b"x"]) == now + 30_000
-            assert not (await backend.reserve([check], "third", now + 1, 30_000)).admitted
-        finally:
-            await backend.aclose()
-            await client.delete(key, key + ":x")
-            await client.aclose()
+    async def body(client: Any, backend: Any, tag: str) -> None:
+        key, now = f"{tag}:concurrent_requests", 1_700_000_000_000
+        await client.hset(key, mapping={"spent": 0, "held": 1, "r:old": 1})
+        await client.zadd(key + ":x", {"old": now - 1})
+        check = Check(key, 1, 1, ttl_ms=60_000)
+        decision = await backend.reserve([check], "new", now, 30_000)
+        assert decision.admitted, "the expired legacy hold still occupied the only slot"
+        fields = await client.hgetall(key)
+        assert b"r:old" not in fields and fields[b"held"] == b"1"
+        assert int(fields[b"x"]) == now + 30_000
+        assert not (await backend.reserve([check], "third", now + 1, 30_000)).admitted
 
-    asyncio.run(main())
+    run_scripts(redis_url, "legacy", body)
 
 
 def test_counters_keep_an_expiry_that_outlives_their_leases(redis_url: str) -> None:
     """Window hashes expire with their newest bucket; hold hashes and lease sets stay at
     least a lease ahead of the newest hold, however often they are written."""
-    import redis.asyncio as aioredis
-
     from proxy.limits.backend import Check
     from proxy.limits.policy import MINUTE
-    from proxy.limits.redis import RedisBackend
 
-    async def main() -> None:
-        client = aioredis.Redis.from_url(redis_url)
-        backend = RedisBackend(client, 5.0)
-        tag = f"orp:{{ttl-{time.monotonic_ns()}}}"
+    async def body(client: Any, backend: Any, tag: str) -> None:
         window, hold = f"{tag}:requests_per_minute", f"{tag}:concurrent_requests"
-        now = int(time.time() * 1000)
-        lease = 30_000
-        try:
-            checks = [Check(window, 100, 1, MINUTE), Check(hold, 100, 1, ttl_ms=1_000)]
-            for i in range(5):
-                assert (await backend.reserve(checks, f"r{i}", now + i, lease)).admitted
-            assert 0 < await client.pttl(window) <= MINUTE.ms + MINUTE.bucket_ms + 1_000
-            for name, extra in ((hold, 0), (hold + ":x", 60_000)):
-                ttl = await client.pttl(name)
-                assert lease + 60_000 + extra < ttl <= lease + 120_000 + extra, (name, ttl)
-            # Later takes (the proxy's clock jumps ahead of Redis's here, so the check reads
-            # the recorded expiry ``e``): 50 s on it is not moved yet still gives the newest
-            # lease its 60 s grace; 100 s on it is moved.
-            first_e = int(await client.hget(hold, "e") or 0)
-            for at, moved in ((now + 50_000, False), (now + 100_000, True)):
-                assert (await backend.reserve(checks, f"at{at}", at, lease)).admitted
-                e = int(await client.hget(hold, "e") or 0)
-                assert (e != first_e) is moved
-                assert e >= at + lease + 60_000, (moved, e - at)
-                # the lease set outlives its hash by a minute (``e`` may come from a replica
-                # whose clock runs behind), never the other way round
-                assert abs(await client.pttl(hold + ":x") - (e - at + 60_000)) < 1_000
-                assert await client.pttl(hold + ":x") >= await client.pttl(hold) - 1_000
-        finally:
-            await backend.aclose()
-            await client.delete(window, hold, hold + ":x")
-            await client.aclose()
+        now, lease = int(time.time() * 1000), 30_000
+        checks = [Check(window, 100, 1, MINUTE), Check(hold, 100, 1, ttl_ms=1_000)]
+        for i in range(5):
+            assert (await backend.reserve(checks, f"r{i}", now + i, lease)).admitted
+        assert 0 < await client.pttl(window) <= MINUTE.ms + MINUTE.bucket_ms + 1_000
+        for name, extra in ((hold, 0), (hold + ":x", 60_000)):
+            ttl = await client.pttl(name)
+            assert lease + 60_000 + extra < ttl <= lease + 120_000 + extra, (name, ttl)
+        # Later takes (the proxy's clock jumps ahead of Redis's here, so the check reads
+        # the recorded expiry ``e``): 50 s on it is not moved yet still gives the newest
+        # lease its 60 s grace; 100 s on it is moved.
+        first_e = int(await client.hget(hold, "e") or 0)
+        for at, moved in ((now + 50_000, False), (now + 100_000, True)):
+            assert (await backend.reserve(checks, f"at{at}", at, lease)).admitted
+            e = int(await client.hget(hold, "e") or 0)
+            assert (e != first_e) is moved
+            assert e >= at + lease + 60_000, (moved, e - at)
+            # the lease set outlives its hash by a minute (``e`` may come from a replica
+            # whose clock runs behind), never the other way round
+            assert abs(await client.pttl(hold + ":x") - (e - at + 60_000)) < 1_000
+            assert await client.pttl(hold + ":x") >= await client.pttl(hold) - 1_000
 
-    asyncio.run(main())
+    run_scripts(redis_url, "ttl", body)
 
 
 def test_holds_whose_lease_set_was_lost_are_dropped(redis_url: str) -> None:
     """A hash whose lease set expired first (clock skew between replicas) would keep its
     holds for ever, as nothing can settle them; the next purge drops them."""
-    import redis.asyncio as aioredis
-
     from proxy.limits.backend import Check
-    from proxy.limits.redis import RedisBackend
 
-    async def main() -> None:
-        client = aioredis.Redis.from_url(redis_url)
-        backend = RedisBackend(client, 5.0)
-        key = f"orp:{{orphan-{time.monotonic_ns()}}}:concurrent_requests"
-        now = int(time.time() * 1000)
-        try:
-            # two slots, one held by a request whose worker died and whose lease set is gone
-            await client.hset(key, mapping={"spent": 0, "held": 1, "r:lost": 1, "x": now - 1, "e": now + 600_000})
-            check = Check(key, 2, 1, ttl_ms=60_000)
-            assert (await backend.reserve([check], "a", now, 30_000)).admitted
-            assert (await backend.reserve([check], "b", now + 1, 30_000)).admitted, "the lost hold kept its slot"
-            fields = await client.hgetall(key)
-            assert b"r:lost" not in fields and fields[b"held"] == b"2"
-            assert not (await backend.reserve([check], "c", now + 2, 30_000)).admitted
-        finally:
-            await backend.aclose()
-            await client.delete(key, key + ":x")
-            await client.aclose()
+    async def body(client: Any, backend: Any, tag: str) -> None:
+        key, now = f"{tag}:concurrent_requests", int(time.time() * 1000)
+        # two slots, one held by a request whose worker died and whose lease set is gone
+        await client.hset(key, mapping={"spent": 0, "held": 1, "r:lost": 1, "x": now - 1, "e": now + 600_000})
+        check = Check(key, 2, 1, ttl_ms=60_000)
+        assert (await backend.reserve([check], "a", now, 30_000)).admitted
+        assert (await backend.reserve([check], "b", now + 1, 30_000)).admitted, "the lost hold kept its slot"
+        fields = await client.hgetall(key)
+        assert b"r:lost" not in fields and fields[b"held"] == b"2"
+        assert not (await backend.reserve([check], "c", now + 2, 30_000)).admitted
 
-    asyncio.run(main())
+    run_scripts(redis_url, "orphan", body)
 
 
 def test_a_lease_set_emptied_by_settlement_gets_an_expiry_when_recreated(redis_url: str) -> None:
     """Redis deletes a lease set when settlement removes its last member; the next hold
     recreates it, and it must expire with its hash (else a budget period's set leaks)."""
-    import redis.asyncio as aioredis
-
     from proxy.limits.backend import Check, Release
-    from proxy.limits.redis import RedisBackend
 
-    async def main() -> None:
-        client = aioredis.Redis.from_url(redis_url)
-        backend = RedisBackend(client, 5.0)
-        hold = f"orp:{{reset-{time.monotonic_ns()}}}:budget:2026-11-21"
-        now = int(time.time() * 1000)
-        try:
-            check = Check(hold, 10**9, 100, ttl_ms=3_600_000)
-            for i in range(3):
-                assert (await backend.reserve([check], f"r{i}", now + i, 30_000)).admitted
-                assert await backend.settle([Release(hold, False, spend=40)], f"r{i}", now + i) == [40 * (i + 1)]
-                assert not await client.exists(hold + ":x")  # emptied, so deleted
-            assert (await backend.reserve([check], "open", now + 10, 30_000)).admitted
-            assert 3_600_000 < await client.pttl(hold) <= 3_600_000 + 60_000
-            assert await client.pttl(hold) < await client.pttl(hold + ":x") <= 3_600_000 + 120_000
-        finally:
-            await backend.aclose()
-            await client.delete(hold, hold + ":x")
-            await client.aclose()
+    async def body(client: Any, backend: Any, tag: str) -> None:
+        hold, now = f"{tag}:budget:2026-11-21", int(time.time() * 1000)
+        check = Check(hold, 10**9, 100, ttl_ms=3_600_000)
+        for i in range(3):
+            assert (await backend.reserve([check], f"r{i}", now + i, 30_000)).admitted
+            assert await backend.settle([Release(hold, False, spend=40)], f"r{i}", now + i) == [40 * (i + 1)]
+            assert not await client.exists(hold + ":x")  # emptied, so deleted
+        assert (await backend.reserve([check], "open", now + 10, 30_000)).admitted
+        assert 3_600_000 < await client.pttl(hold) <= 3_600_000 + 60_000
+        assert await client.pttl(hold) < await client.pttl(hold + ":x") <= 3_600_000 + 120_000
 
-    asyncio.run(main())
+    run_scripts(redis_url, "reset", body)
