@@ -101,7 +101,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         prepare_multiprocess_dir(env)
         if reuseport_supported():
             uvicorn.Config(**options)  # type: ignore[arg-type]  # sets up logging in this process
-            return serve_workers(options, workers, settings.server.drain_timeout_s)
+            return serve_workers(options, workers)
     uvicorn.run(workers=workers, **options)  # type: ignore[arg-type]
     return 0
 

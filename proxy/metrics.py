@@ -53,7 +53,7 @@ from prometheus_client import multiprocess as prom_multiprocess
 
 from proxy.accounting import LedgerEntry
 
-__all__ = ["BREAKER_STATES", "Metrics", "multiprocess_dir", "prepare_multiprocess_dir"]
+__all__ = ["BREAKER_STATES", "Metrics", "mark_worker_dead", "multiprocess_dir", "prepare_multiprocess_dir"]
 
 PREFIX = "openrouter_proxy_"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -61,6 +61,12 @@ BREAKER_STATES = {"closed": 0, "half_open": 1, "half-open": 1, "open": 2}
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 _TOKEN_KINDS = ("prompt", "completion", "cached", "reasoning")
+
+
+def mark_worker_dead(pid: int) -> None:
+    """Drop worker ``pid``'s ``live*`` gauges (in flight, breaker states) in multiprocess mode."""
+    if multiprocess_dir() is not None:
+        prom_multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
 def prepare_multiprocess_dir(environ: MutableMapping[str, str]) -> str:
@@ -233,5 +239,4 @@ class Metrics:
 
     def close(self) -> None:
         """Mark this worker dead for the ``live*`` gauges (multiprocess mode only)."""
-        if multiprocess_dir() is not None:
-            prom_multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
+        mark_worker_dead(os.getpid())

@@ -8,9 +8,11 @@ alive, the load stays where it landed: ``loadtests/bench.py`` measured two worke
 ``SO_REUSEPORT`` the kernel spreads new connections across the workers by address hash.
 
 The supervisor (this process) checks that the port is free, starts the workers (spawned
-processes, so each imports the app afresh), starts a new one when one exits on its own,
-and on SIGTERM or SIGINT passes SIGTERM on and waits ``drain_s`` plus a few seconds for
-their graceful shutdown before killing what is left. A worker that exits before its
+processes, so each imports the app afresh), starts a new one when one exits on its own
+(dropping the dead one's live gauges from ``/metrics``), and on SIGTERM or SIGINT passes
+one SIGTERM on and waits for their graceful shutdown; a second signal kills them. A
+worker's socket listens only once its app has started, so no connection waits on a
+worker that cannot answer yet. A worker that exits before its
 startup completed (a bad config, the store's scripts refused, a port taken) is a startup
 failure: the supervisor then stops every worker and exits 1 instead of restarting it in a
 loop.
@@ -32,11 +34,11 @@ from multiprocessing.synchronize import Event as EventType
 from types import FrameType
 from typing import Any
 
-__all__ = ["listen_socket", "reuseport_supported", "serve_workers"]
+from proxy.metrics import mark_worker_dead
+
+__all__ = ["bound_socket", "reuseport_supported", "serve_workers"]
 
 log = logging.getLogger("uvicorn.error")
-
-_KILL_AFTER_S = 5.0
 
 
 def reuseport_supported() -> bool:
@@ -44,8 +46,8 @@ def reuseport_supported() -> bool:
     return hasattr(socket, "SO_REUSEPORT") and os.uname().sysname == "Linux"
 
 
-def listen_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
-    """A TCP socket bound to ``(host, port)``, listening. Raises ``OSError`` (port taken)."""
+def bound_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
+    """A TCP socket bound to ``(host, port)``, not yet listening. Raises ``OSError`` (port taken)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -53,7 +55,6 @@ def listen_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
-        sock.listen(2048)
     except OSError:
         sock.close()
         raise
@@ -85,66 +86,91 @@ def _worker(config_kwargs: Mapping[str, Any], parent: int, started: EventType) -
     os.setpgrp()
     threading.Thread(target=_orphan_watch, args=(parent,), daemon=True).start()
     config = uvicorn.Config(**config_kwargs)
-    sock = listen_socket(config.host, config.port, reuse_port=True)
+    # bound, not listening: the kernel gives it connections only once uvicorn's server
+    # listens on it, after the app's startup, never while this worker cannot answer
+    sock = bound_socket(config.host, config.port, reuse_port=True)
     server = uvicorn.Server(config)
     threading.Thread(target=_report_started, args=(server, started), daemon=True).start()
     server.run(sockets=[sock])
 
 
-def serve_workers(config_kwargs: Mapping[str, Any], workers: int, drain_s: float) -> int:
+def serve_workers(config_kwargs: Mapping[str, Any], workers: int) -> int:
     """Run ``workers`` uvicorn servers with ``config_kwargs`` (``uvicorn.Config`` arguments,
-    ``host`` and ``port`` included) until SIGTERM/SIGINT; the exit code (0, or 1 when a
-    worker failed to start or the port is taken)."""
+    ``host`` and ``port`` included; port 0 picks one free port for all) until SIGTERM or
+    SIGINT (a second one kills the workers at once); the exit code (0, or 1 when a worker
+    failed to start or the port is taken)."""
     host, port = str(config_kwargs["host"]), int(config_kwargs["port"])
     try:  # a plain bind fails if anything (another proxy's reuse-port sockets too) holds the port
-        listen_socket(host, port, reuse_port=False).close()
+        probe = bound_socket(host, port, reuse_port=False)
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", host, port, exc.strerror or exc)
         return 1
+    port = probe.getsockname()[1]
+    probe.close()
+    config_kwargs = {**config_kwargs, "port": port}
     ctx = multiprocessing.get_context("spawn")
-    stop = threading.Event()
+    signals: list[int] = []  # the handler only appends: anything more could deadlock the loop below
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        stop.set()
+        signals.append(signum)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def start() -> tuple[BaseProcess, EventType]:
         started = ctx.Event()
-        proc = ctx.Process(
-            target=_worker, args=(dict(config_kwargs), os.getpid(), started), name="openrouter-proxy-worker"
-        )
+        proc = ctx.Process(target=_worker, args=(config_kwargs, os.getpid(), started), name="openrouter-proxy-worker")
         proc.start()
         return proc, started
 
-    log.info("Started supervisor [%d]: %d workers on %s:%d (SO_REUSEPORT)", os.getpid(), workers, host, port)
-    procs = [start() for _ in range(workers)]
+    procs: list[tuple[BaseProcess, EventType]] = []
     code = 0
     try:
-        while not stop.wait(0.2):
+        procs += [start() for _ in range(workers)]
+        scheme = "http://[%s]:%d" if ":" in host else "http://%s:%d"
+        log.info("Supervisor [%d]: %d workers on " + scheme + " (SO_REUSEPORT)", os.getpid(), workers, host, port)
+        while not signals:
+            time.sleep(0.2)
             for i, (proc, started) in enumerate(procs):
                 if proc.is_alive():
                     continue
+                proc.join()
+                _forget(proc)
                 if not started.is_set():
                     log.error("worker [%s] exited with %s while starting; stopping", proc.pid, proc.exitcode)
                     code = 1
-                    stop.set()
+                    signals.append(signal.SIGTERM)
                     break
                 log.warning("worker [%s] exited with %s; starting another", proc.pid, proc.exitcode)
                 procs[i] = start()
     finally:
-        for proc, _ in procs:
-            if proc.is_alive() and proc.pid is not None:
-                os.kill(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + drain_s + _KILL_AFTER_S
-        for proc, _ in procs:
-            proc.join(max(0.0, deadline - time.monotonic()))
-        for proc, _ in procs:
-            if proc.is_alive():
-                log.error("worker [%s] did not stop in time; killing it", proc.pid)
-                proc.kill()
-                proc.join()
+        _stop(procs, signals)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     log.info("Stopped supervisor [%d]", os.getpid())
     return code
+
+
+def _stop(procs: list[tuple[BaseProcess, EventType]], signals: list[int]) -> None:
+    """One SIGTERM to each worker, then wait for their graceful shutdown (uvicorn's drain
+    and the app's own: usage log, ledger, settlements) however long it takes, unless a
+    second signal arrives: then kill them."""
+    first = len(signals)
+    for proc, _ in procs:
+        if proc.is_alive() and proc.pid is not None:
+            os.kill(proc.pid, signal.SIGTERM)
+    while any(proc.is_alive() for proc, _ in procs):
+        if len(signals) > max(first, 1):
+            log.warning("second signal: killing the workers")
+            for proc, _ in procs:
+                proc.kill()
+            break
+        time.sleep(0.1)
+    for proc, _ in procs:
+        proc.join()
+        _forget(proc)
+
+
+def _forget(proc: BaseProcess) -> None:
+    """Drop a dead worker's live gauges (in-flight requests, breaker states) from /metrics."""
+    if proc.pid is not None:
+        mark_worker_dead(proc.pid)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -100,7 +101,16 @@ def test_each_worker_listens_on_its_own_socket_and_takes_a_share(tmp_path: Path)
         assert served.proc.wait(timeout=30) == 0
     assert not [pid for pid in now if Path(f"/proc/{pid}").exists()], "workers outlived the supervisor"
     log = served.log.read_text(errors="replace")
-    assert "starting another" in log and "Stopped supervisor" in log
+    assert "starting another" in log and "Stopped supervisor" in log and "killing" not in log
+
+
+def test_port_zero_gives_every_worker_the_same_free_port(tmp_path: Path) -> None:
+    with served_cli(tmp_path, "--workers", "2", "--port", "0", startups=2, limits=False) as served:
+        found = re.search(rb"2 workers on http://127\.0\.0\.1:(\d+)", served.log.read_bytes())
+        assert found is not None, served.log.read_text(errors="replace")
+        port = int(found.group(1))
+        assert port != 0 and len(_workers(served.proc.pid, port)) == 2
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
 
 
 def test_a_taken_port_fails_at_once(tmp_path: Path) -> None:
