@@ -170,18 +170,6 @@ def memory_check(bench: Bench, target: Target, total: int) -> MemoryCheck:
     return MemoryCheck(start_served, start_rss / 2**20, target.served, samples[-1][1], samples)
 
 
-def _process_cpu(pids: Sequence[int]) -> dict[int, float]:
-    """utime + stime of each of ``pids`` (not their children), in seconds."""
-    out = {}
-    for pid in pids:
-        try:
-            fields = measure._stat_fields(pid)
-        except OSError:
-            continue
-        out[pid] = (int(fields[11]) + int(fields[12])) / measure.CLK_TCK
-    return out
-
-
 def scaling(bench: Bench, config: Path, env: dict[str, str], luas: dict[str, Path]) -> list[ScalingRow]:
     """Throughput at 64 connections with 1 and then 2 workers, the proxy not pinned.
 
@@ -197,10 +185,10 @@ def scaling(bench: Bench, config: Path, env: dict[str, str], luas: dict[str, Pat
             for mode in MODES:
                 measure.run_wrk(url, luas[mode], 64, args.warmup, args.load_cpus)
                 pids = measure.tree(proc.pid)
-                before, busy_before = _process_cpu(pids), measure.system_busy_seconds()
+                before, busy_before = measure.process_cpu(pids), measure.system_busy_seconds()
                 stats = measure.run_wrk(url, luas[mode], 64, args.duration, args.load_cpus)
                 busy = measure.system_busy_seconds() - busy_before
-                after = _process_cpu(pids)
+                after = measure.process_cpu(pids)
                 used = sorted((after[p] - before[p] for p in after if p in before), reverse=True)
                 seconds, requests = stats.seconds, stats.requests or 1
                 rows.append(

@@ -128,17 +128,21 @@ def tree(pid: int) -> list[int]:
     return found
 
 
+def process_cpu(pids: Sequence[int]) -> dict[int, float]:
+    """utime + stime of each live one of ``pids`` (not their children), in seconds."""
+    out = {}
+    for pid in pids:
+        try:
+            fields = _stat_fields(pid)
+        except OSError:
+            continue
+        out[pid] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
+
+
 def cpu_seconds(pids: Sequence[int]) -> float:
     """utime + stime of the process trees rooted at ``pids``, in seconds."""
-    total = 0
-    for root in pids:
-        for pid in tree(root):
-            try:
-                fields = _stat_fields(pid)
-            except OSError:
-                continue
-            total += int(fields[11]) + int(fields[12])
-    return total / CLK_TCK
+    return sum(sum(process_cpu(tree(root)).values()) for root in pids)
 
 
 def rss_bytes(pid: int) -> int:

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from proxy.workers import reuseport_supported
-from tests.factories import free_port, served_cli
+from tests.factories import CLI, free_port, served_cli
 
 pytestmark = [
     pytest.mark.slow,
@@ -118,7 +118,7 @@ def test_a_taken_port_fails_at_once(tmp_path: Path) -> None:
     with socket.create_server(("127.0.0.1", port)):
         (tmp_path / "config.yaml").write_bytes((Path(__file__).parents[1] / "config.yaml").read_bytes())
         done = subprocess.run(
-            [*_cli(), "serve", "--upstream", "emulator", "--port", str(port), "--workers", "2"],
+            [str(CLI), "serve", "--upstream", "emulator", "--port", str(port), "--workers", "2"],
             cwd=tmp_path,
             capture_output=True,
             timeout=60,
@@ -126,9 +126,3 @@ def test_a_taken_port_fails_at_once(tmp_path: Path) -> None:
         )
     assert done.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr.decode()
-
-
-def _cli() -> list[str]:
-    from tests.factories import CLI
-
-    return [str(CLI)]

@@ -20,8 +20,8 @@ Numbers written back are formatted with ``%d`` (Lua would print large doubles as
 
 Every ``redis.call`` from Lua costs Redis a few microseconds beyond the command itself,
 so each counter is read with one ``HMGET`` and written with one ``HSET``: a window costs
-2 calls to reserve and 2 to settle, a hold 4 (5 when its expiry moves) and 4 (the previous layout's scripts made
-about twice as many).
+2 calls to reserve and 2 to settle, a hold 4 (5 when its expiry moves) and 4 (the
+previous layout's scripts made about twice as many).
 
 RESERVE: ``ARGV = now_ms, rid, lease_ms, dry, "limit,cost,bucket_ms (0 = hold),buckets,
 ttl_ms,..."`` (five numbers per check, comma-separated); returns ``"admitted,used,spent,
@@ -53,6 +53,11 @@ local rid = ARGV[2]
 local lease = tonumber(ARGV[3])
 local dry = ARGV[4] == '1'
 local p = numbers(ARGV[5])
+
+-- HDEL of any number of fields (unpack has a limit, so 256 at a time)
+local function hdel(key, fields)
+  for i = 1, #fields, 256 do redis.call('HDEL', key, unpack(fields, i, math.min(i + 255, #fields))) end
+end
 
 local function buckets_of(key)
   local all = redis.call('HGETALL', key)
@@ -91,7 +96,7 @@ local function check_window(key, limit, cost, g, nb)
     if o == nil then
       redis.call('DEL', key)
     else
-      for i = 1, #dead, 256 do redis.call('HDEL', key, unpack(dead, i, math.min(i + 255, #dead))) end
+      hdel(key, dead)
       redis.call('HSET', key, 't', fmt(t), 'o', fmt(o), 'n', fmt(newest))
     end
   end
@@ -148,7 +153,7 @@ local function purge(key, z, held)
           gone[#gone + 1] = fields[j]
         end
       end
-      if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
+      hdel(key, gone)
     end
     redis.call('ZREMRANGEBYSCORE', z, '-inf', now)
     held = held - freed
@@ -164,7 +169,7 @@ local function purge(key, z, held)
       for _, f in ipairs(redis.call('HKEYS', key)) do
         if string.sub(f, 1, 2) == 'r:' then orphans[#orphans + 1] = f end
       end
-      for i = 1, #orphans, 256 do redis.call('HDEL', key, unpack(orphans, i, math.min(i + 255, #orphans))) end
+      hdel(key, orphans)
       held = 0
     end
     redis.call('HSET', key, 'held', fmt(held))

@@ -3,7 +3,8 @@
 For one process (the embedded store) and for the local fail-open limits while Redis is
 down. ``reserve`` and ``settle`` never await, so each runs atomically on the event loop.
 Counters expire as their Redis keys would (``expires``, Unix ms; 0 = never) and expired
-ones are swept every few thousand calls.
+ones are swept every few thousand calls. A hold and its lease live in one object here, so
+the script's dropping of holds whose lease set was lost has nothing to mirror.
 """
 
 from __future__ import annotations
@@ -51,9 +52,6 @@ class _Hold:
             held = self.holds.pop(rid, None)
             if held is not None:
                 self.held -= held[0]
-        if self.first_lease() is None and self.holds:  # as the script: holds without a lease are dropped
-            self.holds.clear()
-            self.held = 0
 
     def first_lease(self) -> int | None:
         while self.leases and self.leases[0][1] not in self.holds:

@@ -123,8 +123,9 @@ _BUDGETS: dict[str, Period] = {
     "budget_usd_total": "total",
 }
 
-PositiveInt = Annotated[int, Field(ge=1, le=10**15)]  # counters are Lua doubles (exact to 2**53)
-# Counters hold nano-USD as Lua doubles, exact to 2**53 (~9.0e6 USD): a budget stays well below
+# Redis keeps counters as Lua doubles, exact to 2**53 (~9.0e15 tokens, ~9.0e6 USD in nano-USD):
+# limits and budgets stay well below
+PositiveInt = Annotated[int, Field(ge=1, le=10**15)]
 MAX_BUDGET_USD = 1_000_000
 PositiveUSD = Annotated[float, Field(gt=0, le=MAX_BUDGET_USD)]
 
