@@ -72,6 +72,56 @@ def test_any_split_gives_the_same_result(sizes: list[int]) -> None:
     assert split.generation_id == whole.generation_id
 
 
+_EVENTS = [
+    b'data: {"id":"gen-1","model":"m","provider":"P","choices":[{"delta":{"content":"hi"}}]}',
+    b'data: {"id":"gen-1","choices":[{"delta":{"content":"a \\"usage\\" word"}}]}',
+    b'data: {"id":"gen-1","choices":[{"delta":{},"finish_reason":"length"}]}',
+    b'data: {"id":"gen-1","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}',
+    b'data: {"id":"gen-1","error":{"code":502,"message":"cut"},"choices":[]}',
+    b": OPENROUTER PROCESSING",
+    b'data: {"id":"gen-1",\ndata: "choices":[]}',
+    b"data: not json",
+    b'data: {"cut off":',
+    b'data: {"a":1}\n: a comment line inside the event',
+    b"",
+    b"data: [DONE]",
+]
+
+
+def _observed(tap: SSETap, crlf: bool = False) -> tuple[object, ...]:
+    """What a tap reports; with CRLF ``error_end`` is only as exact as the chunking (by design)."""
+    return (
+        tap.data_events,
+        tap.comments,
+        tap.malformed,
+        tap.done,
+        tap.usage,
+        tap.error,
+        None if crlf else tap.error_end,
+        tap.finish_reason,
+        tap.generation_id,
+        tap.model,
+        tap.provider,
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.sampled_from(range(len(_EVENTS))), max_size=40),
+    st.lists(st.integers(min_value=1, max_value=400), max_size=8),
+    st.booleans(),
+)
+def test_any_mix_of_events_in_any_split_reads_as_byte_by_byte(picks: list[int], sizes: list[int], crlf: bool) -> None:
+    """Whole chunks of many events give what feeding one byte at a time gives, for any mix
+    of usual, final, error, comment, multi-line, malformed and empty events."""
+    stream = b"".join(_EVENTS[i] + b"\n\n" for i in [0, *picks])
+    if crlf:
+        stream = stream.replace(b"\n", b"\r\n")
+    reference = tap_of(stream, [1] * len(stream))
+    assert _observed(tap_of(stream), crlf) == _observed(reference, crlf)
+    assert _observed(tap_of(stream, sizes), crlf) == _observed(reference, crlf)
+
+
 def test_reasoning_and_tool_call_streams() -> None:
     reasoning = tap_of((SHARED_FIXTURES / "stream_reasoning.sse").read_bytes())
     usage = usage_from(reasoning.usage)
