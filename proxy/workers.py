@@ -12,10 +12,17 @@ processes, so each imports the app afresh), starts a new one when one exits on i
 (dropping the dead one's live gauges from ``/metrics``), and on SIGTERM or SIGINT passes
 one SIGTERM on and waits for their graceful shutdown; a second signal kills them. A
 worker's socket listens only once its app has started, so no connection waits on a
-worker that cannot answer yet. A worker that exits before its
-startup completed (a bad config, the store's scripts refused, a port taken) is a startup
-failure: the supervisor then stops every worker and exits 1 instead of restarting it in a
-loop.
+worker that cannot answer yet.
+
+* A worker of the first set that exits before its startup completed (a bad config, the
+  store's scripts refused, a port taken) is a startup failure: the supervisor stops every
+  worker and exits 1.
+* A replacement is started at once after a worker that ran ``STABLE_S`` seconds or more;
+  after one that died sooner, or that failed to start (a config broken since), the next
+  start waits 1, 2, 4 ... up to ``BACKOFF_MAX_S`` seconds, so a crash loop cannot spin,
+  while the other workers keep serving.
+* A worker that has not started after ``startup_timeout_s`` is killed (and counts as
+  failed to start).
 Linux only (``SO_REUSEPORT``); elsewhere ``serve`` keeps uvicorn's shared socket.
 """
 
@@ -29,6 +36,7 @@ import socket
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event as EventType
 from types import FrameType
@@ -36,9 +44,14 @@ from typing import Any
 
 from proxy.metrics import mark_worker_dead
 
-__all__ = ["bound_socket", "reuseport_supported", "serve_workers"]
+__all__ = ["BACKOFF_MAX_S", "STABLE_S", "bound_socket", "reuseport_supported", "serve_workers"]
 
 log = logging.getLogger("uvicorn.error")
+
+STABLE_S = 30.0  # a worker that ran this long (seconds) is replaced at once
+BACKOFF_MAX_S = 30.0  # the longest wait before restarting a worker that keeps failing
+STARTUP_TIMEOUT_S = 120.0
+_POLL_S = 0.2
 
 
 def reuseport_supported() -> bool:
@@ -94,11 +107,26 @@ def _worker(config_kwargs: Mapping[str, Any], parent: int, started: EventType) -
     server.run(sockets=[sock])
 
 
-def serve_workers(config_kwargs: Mapping[str, Any], workers: int) -> int:
+@dataclass
+class _Slot:
+    """One worker's place: its process (None while a restart waits until ``restart_at``,
+    monotonic seconds), when it was started, and its count of consecutive failures."""
+
+    proc: BaseProcess | None = None
+    started: EventType | None = None
+    born: float = 0.0
+    first: bool = True  # of the first set: failing to start stops the supervisor
+    failures: int = 0
+    restart_at: float = 0.0
+
+
+def serve_workers(
+    config_kwargs: Mapping[str, Any], workers: int, *, startup_timeout_s: float = STARTUP_TIMEOUT_S
+) -> int:
     """Run ``workers`` uvicorn servers with ``config_kwargs`` (``uvicorn.Config`` arguments,
     ``host`` and ``port`` included; port 0 picks one free port for all) until SIGTERM or
     SIGINT (a second one kills the workers at once); the exit code (0, or 1 when a worker
-    failed to start or the port is taken)."""
+    of the first set failed to start or the port is taken). Restarts as the module says."""
     host, port = str(config_kwargs["host"]), int(config_kwargs["port"])
     try:  # a plain bind fails if anything (another proxy's reuse-port sockets too) holds the port
         probe = bound_socket(host, port, reuse_port=False)
@@ -116,38 +144,74 @@ def serve_workers(config_kwargs: Mapping[str, Any], workers: int) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
 
-    def start() -> tuple[BaseProcess, EventType]:
-        started = ctx.Event()
-        proc = ctx.Process(target=_worker, args=(config_kwargs, os.getpid(), started), name="openrouter-proxy-worker")
-        proc.start()
-        return proc, started
+    def start(slot: _Slot) -> None:
+        slot.started = ctx.Event()
+        slot.proc = ctx.Process(
+            target=_worker, args=(config_kwargs, os.getpid(), slot.started), name="openrouter-proxy-worker"
+        )
+        slot.born = time.monotonic()
+        slot.proc.start()
 
-    procs: list[tuple[BaseProcess, EventType]] = []
+    slots = [_Slot() for _ in range(workers)]
     code = 0
     try:
-        procs += [start() for _ in range(workers)]
+        for slot in slots:
+            start(slot)
         scheme = "http://[%s]:%d" if ":" in host else "http://%s:%d"
         log.info("Supervisor [%d]: %d workers on " + scheme + " (SO_REUSEPORT)", os.getpid(), workers, host, port)
         while not signals:
-            time.sleep(0.2)
-            for i, (proc, started) in enumerate(procs):
-                if proc.is_alive():
+            time.sleep(_POLL_S)
+            for slot in slots:
+                if not _watch(slot, startup_timeout_s):
                     continue
-                proc.join()
-                _forget(proc)
-                if not started.is_set():
-                    log.error("worker [%s] exited with %s while starting; stopping", proc.pid, proc.exitcode)
+                if slot.proc is None:
+                    start(slot)
+                    continue
+                if slot.first:
+                    log.error("worker [%s] exited with %s while starting; stopping", slot.proc.pid, slot.proc.exitcode)
                     code = 1
                     signals.append(signal.SIGTERM)
                     break
-                log.warning("worker [%s] exited with %s; starting another", proc.pid, proc.exitcode)
-                procs[i] = start()
+                _schedule_restart(slot)
     finally:
-        _stop(procs, signals)
+        _stop([(slot.proc, slot.started) for slot in slots if slot.proc and slot.started], signals)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     log.info("Stopped supervisor [%d]", os.getpid())
     return code
+
+
+def _watch(slot: _Slot, startup_timeout_s: float) -> bool:
+    """True when ``slot`` needs the supervisor: its restart is due, or its worker is gone
+    (joined, its gauges dropped). Kills a worker that overran its startup."""
+    proc, now = slot.proc, time.monotonic()
+    if proc is None:
+        return now >= slot.restart_at
+    started = slot.started is not None and slot.started.is_set()
+    if started:
+        slot.first = False
+    if proc.is_alive():
+        if not started and now - slot.born > startup_timeout_s:
+            log.error("worker [%s] did not start within %.0f s; killing it", proc.pid, startup_timeout_s)
+            proc.kill()
+        return False
+    proc.join()
+    _forget(proc)
+    return True
+
+
+def _schedule_restart(slot: _Slot) -> None:
+    """Start the dead worker's replacement at once after a stable run, else after a back-off."""
+    assert slot.proc is not None and slot.started is not None
+    now = time.monotonic()
+    stable = slot.started.is_set() and now - slot.born >= STABLE_S
+    slot.failures = 0 if stable else slot.failures + 1
+    delay = 0.0 if stable else min(BACKOFF_MAX_S, 2.0 ** (slot.failures - 1))
+    how = "" if slot.started.is_set() else " while starting"
+    log.warning(
+        "worker [%s] exited with %s%s; starting another in %.0f s", slot.proc.pid, slot.proc.exitcode, how, delay
+    )
+    slot.proc, slot.started, slot.restart_at = None, None, now + delay
 
 
 def _stop(procs: list[tuple[BaseProcess, EventType]], signals: list[int]) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from proxy import workers as supervisor
 from proxy.workers import reuseport_supported
 from tests.factories import CLI, free_port, served_cli
 
@@ -126,3 +127,81 @@ def test_a_taken_port_fails_at_once(tmp_path: Path) -> None:
         )
     assert done.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr.decode()
+
+
+def _replaced(served_pid: int, port: int, gone: int, timeout_s: float = 30) -> tuple[list[int], float]:
+    """Wait until ``gone`` is no longer a worker and two workers listen again; (workers, seconds)."""
+    began = time.monotonic()
+    while time.monotonic() - began < timeout_s:
+        now = _workers(served_pid, port)
+        if len(now) == 2 and gone not in now:
+            return now, time.monotonic() - began
+        time.sleep(0.05)
+    raise AssertionError(f"worker {gone} was not replaced in {timeout_s} s")
+
+
+def test_a_worker_that_keeps_dying_is_restarted_after_a_growing_wait(tmp_path: Path) -> None:
+    with served_cli(tmp_path, "--workers", "2", startups=2, limits=False) as served:
+        port = int(served.url.rsplit(":", 1)[1])
+        workers = _workers(served.proc.pid, port)
+        os.kill(workers[0], signal.SIGKILL)  # it ran for less than STABLE_S: a back-off of 1 s
+        workers, waited = _replaced(served.proc.pid, port, workers[0])
+        assert waited >= 1.0
+        fresh = max(workers, key=lambda pid: os.stat(f"/proc/{pid}").st_mtime)
+        os.kill(fresh, signal.SIGKILL)  # its replacement died young too: 2 s
+        _, waited = _replaced(served.proc.pid, port, fresh)
+        assert waited >= 2.0
+        assert httpx.get(f"{served.url}/healthz", timeout=5).status_code == 200
+    log = served.log.read_text(errors="replace")
+    assert "starting another in 1 s" in log and "starting another in 2 s" in log, log
+
+
+def test_a_replacement_that_cannot_start_is_retried_while_the_others_serve(tmp_path: Path) -> None:
+    """A config broken after the start fails the replacement's startup: the supervisor
+    keeps the other worker serving and retries until the config is mended."""
+    with served_cli(tmp_path, "--workers", "2", startups=2, limits=False) as served:
+        port = int(served.url.rsplit(":", 1)[1])
+        config = tmp_path / "config.yaml"
+        good = config.read_bytes()
+        config.write_bytes(good + b"\nserver: [not, a, mapping]\n")
+        workers = _workers(served.proc.pid, port)
+        os.kill(workers[0], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while b"while starting; starting another" not in served.log.read_bytes():
+            assert time.monotonic() < deadline, served.log.read_text(errors="replace")
+            assert httpx.get(f"{served.url}/healthz", timeout=5).status_code == 200
+            time.sleep(0.1)
+        assert served.proc.poll() is None, "the supervisor stopped"
+        config.write_bytes(good)
+        now, _ = _replaced(served.proc.pid, port, workers[0])
+        assert workers[1] in now
+        assert httpx.get(f"{served.url}/healthz", timeout=5).status_code == 200
+
+
+class _Hung:
+    """A worker process stub that never finishes its startup."""
+
+    pid = 4242
+    exitcode = None
+
+    def __init__(self) -> None:
+        self.killed = False
+
+    def is_alive(self) -> bool:
+        return not self.killed
+
+    def kill(self) -> None:
+        self.killed = True
+
+    def join(self) -> None:
+        pass
+
+
+def test_a_worker_that_overruns_its_startup_is_killed() -> None:
+    import multiprocessing
+
+    hung = _Hung()
+    slot = supervisor._Slot(proc=hung, started=multiprocessing.Event(), born=time.monotonic() - 5)  # type: ignore[arg-type]
+    assert supervisor._watch(slot, startup_timeout_s=10) is False and not hung.killed
+    assert supervisor._watch(slot, startup_timeout_s=1) is False and hung.killed
+    assert supervisor._watch(slot, startup_timeout_s=1) is True  # now dead: the supervisor takes over
