@@ -252,7 +252,8 @@ if fits and not dry then
 end
 local out = {fits and 1 or 0}
 for i = 1, #states do
-  for j = 1, 5 do out[#out + 1] = fmt(states[i][j]) end
+  local st = states[i]
+  out[i + 1] = string.format('%d,%d,%d,%d,%d', st[1], st[2], st[3], st[4], st[5])
 end
 return table.concat(out, ',')
 """
