@@ -52,6 +52,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client import multiprocess as prom_multiprocess
 
 from proxy.accounting import LedgerEntry
+from proxy.sinks import Activity
 
 __all__ = ["BREAKER_STATES", "Metrics", "mark_worker_dead", "multiprocess_dir", "prepare_multiprocess_dir"]
 
@@ -210,6 +211,16 @@ class Metrics:
         """``Activity`` listener: requests and streams in flight in this worker."""
         self.in_flight.set(requests)
         self.streams.set(streams)
+
+    def watch(self, activity: Activity) -> None:
+        """Report ``activity``'s requests and streams in flight: read when scraped in one
+        process (nothing per request), written on every change in multiprocess mode (each
+        worker's value must be in its file for the ``livesum``)."""
+        if multiprocess_dir() is None:
+            self.in_flight.set_function(lambda: activity.requests)
+            self.streams.set_function(lambda: activity.streams)
+        else:
+            activity.listeners.append(self.activity)
 
     def retry(self, model: str, reason: str) -> None:
         """The pipeline retries an attempt on ``model`` because of ``reason`` (an error code)."""

@@ -121,7 +121,7 @@ class Observability:
         self.health = Health(store, lambda: client.get_json("/key"), breakers)
         self.usage_api = UsageAPI(store.usage, keyring, settings.admin.key_sha256)
         if self.metrics is not None:
-            activity.listeners.append(self.metrics.activity)
+            self.metrics.watch(activity)
         if self.exporter is not None and store.name == "memory" and settings.server.workers > 1:
             log.warning("ledger.export_dir with the in-memory store and several workers: only one worker exports")
         self._stop = asyncio.Event()

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.accounting import account, nano
 from proxy.metrics import Metrics
+from proxy.sinks import Activity
 from proxy.types import Usage
 
 from .conftest import ProxyUnderTest
@@ -97,6 +98,22 @@ def test_rejections_pipeline_events_and_bounded_labels() -> None:
 
 def _none(model: str | None) -> None:
     return None
+
+
+def test_in_flight_gauges_read_the_activity_when_scraped() -> None:
+    """One process: the gauges read the live counts at scrape time, nothing runs per request."""
+    metrics, activity = Metrics(), Activity()
+    metrics.watch(activity)
+    assert activity.listeners == []
+    activity.enter()
+    activity.enter()
+    activity.stream_open()
+    text = metrics.render()[0].decode()
+    assert f"{P}in_flight_requests 2.0" in text and f"{P}in_flight_streams 1.0" in text
+    activity.stream_close()
+    activity.leave()
+    text = metrics.render()[0].decode()
+    assert f"{P}in_flight_requests 1.0" in text and f"{P}in_flight_streams 0.0" in text
 
 
 @pytest.mark.slow
