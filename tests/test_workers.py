@@ -129,6 +129,15 @@ def test_a_taken_port_fails_at_once(tmp_path: Path) -> None:
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr.decode()
 
 
+def _both_listening(served_pid: int, port: int, timeout_s: float = 30) -> list[int]:
+    """The two workers, once both listen (a worker listens a moment after its startup log line)."""
+    deadline = time.monotonic() + timeout_s
+    while len(workers := _workers(served_pid, port)) < 2:
+        assert time.monotonic() < deadline, "the workers never both listened"
+        time.sleep(0.05)
+    return workers
+
+
 def _replaced(served_pid: int, port: int, gone: int, timeout_s: float = 30) -> tuple[list[int], float]:
     """Wait until ``gone`` is no longer a worker and two workers listen again; (workers, seconds)."""
     began = time.monotonic()
@@ -143,7 +152,7 @@ def _replaced(served_pid: int, port: int, gone: int, timeout_s: float = 30) -> t
 def test_a_worker_that_keeps_dying_is_restarted_after_a_growing_wait(tmp_path: Path) -> None:
     with served_cli(tmp_path, "--workers", "2", startups=2, limits=False) as served:
         port = int(served.url.rsplit(":", 1)[1])
-        workers = _workers(served.proc.pid, port)
+        workers = _both_listening(served.proc.pid, port)
         os.kill(workers[0], signal.SIGKILL)  # it ran for less than STABLE_S: a back-off of 1 s
         workers, waited = _replaced(served.proc.pid, port, workers[0])
         assert waited >= 1.0
@@ -164,7 +173,7 @@ def test_a_replacement_that_cannot_start_is_retried_while_the_others_serve(tmp_p
         config = tmp_path / "config.yaml"
         good = config.read_bytes()
         config.write_bytes(good + b"\nserver: [not, a, mapping]\n")
-        workers = _workers(served.proc.pid, port)
+        workers = _both_listening(served.proc.pid, port)
         os.kill(workers[0], signal.SIGKILL)
         deadline = time.monotonic() + 30
         while b"while starting; starting another" not in served.log.read_bytes():
