@@ -206,7 +206,7 @@ def _schedule_restart(slot: _Slot) -> None:
     now = time.monotonic()
     stable = slot.started.is_set() and now - slot.born >= STABLE_S
     slot.failures = 0 if stable else slot.failures + 1
-    delay = 0.0 if stable else min(BACKOFF_MAX_S, 2.0 ** (slot.failures - 1))
+    delay = 0.0 if stable else min(BACKOFF_MAX_S, 2.0 ** min(slot.failures - 1, 16))  # no float overflow
     how = "" if slot.started.is_set() else " while starting"
     log.warning(
         "worker [%s] exited with %s%s; starting another in %.0f s", slot.proc.pid, slot.proc.exitcode, how, delay

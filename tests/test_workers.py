@@ -214,3 +214,14 @@ def test_a_worker_that_overruns_its_startup_is_killed() -> None:
     assert supervisor._watch(slot, startup_timeout_s=10) is False and not hung.killed
     assert supervisor._watch(slot, startup_timeout_s=1) is False and hung.killed
     assert supervisor._watch(slot, startup_timeout_s=1) is True  # now dead: the supervisor takes over
+
+
+def test_the_back_off_stays_at_its_cap_however_long_a_worker_keeps_failing() -> None:
+    import multiprocessing
+
+    dead = _Hung()
+    dead.killed = True
+    slot = supervisor._Slot(proc=dead, started=multiprocessing.Event(), born=time.monotonic(), failures=5000)  # type: ignore[arg-type]
+    supervisor._schedule_restart(slot)
+    assert slot.failures == 5001 and slot.proc is None
+    assert slot.restart_at - time.monotonic() == pytest.approx(supervisor.BACKOFF_MAX_S, abs=1)
