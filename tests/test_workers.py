@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import re
 import signal
@@ -64,10 +65,19 @@ def _workers(pid: int, port: int) -> list[int]:
     return [child for child in _children(pid) if _held(child, listening)]
 
 
+def _both_listening(served_pid: int, port: int, timeout_s: float = 30) -> list[int]:
+    """The two workers, once both listen (a worker listens a moment after its startup log line)."""
+    deadline = time.monotonic() + timeout_s
+    while len(workers := _workers(served_pid, port)) < 2:
+        assert time.monotonic() < deadline, "the workers never both listened"
+        time.sleep(0.05)
+    return workers
+
+
 def test_each_worker_listens_on_its_own_socket_and_takes_a_share(tmp_path: Path) -> None:
     with served_cli(tmp_path, "--workers", "2", startups=2, limits=False) as served:
         port = int(served.url.rsplit(":", 1)[1])
-        workers = _workers(served.proc.pid, port)
+        workers = _both_listening(served.proc.pid, port)
         assert len(workers) == 2
         listening = _sockets(port, "0A")
         assert len(listening) == 2, "the workers share one listening socket"
@@ -110,7 +120,7 @@ def test_port_zero_gives_every_worker_the_same_free_port(tmp_path: Path) -> None
         found = re.search(rb"2 workers on http://127\.0\.0\.1:(\d+)", served.log.read_bytes())
         assert found is not None, served.log.read_text(errors="replace")
         port = int(found.group(1))
-        assert port != 0 and len(_workers(served.proc.pid, port)) == 2
+        assert port != 0 and len(_both_listening(served.proc.pid, port)) == 2
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
 
 
@@ -127,15 +137,6 @@ def test_a_taken_port_fails_at_once(tmp_path: Path) -> None:
         )
     assert done.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr.decode()
-
-
-def _both_listening(served_pid: int, port: int, timeout_s: float = 30) -> list[int]:
-    """The two workers, once both listen (a worker listens a moment after its startup log line)."""
-    deadline = time.monotonic() + timeout_s
-    while len(workers := _workers(served_pid, port)) < 2:
-        assert time.monotonic() < deadline, "the workers never both listened"
-        time.sleep(0.05)
-    return workers
 
 
 def _replaced(served_pid: int, port: int, gone: int, timeout_s: float = 30) -> tuple[list[int], float]:
@@ -207,8 +208,6 @@ class _Hung:
 
 
 def test_a_worker_that_overruns_its_startup_is_killed() -> None:
-    import multiprocessing
-
     hung = _Hung()
     slot = supervisor._Slot(proc=hung, started=multiprocessing.Event(), born=time.monotonic() - 5)  # type: ignore[arg-type]
     assert supervisor._watch(slot, startup_timeout_s=10) is False and not hung.killed
@@ -217,8 +216,6 @@ def test_a_worker_that_overruns_its_startup_is_killed() -> None:
 
 
 def test_the_back_off_stays_at_its_cap_however_long_a_worker_keeps_failing() -> None:
-    import multiprocessing
-
     dead = _Hung()
     dead.killed = True
     slot = supervisor._Slot(proc=dead, started=multiprocessing.Event(), born=time.monotonic(), failures=5000)  # type: ignore[arg-type]
