@@ -4,7 +4,10 @@ One run drives wrk (POST /v1/chat/completions, streamed and not, at each concurr
 against, in order:
 
 a. ``emulator``: the OpenRouter emulator directly (the baseline latency);
-b. ``floor``: ``passthrough.py --client aiohttp`` in front of it (the bare pass-through);
+b. ``floor``: ``passthrough.py --client aiohttp`` in front of it (the bare pass-through: a
+   raw ASGI callable on uvicorn with aiohttp, the same stack as the proxy's hot path);
+b'. ``starlette-floor``: the same pass-through as a starlette route (``--app starlette``), the
+   reference issue #7 measured (~660 µs) and states its CPU target against;
 c. ``proxy``: ``openrouter-proxy serve`` in front of it, with virtual keys (8 keys in
    4 teams, cycled), ``loadtests/policies/routing.yaml`` (10 aliases, 23 rules),
    Redis-backed limits and budgets (``loadtests/policies/limits.yaml``, generous tiers;
@@ -248,6 +251,13 @@ def run(args: argparse.Namespace) -> str:
                 floor.rss_pid = floor_proc.pid
                 bench.grid(floor)
                 probe_rows.append(bench.probes(floor))
+        if "starlette-floor" in args.targets:
+            with stack.passthrough(
+                args.proxy_cpus, upstream, log=workdir / "starlette-floor.log", app="starlette"
+            ) as floor_proc:
+                floor = Target(report.STARLETTE_FLOOR, f"{floor_proc.url}/v1/chat/completions", [floor_proc.pid], luas)
+                floor.rss_pid = floor_proc.pid
+                bench.grid(floor)
         if "proxy" in args.targets:
             with stack.proxy(args.proxy_cpus, config, env) as proxy_proc:
                 proxy = Target("proxy (all features)", f"{proxy_proc.url}/v1/chat/completions", [proxy_proc.pid], luas)
@@ -291,7 +301,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short runs, 20,000-request memory check (~2.5 min)")
     parser.add_argument("--connections", default="1,16,64", help="comma-separated wrk connection counts")
-    parser.add_argument("--targets", default="emulator,floor,proxy", help="comma-separated subset to run")
+    parser.add_argument(
+        "--targets", default="emulator,floor,starlette-floor,proxy", help="comma-separated subset to run"
+    )
     parser.add_argument("--modes", default="non-stream,stream", help="comma-separated subset of the modes")
     parser.add_argument("--duration", type=float, help="measured seconds per run (quick 3, full 10)")
     parser.add_argument("--warmup", type=float, help="warm-up seconds before each run (quick 1, full 2)")

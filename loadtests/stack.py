@@ -222,12 +222,13 @@ def redis(cpus: str | None) -> Iterator[Process]:
 
 
 @contextmanager
-def passthrough(cpus: str | None, upstream: str, client: str = "aiohttp", log: Path | None = None) -> Iterator[Process]:
+def passthrough(
+    cpus: str | None, upstream: str, client: str = "aiohttp", log: Path | None = None, app: str = "asgi"
+) -> Iterator[Process]:
+    """``passthrough.py`` (``app``: ``asgi``, the raw callable, or ``starlette``)."""
     port = free_port()
-    argv = pinned(
-        cpus,
-        [PYTHON, str(HERE / "passthrough.py"), "--client", client, "--port", str(port), "--upstream", upstream],
-    )
+    script = [PYTHON, str(HERE / "passthrough.py"), "--client", client, "--app", app]
+    argv = pinned(cpus, [*script, "--port", str(port), "--upstream", upstream])
     with child(argv, port, "/healthz", log=log) as proc:
         yield proc
 
