@@ -5,7 +5,8 @@ Secrets and endpoints come from the environment and override the file:
 ==========================  ===========================================================
 ``OPENROUTER_API_KEY``      the upstream key (never in the file, never logged)
 ``OPENROUTER_BASE_URL``     upstream base URL, default ``https://openrouter.ai/api/v1``
-``REDIS_URL``               the shared store; absent means the embedded in-memory store
+``REDIS_URL``               the shared store (``redis[s]://``, or ``redis[s]+cluster://`` naming any
+                            node of a Redis Cluster); absent means the embedded in-memory store
 ``PROXY_CONFIG``            path of the config file (the CLI's ``--config`` wins)
 ``PROXY_ADMIN_KEY``         the admin API key (hashed at load; never stored)
 ==========================  ===========================================================

@@ -130,7 +130,7 @@ class MemoryKeyStore:
 
 
 class RedisKeyStore:
-    def __init__(self, client: aioredis.Redis, timeout_s: float = 1.0) -> None:
+    def __init__(self, client: aioredis.Redis | aioredis.RedisCluster, timeout_s: float = 1.0) -> None:
         self._client = client
         self._timeout_s = timeout_s
         self._change = client.register_script(_CHANGE)

@@ -21,7 +21,7 @@ from proxy.app import ProxyApp, create_app
 from proxy.auth import hash_key
 from proxy.config import Settings, load_settings
 
-from .redis_server import redis_server
+from .redis_server import flush, redis_cluster, redis_server
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_FIXTURES = REPO.parent / "shared" / "openrouter" / "fixtures"
@@ -97,19 +97,31 @@ def redis_url() -> Iterator[str]:
 @pytest.fixture
 def fresh_redis(redis_url: str) -> str:
     """The module's redis-server, emptied for this test."""
-    import redis
-
-    with redis.Redis.from_url(redis_url) as client:
-        client.flushall()
+    flush(redis_url)
     return redis_url
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(scope="session")
+def redis_cluster_url() -> Iterator[str]:
+    """``redis+cluster://...``: a three-node Redis Cluster for the whole session."""
+    with redis_cluster() as url:
+        yield url
+
+
+@pytest.fixture
+def fresh_cluster(redis_cluster_url: str) -> str:
+    """The session's Redis Cluster, emptied for this test."""
+    flush(redis_cluster_url)
+    return redis_cluster_url
+
+
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 def store_url(request: pytest.FixtureRequest) -> str | None:
-    """Run a test against the in-memory store and against a real, emptied redis-server."""
+    """Run a test against the in-memory store, a real, emptied redis-server and a real,
+    emptied three-node Redis Cluster."""
     if request.param == "memory":
         return None
-    url: str = request.getfixturevalue("fresh_redis")
+    url: str = request.getfixturevalue("fresh_redis" if request.param == "redis" else "fresh_cluster")
     return url
 
 

@@ -23,6 +23,7 @@ from proxy.store import Store, open_store
 from proxy.types import ChatCall, Principal, RoutePlan, Usage, UsageRecord
 
 from .factories import free_port, usage_record
+from .redis_server import flush
 
 MODELS = orjson.loads((Path(__file__).resolve().parents[1] / "proxy/emulator/data/models.json").read_bytes())
 MINI = "openai/gpt-4o-mini"  # 0.15 USD / M prompt tokens, 0.60 USD / M completion tokens
@@ -77,8 +78,7 @@ def record(usage: Usage | None = None, status: int = 200) -> UsageRecord:
 def open_test_store(url: str | None) -> Store:
     """A store; a Redis one is flushed first so every test starts from zero."""
     if url is not None:
-        with redis.Redis.from_url(url) as client:
-            client.flushdb()
+        flush(url)
     return open_store(url)
 
 

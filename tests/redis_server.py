@@ -48,3 +48,77 @@ def redis_server() -> Iterator[str]:
         finally:
             proc.terminate()
             proc.wait(timeout=10)
+
+
+@contextmanager
+def redis_cluster(nodes: int = 3) -> Iterator[str]:
+    """Yield ``redis+cluster://127.0.0.1:<port>``: a Redis Cluster of ``nodes`` primaries on
+    free loopback ports, the 16384 slots split evenly (no replicas, no persistence); skip
+    (or fail with REQUIRE_REDIS=1) without redis-server."""
+    import redis
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("REQUIRE_REDIS") == "1":
+            pytest.fail("redis-server is not installed and REQUIRE_REDIS=1")
+        pytest.skip("redis-server is not installed")
+    ports = [free_port() for _ in range(nodes)]
+    procs: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryDirectory() as workdir:
+        try:
+            common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir]
+            common += ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]
+            buses = [free_port() for _ in ports]  # the default bus port, port + 10000, may be taken or past 65535
+            for port, bus in zip(ports, buses, strict=True):
+                argv = [binary, "--port", str(port), "--cluster-port", str(bus), *common]
+                argv += ["--cluster-config-file", f"nodes-{port}.conf"]
+                procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            clients = [redis.Redis(port=port, socket_timeout=2) for port in ports]
+            deadline = time.monotonic() + 10
+            for client in clients:
+                while True:
+                    try:
+                        client.ping()
+                        break
+                    except redis.ConnectionError:
+                        if time.monotonic() > deadline:
+                            raise RuntimeError("redis-server (cluster mode) did not start") from None
+                        time.sleep(0.02)
+            share = 16384 // nodes
+            for i, client in enumerate(clients):
+                last = 16383 if i == nodes - 1 else (i + 1) * share - 1
+                client.execute_command("CLUSTER", "ADDSLOTSRANGE", i * share, last)
+            for port, bus in zip(ports[1:], buses[1:], strict=True):
+                clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", port, bus)
+            deadline = time.monotonic() + 20
+            while not all(b"cluster_state:ok" in client.execute_command("CLUSTER", "INFO") for client in clients):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the Redis Cluster did not come up")
+                time.sleep(0.05)
+            for client in clients:  # every node must know every slot's owner before clients ask
+                while len(client.execute_command("CLUSTER", "SLOTS")) < nodes:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the Redis Cluster did not agree on its slots")
+                    time.sleep(0.05)
+                client.close()
+            yield f"redis+cluster://127.0.0.1:{ports[0]}"
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                proc.wait(timeout=10)
+
+
+def flush(url: str) -> None:
+    """Empty the Redis (every primary of a ``redis+cluster://`` one) behind ``url``."""
+    import redis
+
+    from proxy.store.redis import cluster_url
+
+    plain = cluster_url(url)
+    if plain is None:
+        with redis.Redis.from_url(url) as client:
+            client.flushdb()
+        return
+    with redis.RedisCluster.from_url(plain) as cluster:
+        cluster.flushall(target_nodes=redis.RedisCluster.PRIMARIES)

@@ -54,15 +54,17 @@ def _bulk(value: bytes) -> bytes:
 
 
 class EncodedKeys(NamedTuple):
-    """A key list as RESP: ``numkeys`` and then each key (``encode_keys``)."""
+    """A key list as RESP: ``numkeys`` and then each key (``encode_keys``), and the keys."""
 
     numkeys: int
     block: bytes
+    keys: tuple[str, ...]
 
 
 def encode_keys(keys: Sequence[str]) -> EncodedKeys:
     """``keys`` encoded once, for callers that send the same key list many times."""
-    return EncodedKeys(len(keys), _bulk(str(len(keys)).encode()) + b"".join(_bulk(k.encode()) for k in keys))
+    block = _bulk(str(len(keys)).encode()) + b"".join(_bulk(k.encode()) for k in keys)
+    return EncodedKeys(len(keys), block, tuple(keys))
 
 
 class _Replies(asyncio.Protocol):

@@ -2,11 +2,13 @@
 
 Both go through ``proxy.limits.lane.ScriptLane`` (one pipelined connection per worker, set
 up from the store client's settings); a settlement may wait up to 5 ms to share the next
-admission's write. Every call is bounded by ``timeout_s`` (tens of milliseconds), and every
-redis-py error or timeout is translated to ``StoreUnavailable`` here. A call cut short by
-the timeout may still have run on the server: its window counts age out with the window and
-its holds with their lease. After a Redis restart the lane loads the scripts again
-(``NOSCRIPT``). Encodings are cached per ``shape`` (see ``Backend.reserve``).
+admission's write. On a Redis Cluster they go through ``proxy.limits.cluster.ClusterScripts``
+(redis-py's cluster client: the node owning the request's hash tag, redirects followed).
+Every call is bounded by ``timeout_s`` (tens of milliseconds), and every redis-py error or
+timeout is translated to ``StoreUnavailable`` here. A call cut short by the timeout may
+still have run on the server: its window counts age out with the window and its holds with
+their lease. After a Redis restart the scripts are loaded again (``NOSCRIPT``). Encodings
+are cached per ``shape`` (see ``Backend.reserve``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from proxy.limits.backend import Check, CheckState, Decision, Release
+from proxy.limits.cluster import ClusterScripts
 from proxy.limits.lane import EncodedKeys, ScriptLane, encode_keys
 from proxy.limits.lua import RESERVE, SETTLE
 from proxy.store import StoreUnavailable
@@ -33,12 +36,12 @@ class RedisBackend:
 
     name = "redis"
 
-    def __init__(self, client: aioredis.Redis, timeout_s: float) -> None:
+    def __init__(self, client: aioredis.Redis | aioredis.RedisCluster, timeout_s: float) -> None:
         self._client = client
         self._timeout_s = timeout_s
         self._reserve = client.register_script(RESERVE)
         self._settle = client.register_script(SETTLE)
-        self._lane = ScriptLane(client)
+        self._lane = ScriptLane(client) if isinstance(client, aioredis.Redis) else ClusterScripts(client)
         self._reserve_shapes: dict[Hashable, tuple[EncodedKeys, str]] = {}
         self._settle_shapes: dict[Hashable, EncodedKeys] = {}
 

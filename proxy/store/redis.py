@@ -1,7 +1,11 @@
-"""The Redis store: many proxy replicas share one Redis and act as one.
+"""The Redis store: many proxy replicas share one Redis (or Redis Cluster) and act as one.
 
-Keys are laid out for Redis Cluster (hash tags per request and for the ledger), but the
-client talks to one endpoint and does not follow ``MOVED`` redirects.
+``redis://`` / ``rediss://`` (TLS) URLs name one Redis endpoint; ``redis+cluster://`` /
+``rediss+cluster://`` name any node of a Redis Cluster, and the client (redis-py's
+``RedisCluster``) discovers the others, routes each command to the node owning its hash
+slot and follows ``MOVED``/``ASK`` redirects when slots move. Every multi-key command and
+script touches keys of one hash tag (``{t:<team>}``/``{k:<key>}`` per request,
+``{usage}``, ``{keys}``, ``{breakers}``), so each runs on one slot.
 
 The usage ledger (``store.usage``, a Stream plus per-day rollup hashes) is
 ``proxy.store.usage_redis``; it shares this store's client. Every redis-py error is
@@ -17,30 +21,51 @@ from redis.exceptions import RedisError
 from proxy.store.base import StoreUnavailable
 from proxy.store.usage_redis import RedisUsage
 
-__all__ = ["RedisStore"]
+__all__ = ["CLUSTER_SCHEMES", "RedisClient", "RedisStore", "cluster_url"]
 
 _BREAKERS = "orp:{breakers}"
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+RedisClient = aioredis.Redis | aioredis.RedisCluster
+
+
+def cluster_url(url: str) -> str | None:
+    """The plain ``redis://``/``rediss://`` URL of a ``redis+cluster://``/``rediss+cluster://``
+    one (``None``: not a cluster URL)."""
+    scheme, sep, rest = url.partition("://")
+    plain = CLUSTER_SCHEMES.get(scheme.lower()) if sep else None
+    return f"{plain}://{rest}" if plain else None
 
 
 class RedisStore:
+    """The shared ``Store``; ``timeout_s`` bounds connecting and each reply (seconds)."""
+
     name = "redis"
 
     def __init__(self, url: str, *, timeout_s: float = 1.0, max_connections: int = 64) -> None:
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=timeout_s,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            health_check_interval=30,
-            decode_responses=True,
-        )
-        self._redis = aioredis.Redis(connection_pool=pool)
+        options = {
+            "socket_timeout": timeout_s,
+            "socket_connect_timeout": timeout_s,
+            "health_check_interval": 30,
+            "decode_responses": True,
+        }
+        plain = cluster_url(url)
+        self.cluster = plain is not None
+        self._redis: RedisClient
+        if plain is not None:
+            # per node; past it redis-py fails a command instead of waiting, so leave room
+            # above the limiter's 128 calls in flight (proxy.limits.cluster) for the rest
+            self._redis = aioredis.RedisCluster.from_url(plain, max_connections=4 * max_connections, **options)
+        else:
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=max_connections, timeout=timeout_s, **options
+            )
+            self._redis = aioredis.Redis(connection_pool=pool)
         self.usage = RedisUsage(self._redis)
 
     @property
-    def client(self) -> aioredis.Redis:
-        """The shared redis-py client (one connection pool per worker) for other stores."""
+    def client(self) -> RedisClient:
+        """The shared redis-py client (one connection pool per worker, or per node and
+        worker in a cluster) for other stores."""
         return self._redis
 
     async def ping(self) -> bool:
@@ -67,7 +92,7 @@ class RedisStore:
 
     async def cache_get(self, key: str) -> bytes | None:
         try:  # raw bytes: this client decodes replies to str, cached bodies stay bytes
-            raw = await self._redis.execute_command("GET", key, **{NEVER_DECODE: True})  # type: ignore[no-untyped-call]
+            raw = await self._redis.execute_command("GET", key, **{NEVER_DECODE: True})
         except RedisError as exc:
             raise StoreUnavailable(str(exc)) from exc
         return bytes(raw) if raw is not None else None
@@ -80,4 +105,5 @@ class RedisStore:
 
     async def aclose(self) -> None:
         await self._redis.aclose()
-        await self._redis.connection_pool.disconnect()
+        if isinstance(self._redis, aioredis.Redis):
+            await self._redis.connection_pool.disconnect()

@@ -89,7 +89,7 @@ def _glob_escape(text: str) -> str:
 class RedisUsage:
     """``UsageLedger`` on a shared redis-py client (``decode_responses=True``)."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis | aioredis.RedisCluster) -> None:
         self._redis = client
         self._append = client.register_script(_APPEND)
 

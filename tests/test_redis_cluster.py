@@ -1,0 +1,123 @@
+"""The proxy on a real three-node Redis Cluster (``redis+cluster://``), as the OpenAI SDK sees it.
+
+The teams' hash tags land on different nodes (``{t:research}`` slot 1815 on the first,
+``{t:web}`` slot 13665 on the third) and the ledger's ``{usage}`` (slot 9629) on the
+second, so one request touches two nodes and the fleet all three. The store-contract,
+limiter, ledger and key-store suites also run on a cluster (the ``store_url`` fixture);
+this module checks what only a running proxy on a cluster shows, including a slot that
+moves to another node while the proxy runs (``MOVED``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import redis
+import yaml
+
+from proxy.store.redis import cluster_url
+
+from .conftest import ALICE_KEY, BOB_KEY, ProxyUnderTest
+
+MESSAGES: Any = [{"role": "user", "content": "What is the capital of France?"}]
+MINI = "openai/gpt-4o-mini"
+POLICY = {"default_tier": "t", "tiers": {"t": {"requests_per_minute": 3}}}
+
+
+@pytest.fixture
+def cluster_proxy(tmp_path: Path, proxy_server: Any, fresh_cluster: str) -> ProxyUnderTest:
+    (tmp_path / "policies").mkdir(exist_ok=True)
+    (tmp_path / "policies" / "limits.yaml").write_text(yaml.safe_dump(POLICY))
+    extra = {"store": {"redis_url": fresh_cluster}, "limits": {"store_timeout_ms": 5000}}
+    proxy: ProxyUnderTest = proxy_server(extra=yaml.safe_dump(extra))
+    return proxy
+
+
+def nodes(url: str) -> redis.RedisCluster:
+    plain = cluster_url(url)
+    assert plain is not None
+    return redis.RedisCluster.from_url(plain, decode_responses=True)
+
+
+def ask(proxy: ProxyUnderTest, key: str) -> int:
+    client = openai.OpenAI(base_url=proxy.base_url, api_key=key, max_retries=0, timeout=10)
+    try:
+        client.chat.completions.create(model=MINI, messages=MESSAGES, max_tokens=5)
+    except openai.RateLimitError:
+        return 429
+    return 200
+
+
+def node_keys(cluster: redis.RedisCluster, tag: str) -> tuple[str, list[str]]:
+    """The node owning ``tag``'s slot and the keys with that tag it holds."""
+    node = cluster.get_node_from_key("{" + tag + "}")
+    found = cluster.keys(f"*{{{tag}}}*", target_nodes=node)
+    return node.name, sorted(found)
+
+
+def eventually(probe: Any, timeout: float = 5.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (result := probe()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return result
+
+
+def test_limits_hold_per_team_on_the_node_that_owns_the_team(
+    cluster_proxy: ProxyUnderTest, fresh_cluster: str
+) -> None:
+    assert [ask(cluster_proxy, ALICE_KEY) for _ in range(4)] == [200, 200, 200, 429]
+    assert [ask(cluster_proxy, BOB_KEY) for _ in range(4)] == [200, 200, 200, 429]
+    with nodes(fresh_cluster) as cluster:
+        research_node, research = node_keys(cluster, "t:research")
+        web_node, web = node_keys(cluster, "t:web")
+        assert research_node != web_node
+        assert any(k.endswith(":requests_per_minute") for k in research), research
+        assert any(k.endswith(":requests_per_minute") for k in web), web
+        # the ledger (batched, a moment later) on the node owning {usage}: one entry per request
+        assert eventually(lambda: cluster.xlen("orp:{usage}:ledger") == 8), cluster.xlen("orp:{usage}:ledger")
+    records = cluster_proxy.records(8)
+    assert sorted(r["status"] for r in records) == [200] * 6 + [429] * 2
+
+
+def move_slot(url: str, tag: str) -> tuple[str, str]:
+    """Migrate ``tag``'s slot, keys and all, to the next node (as ``redis-cli --cluster
+    reshard`` does); ``(old owner, new owner)``."""
+    with nodes(url) as cluster:
+        slot = cluster.keyslot("{" + tag + "}")
+        source = cluster.get_node_from_key("{" + tag + "}")
+        primaries = sorted(cluster.get_primaries(), key=lambda n: n.port)
+        target = primaries[(primaries.index(source) + 1) % len(primaries)]
+        ids = {n.name: cluster.cluster_myid(n) for n in primaries}
+        conn = {n.name: redis.Redis(host=n.host, port=n.port) for n in primaries}
+    try:
+        conn[target.name].execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source.name])
+        conn[source.name].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target.name])
+        keys = conn[source.name].execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000)
+        if keys:
+            conn[source.name].execute_command("MIGRATE", target.host, target.port, "", 0, 5000, "KEYS", *keys)
+        for name in conn:
+            conn[name].execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target.name])
+    finally:
+        for client in conn.values():
+            client.close()
+    return source.name, target.name
+
+
+def test_a_slot_moved_to_another_node_is_followed_with_its_counters(
+    cluster_proxy: ProxyUnderTest, fresh_cluster: str
+) -> None:
+    assert [ask(cluster_proxy, ALICE_KEY) for _ in range(2)] == [200, 200]
+    old, new = move_slot(fresh_cluster, "t:research")
+    with nodes(fresh_cluster) as cluster:
+        owner, moved = node_keys(cluster, "t:research")
+    assert (owner, bool(moved)) == (new, True)
+    assert old != new
+    # the proxy still has the old slot map: MOVED sends it to the new owner, whose counters
+    # remember the two requests already made, so the limit of 3 per minute still holds
+    assert [ask(cluster_proxy, ALICE_KEY) for _ in range(2)] == [200, 429]
+    limits = cluster_proxy.records(4)
+    assert [r["status"] for r in limits] == [200, 200, 200, 429]
