@@ -23,12 +23,12 @@ from typing import Any, Protocol
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from proxy.auth import Keyring
 from proxy.limits.policy import KeyBudgets
 from proxy.store import Store, StoreUnavailable
 from proxy.store.redis import RedisStore
+from proxy.store.redis_errors import REDIS_ERRORS
 
 __all__ = [
     "KeyExists",
@@ -141,7 +141,7 @@ class RedisKeyStore:
                 return await command
         except TimeoutError:
             raise StoreUnavailable("Redis did not answer in time") from None
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     async def version(self) -> int:

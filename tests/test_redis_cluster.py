@@ -10,15 +10,19 @@ moves to another node while the proxy runs (``MOVED``).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 import redis
+import redis.asyncio as aioredis
 import yaml
 
+from proxy.limits.cluster import ClusterScripts
 from proxy.store.redis import cluster_url
 
 from .conftest import ALICE_KEY, BOB_KEY, ProxyUnderTest
@@ -66,9 +70,9 @@ def eventually(probe: Any, timeout: float = 5.0) -> Any:
     return result
 
 
-def test_limits_hold_per_team_on_the_node_that_owns_the_team(
-    cluster_proxy: ProxyUnderTest, fresh_cluster: str
-) -> None:
+def test_limits_hold_per_team_on_the_node_that_owns_the_team(cluster_proxy: ProxyUnderTest, fresh_cluster: str) -> None:
+    ready = httpx.get(f"{cluster_proxy.url}/readyz")
+    assert ready.status_code == 200 and ready.json()["store"] == {"backend": "redis", "reachable": True}
     assert [ask(cluster_proxy, ALICE_KEY) for _ in range(4)] == [200, 200, 200, 429]
     assert [ask(cluster_proxy, BOB_KEY) for _ in range(4)] == [200, 200, 200, 429]
     with nodes(fresh_cluster) as cluster:
@@ -83,14 +87,15 @@ def test_limits_hold_per_team_on_the_node_that_owns_the_team(
     assert sorted(r["status"] for r in records) == [200] * 6 + [429] * 2
 
 
-def move_slot(url: str, tag: str) -> tuple[str, str]:
-    """Migrate ``tag``'s slot, keys and all, to the next node (as ``redis-cli --cluster
-    reshard`` does); ``(old owner, new owner)``."""
+def move_slot(url: str, tag: str, to: str | None = None) -> tuple[str, str]:
+    """Migrate ``tag``'s slot, keys and all, to node ``to`` (default: a node owning none of
+    the tags these tests use), as ``redis-cli --cluster reshard`` does; ``(old owner, new owner)``."""
     with nodes(url) as cluster:
         slot = cluster.keyslot("{" + tag + "}")
         source = cluster.get_node_from_key("{" + tag + "}")
-        primaries = sorted(cluster.get_primaries(), key=lambda n: n.port)
-        target = primaries[(primaries.index(source) + 1) % len(primaries)]
+        primaries = cluster.get_primaries()
+        busy = {cluster.get_node_from_key("{" + t + "}").name for t in ("t:research", "t:web")}
+        target = next(n for n in primaries if (n.name == to if to else n.name not in busy | {source.name}))
         ids = {n.name: cluster.cluster_myid(n) for n in primaries}
         conn = {n.name: redis.Redis(host=n.host, port=n.port) for n in primaries}
     try:
@@ -112,12 +117,62 @@ def test_a_slot_moved_to_another_node_is_followed_with_its_counters(
 ) -> None:
     assert [ask(cluster_proxy, ALICE_KEY) for _ in range(2)] == [200, 200]
     old, new = move_slot(fresh_cluster, "t:research")
-    with nodes(fresh_cluster) as cluster:
-        owner, moved = node_keys(cluster, "t:research")
-    assert (owner, bool(moved)) == (new, True)
-    assert old != new
-    # the proxy still has the old slot map: MOVED sends it to the new owner, whose counters
-    # remember the two requests already made, so the limit of 3 per minute still holds
-    assert [ask(cluster_proxy, ALICE_KEY) for _ in range(2)] == [200, 429]
-    limits = cluster_proxy.records(4)
-    assert [r["status"] for r in limits] == [200, 200, 200, 429]
+    try:
+        with nodes(fresh_cluster) as cluster:
+            owner, moved = node_keys(cluster, "t:research")
+        assert (owner, bool(moved)) == (new, True)
+        assert old != new
+        # the proxy still has the old slot map: MOVED sends it to the new owner, whose counters
+        # remember the two requests already made, so the limit of 3 per minute still holds
+        assert [ask(cluster_proxy, ALICE_KEY) for _ in range(2)] == [200, 429]
+        limits = cluster_proxy.records(4)
+        assert [r["status"] for r in limits] == [200, 200, 200, 429]
+    finally:
+        move_slot(fresh_cluster, "t:research", to=old)  # the session's cluster, as it was
+
+
+INCR = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
+
+
+@pytest.mark.asyncio
+async def test_scripts_go_to_the_owner_s_lane_and_follow_a_moved_slot(fresh_cluster: str) -> None:
+    plain = cluster_url(fresh_cluster)
+    assert plain is not None
+    client = aioredis.RedisCluster.from_url(plain)
+    scripts = ClusterScripts(client)
+    incr = client.register_script(INCR)
+    generic = 0
+    evalsha = client.evalsha
+
+    def counting(*args: Any, **kwargs: Any) -> Any:  # redis-py's own path; the lanes bypass it
+        nonlocal generic
+        generic += 1
+        return evalsha(*args, **kwargs)
+
+    client.evalsha = counting  # type: ignore[method-assign]
+    research, web = "orp:{t:research}:n", "orp:{t:web}:n"
+    try:
+        await client.script_load(INCR)  # on every primary, as RedisBackend.warm does
+        replies = await asyncio.gather(*(scripts.evalsha(incr, [k], [1], 2.0) for k in (research, web) * 20))
+        assert sorted(replies) == sorted(list(range(1, 21)) * 2)
+        assert generic == 0
+        with nodes(fresh_cluster) as cluster:
+            owners = {k: cluster.get_node_from_key(k).name for k in (research, web)}
+        assert owners[research] != owners[web]
+        assert scripts.nodes() == set(owners.values())
+
+        old, new = move_slot(fresh_cluster, "t:research")
+        try:
+            assert old == owners[research]
+            assert await scripts.evalsha(incr, [research], [1], 2.0) == 21  # MOVED: map read again
+            assert generic == 1
+            assert [await scripts.evalsha(incr, [research], [1], 2.0) for _ in range(5)] == [22, 23, 24, 25, 26]
+            assert generic == 1  # the new owner's lane from then on
+            assert new in scripts.nodes()
+            with nodes(fresh_cluster) as cluster:
+                assert cluster.get(research) == "26"
+        finally:
+            move_slot(fresh_cluster, "t:research", to=old)
+    finally:
+        await scripts.aclose()
+        await client.aclose()

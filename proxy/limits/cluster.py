@@ -1,44 +1,52 @@
 """The limiter's two scripts on a Redis Cluster, with ``ScriptLane``'s interface.
 
 Every key of one request shares a hash tag (``{t:<team>}`` or ``{k:<key id>}``), so each
-script runs on the one node that owns that slot. redis-py's ``RedisCluster`` finds that
-node, follows ``MOVED``/``ASK`` redirects (re-reading the slot map when slots move or a
-replica is promoted) and retries on a dropped connection; its ``Script`` answers
-``NOSCRIPT`` by loading the script on that node. Each call is one round trip on the
-cluster client's pooled connections: unlike ``ScriptLane`` there is no pre-encoding,
-pipelining across requests or deferred settlement, so a request costs the proxy more CPU
-(two round trips, each through redis-py's generic command path).
+script runs on the one node that owns that slot. ``ClusterScripts`` keeps one
+``ScriptLane`` per primary (pre-encoded ``EVALSHA``, pipelined, settlements deferred to share
+the next write, exactly as with one Redis endpoint) and sends each call to the lane of the
+node that owns its slot in the slot map of the store's ``RedisCluster`` client.
 
-Errors, as ``ScriptLane``'s: ``TimeoutError`` (no reply within ``timeout_s``),
-``ConnectionError``/``OSError`` and ``redis.exceptions.RedisError`` (a script error, or the
-cluster unreachable or without an owner for the slot).
+When a lane cannot serve a call (its node answers ``MOVED``, ``ASK``, ``TRYAGAIN`` or
+``CLUSTERDOWN`` while slots move or after a failover, or cannot be reached) or the map has
+no owner for the slot (not read yet, or dropped after an error), that call goes through
+redis-py's own cluster path: it reads the map if needed, follows redirects (``ASKING``
+included), retries, and patches the map on ``MOVED``, so the calls after it use the new
+owner's lane. At most ``max_in_flight`` calls take that path at once (redis-py opens a
+connection per concurrent command and fails, rather than waits, past its per-node maximum).
+
+Errors, as ``ScriptLane``'s: ``TimeoutError`` (no reply within ``timeout_s``; such a call
+is not sent again), ``ConnectionError``/``OSError`` and ``redis.exceptions.RedisError`` (a
+script error), and ``RedisClusterException`` (no reachable node, or no owner for the slot).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.crc import key_slot
+from redis.exceptions import RedisClusterException, ResponseError
 
-from proxy.limits.lane import EncodedKeys
+from proxy.limits.lane import EncodedKeys, ScriptLane
 
 __all__ = ["ClusterScripts"]
 
-
 _MAX_IN_FLIGHT = 128
+_MAX_CACHED_SLOTS = 4096
+_REDIRECTS = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")
 
 
 class ClusterScripts:
-    """``evalsha(script, keys, args)`` through a ``RedisCluster`` client, at most
-    ``max_in_flight`` calls at once (redis-py's cluster client opens a connection per
-    concurrent command and fails, rather than waits, past its per-node maximum; a call
-    waiting here for its turn counts against its ``timeout_s``)."""
+    """``evalsha(script, keys, args)`` on the node owning the keys' slot (see module docstring)."""
 
-    def __init__(self, client: aioredis.RedisCluster, max_in_flight: int = _MAX_IN_FLIGHT) -> None:
+    def __init__(self, client: aioredis.RedisCluster, *, max_in_flight: int = _MAX_IN_FLIGHT) -> None:
         self._client = client
         self._turns = asyncio.Semaphore(max_in_flight)
+        self._lanes: dict[str, ScriptLane] = {}
+        self._slots: dict[str, int] = {}
 
     async def evalsha(
         self,
@@ -49,13 +57,46 @@ class ClusterScripts:
         *,
         defer: bool = False,
     ) -> Any:
-        """Run a redis-py ``Script`` with ``keys`` and ``args``; its reply, with a string
-        reply as bytes (the client decodes replies; ``ScriptLane`` returns bytes).
-        ``defer`` is accepted for ``ScriptLane``'s interface and ignored."""
-        names = list(keys.keys) if isinstance(keys, EncodedKeys) else list(keys)
-        async with asyncio.timeout(timeout_s), self._turns:
-            reply = await script(keys=names, args=list(args), client=self._client)
+        """Run a redis-py ``Script`` with ``keys`` and ``args`` on the owner of the keys'
+        slot; its reply (a string reply as bytes). ``defer`` as ``ScriptLane.evalsha``."""
+        names = keys.keys if isinstance(keys, EncodedKeys) else tuple(keys)
+        deadline = time.monotonic() + timeout_s
+        lane = self._lane(names[0])
+        if lane is not None:
+            try:
+                return await lane.evalsha(script, keys, args, timeout_s, defer=defer)
+            except ResponseError as exc:
+                if not str(exc).startswith(_REDIRECTS):
+                    raise
+            except TimeoutError:  # it may have run: never send it twice
+                raise
+            except (ConnectionError, OSError):
+                pass
+        async with asyncio.timeout(max(0.001, deadline - time.monotonic())), self._turns:
+            reply = await script(keys=list(names), args=list(args), client=self._client)
         return reply.encode() if isinstance(reply, str) else reply
 
+    def _lane(self, key: str) -> ScriptLane | None:
+        """The lane to the owner of ``key``'s slot in the client's map (None: no owner known)."""
+        slot = self._slots.get(key)
+        if slot is None:
+            if len(self._slots) >= _MAX_CACHED_SLOTS:
+                self._slots.clear()
+            slot = self._slots[key] = key_slot(key.encode())
+        try:
+            node = self._client.nodes_manager.get_node_from_slot(slot)
+        except (RedisClusterException, KeyError):  # KeyError: the map was never read
+            return None
+        lane = self._lanes.get(node.name)
+        if lane is None:
+            lane = self._lanes[node.name] = ScriptLane(node)
+        return lane
+
+    def nodes(self) -> set[str]:
+        """The nodes (``host:port``) this process has a lane to."""
+        return set(self._lanes)
+
     async def aclose(self) -> None:
-        """Nothing of its own to close: the connections are the store client's."""
+        """Close every node's lane (the cluster client is the store's)."""
+        lanes, self._lanes = list(self._lanes.values()), {}
+        await asyncio.gather(*(lane.aclose() for lane in lanes), return_exceptions=True)

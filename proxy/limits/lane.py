@@ -38,6 +38,7 @@ from typing import Any, NamedTuple
 
 import hiredis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode
 from redis.exceptions import ResponseError
 
 __all__ = ["EncodedKeys", "ScriptLane", "encode_keys"]
@@ -124,10 +125,21 @@ def _expire(future: asyncio.Future[Any]) -> None:
 class ScriptLane:
     """``evalsha(script, keys, args)`` over one dedicated, pipelined connection."""
 
-    def __init__(self, client: aioredis.Redis, *, defer_s: float = _DEFER_S, stall_s: float = _STALL_S) -> None:
-        pool = client.connection_pool
-        self._connection_class = pool.connection_class
-        self._connection_kwargs = {**pool.connection_kwargs, "socket_timeout": None}
+    def __init__(
+        self,
+        client: aioredis.Redis | ClusterNode,
+        *,
+        defer_s: float = _DEFER_S,
+        stall_s: float = _STALL_S,
+    ) -> None:
+        """``client``: a redis-py client (its pool's settings) or one node of a cluster client."""
+        connection_class: type[Any]
+        if isinstance(client, ClusterNode):
+            connection_class, kwargs = client.connection_class, client.connection_kwargs
+        else:
+            connection_class, kwargs = client.connection_pool.connection_class, client.connection_pool.connection_kwargs
+        self._connection_class = connection_class
+        self._connection_kwargs = {**kwargs, "socket_timeout": None}
         self._defer_s = defer_s
         self._stall_s = stall_s
         self._keys_cache: dict[tuple[str, ...], EncodedKeys] = {}

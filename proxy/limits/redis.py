@@ -18,13 +18,13 @@ from collections.abc import Hashable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from proxy.limits.backend import Check, CheckState, Decision, Release
 from proxy.limits.cluster import ClusterScripts
 from proxy.limits.lane import EncodedKeys, ScriptLane, encode_keys
 from proxy.limits.lua import RESERVE, SETTLE
 from proxy.store import StoreUnavailable
+from proxy.store.redis_errors import REDIS_ERRORS
 
 __all__ = ["RedisBackend"]
 
@@ -52,7 +52,7 @@ class RedisBackend:
             result = await self._lane.evalsha(script, keys, args, self._timeout_s, defer=defer)
         except TimeoutError:
             raise StoreUnavailable(f"Redis did not answer within {self._timeout_s * 1000:.0f} ms") from None
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
         if not isinstance(result, bytes):
             raise StoreUnavailable(f"unexpected script result {result!r}")
@@ -112,7 +112,7 @@ class RedisBackend:
             async with asyncio.timeout(max(1.0, self._timeout_s)):
                 for script in (self._reserve, self._settle):
                     script.sha = await self._client.script_load(script.script)
-        except (RedisError, OSError, TimeoutError):
+        except REDIS_ERRORS:
             return
 
     async def aclose(self) -> None:
@@ -123,5 +123,5 @@ class RedisBackend:
         try:
             async with asyncio.timeout(self._timeout_s):
                 return bool(await self._client.ping())
-        except (RedisError, OSError, TimeoutError):
+        except REDIS_ERRORS:
             return False

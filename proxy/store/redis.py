@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 from redis.client import NEVER_DECODE
-from redis.exceptions import RedisError
 
 from proxy.store.base import StoreUnavailable
+from proxy.store.redis_errors import REDIS_ERRORS
 from proxy.store.usage_redis import RedisUsage
 
 __all__ = ["CLUSTER_SCHEMES", "RedisClient", "RedisStore", "cluster_url"]
@@ -71,7 +71,7 @@ class RedisStore:
     async def ping(self) -> bool:
         try:
             return bool(await self._redis.ping())
-        except RedisError:
+        except REDIS_ERRORS:
             return False
 
     async def breaker_publish(self, target: str, open_until: float) -> None:
@@ -80,27 +80,27 @@ class RedisStore:
                 pipe.hset(_BREAKERS, target, repr(open_until))
                 pipe.expire(_BREAKERS, 3600)
                 await pipe.execute()
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise StoreUnavailable(str(exc)) from exc
 
     async def breaker_states(self) -> dict[str, float]:
         try:
             raw = await self._redis.hgetall(_BREAKERS)
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise StoreUnavailable(str(exc)) from exc
         return {str(k): float(v) for k, v in raw.items()}
 
     async def cache_get(self, key: str) -> bytes | None:
         try:  # raw bytes: this client decodes replies to str, cached bodies stay bytes
             raw = await self._redis.execute_command("GET", key, **{NEVER_DECODE: True})
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise StoreUnavailable(str(exc)) from exc
         return bytes(raw) if raw is not None else None
 
     async def cache_set(self, key: str, value: bytes, ttl_s: float) -> None:
         try:
             await self._redis.set(key, value, px=max(1, round(ttl_s * 1000)))
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise StoreUnavailable(str(exc)) from exc
 
     async def aclose(self) -> None:

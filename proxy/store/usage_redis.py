@@ -28,9 +28,9 @@ from collections.abc import Awaitable, Sequence
 from typing import Any, cast
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from proxy.store.base import StoreUnavailable
+from proxy.store.redis_errors import REDIS_ERRORS
 from proxy.store.usage import BATCH_TTL_S, METRICS, Group, LedgerWrite, Retention, UsageTotals, totals_of
 
 __all__ = ["RedisUsage"]
@@ -129,7 +129,7 @@ class RedisUsage:
         keys = [STREAM, PENDING, BATCH_PREFIX + (batch_id or "-"), *(DAY_PREFIX + day for day in days)]
         try:
             ids = await self._append(keys=keys, args=argv)
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise StoreUnavailable(str(exc)) from exc
         return [str(i) or None for i in ids]
 
@@ -137,14 +137,14 @@ class RedisUsage:
         start = "-" if after in ("0-0", "0") else f"({after}"
         try:
             entries = await self._redis.xrange(STREAM, start, "+", count)
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise StoreUnavailable(str(exc)) from exc
         return [(str(entry_id), str(fields["e"]).encode()) for entry_id, fields in entries or () if fields]
 
     async def tickets(self, cursor: int, count: int) -> tuple[int, list[tuple[str, bytes]]]:
         try:
             following, items = await self._redis.hscan(PENDING, cursor, count=count)
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise StoreUnavailable(str(exc)) from exc
         assert isinstance(items, dict)
         return int(following), [(str(k), str(v).encode()) for k, v in items.items()]
@@ -152,7 +152,7 @@ class RedisUsage:
     async def drop_ticket(self, entry_id: str) -> bool:
         try:
             removed = await self._redis.hdel(PENDING, entry_id)
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise StoreUnavailable(str(exc)) from exc
         return removed == 1
 
@@ -165,7 +165,7 @@ class RedisUsage:
             else:
                 async for field, value in self._redis.hscan_iter(name, match=_glob_escape(key + SEP) + "*", count=1000):
                     raw[field] = value
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise StoreUnavailable(str(exc)) from exc
         groups: dict[Group, dict[str, int]] = defaultdict(dict)
         for field, value in raw.items():
