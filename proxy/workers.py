@@ -81,11 +81,19 @@ def _orphan_watch(parent: int) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _report_started(server: Any, started: EventType) -> None:
-    while not server.started and not server.should_exit:
-        time.sleep(0.05)
-    if server.started:
-        started.set()
+def _reporting_server(config: Any, started: EventType) -> Any:
+    """A ``uvicorn.Server`` that sets ``started`` the moment its startup completed (it then
+    listens), so the supervisor never takes a worker that served for its first set's
+    startup failure (a polling thread left a window of up to 50 ms)."""
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                started.set()
+
+    return _Server(config)
 
 
 def _worker(config_kwargs: Mapping[str, Any], parent: int, started: EventType) -> None:
@@ -102,9 +110,7 @@ def _worker(config_kwargs: Mapping[str, Any], parent: int, started: EventType) -
     # bound, not listening: the kernel gives it connections only once uvicorn's server
     # listens on it, after the app's startup, never while this worker cannot answer
     sock = bound_socket(config.host, config.port, reuse_port=True)
-    server = uvicorn.Server(config)
-    threading.Thread(target=_report_started, args=(server, started), daemon=True).start()
-    server.run(sockets=[sock])
+    _reporting_server(config, started).run(sockets=[sock])
 
 
 @dataclass

@@ -66,11 +66,14 @@ def _workers(pid: int, port: int) -> list[int]:
 
 
 def _both_listening(served_pid: int, port: int, timeout_s: float = 30) -> list[int]:
-    """The two workers, once both listen (a worker listens a moment after its startup log line)."""
+    """The two workers, once both listen (a worker listens a moment after its startup log line)
+    and have surely told the supervisor they started (just after they listen): a worker killed
+    before that counts as a startup failure of the first set, which stops the service."""
     deadline = time.monotonic() + timeout_s
     while len(workers := _workers(served_pid, port)) < 2:
         assert time.monotonic() < deadline, "the workers never both listened"
         time.sleep(0.05)
+    time.sleep(0.3)
     return workers
 
 
@@ -139,6 +142,20 @@ def test_a_taken_port_fails_at_once(tmp_path: Path) -> None:
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr.decode()
 
 
+def _wait_dead(pid: int, timeout_s: float = 10) -> None:
+    """Wait until ``pid`` has exited (gone, or a zombie its parent has not reaped yet)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return
+        if state in ("Z", "X"):
+            return
+        assert time.monotonic() < deadline, f"process {pid} did not exit"
+        time.sleep(0.01)
+
+
 def _replaced(served_pid: int, port: int, gone: int, timeout_s: float = 30) -> tuple[list[int], float]:
     """Wait until ``gone`` is no longer a worker and two workers listen again; (workers, seconds)."""
     began = time.monotonic()
@@ -176,6 +193,7 @@ def test_a_replacement_that_cannot_start_is_retried_while_the_others_serve(tmp_p
         config.write_bytes(good + b"\nserver: [not, a, mapping]\n")
         workers = _both_listening(served.proc.pid, port)
         os.kill(workers[0], signal.SIGKILL)
+        _wait_dead(workers[0])  # until then its listening socket may still take (and reset) a probe
         deadline = time.monotonic() + 30
         while b"while starting; starting another" not in served.log.read_bytes():
             assert time.monotonic() < deadline, served.log.read_text(errors="replace")
