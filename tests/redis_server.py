@@ -67,7 +67,7 @@ def redis_cluster(nodes: int = 3) -> Iterator[str]:
     with tempfile.TemporaryDirectory() as workdir:
         try:
             common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir]
-            common += ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]
+            common += ["--cluster-enabled", "yes", "--cluster-node-timeout", "15000"]
             buses = [free_port() for _ in ports]  # the default bus port, port + 10000, may be taken or past 65535
             for port, bus in zip(ports, buses, strict=True):
                 argv = [binary, "--port", str(port), "--cluster-port", str(bus), *common]

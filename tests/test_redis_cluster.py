@@ -21,11 +21,15 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 import yaml
+from redis.asyncio.cluster import ClusterNode
+from redis.crc import key_slot
 
 from proxy.limits.cluster import ClusterScripts
+from proxy.limits.lane import ScriptLane
 from proxy.store.redis import cluster_url
 
 from .conftest import ALICE_KEY, BOB_KEY, ProxyUnderTest
+from .factories import free_port
 
 MESSAGES: Any = [{"role": "user", "content": "What is the capital of France?"}]
 MINI = "openai/gpt-4o-mini"
@@ -98,15 +102,20 @@ def move_slot(url: str, tag: str, to: str | None = None) -> tuple[str, str]:
         target = next(n for n in primaries if (n.name == to if to else n.name not in busy | {source.name}))
         ids = {n.name: cluster.cluster_myid(n) for n in primaries}
         conn = {n.name: redis.Redis(host=n.host, port=n.port) for n in primaries}
+    moved = False
     try:
         conn[target.name].execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source.name])
         conn[source.name].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target.name])
         keys = conn[source.name].execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000)
         if keys:
             conn[source.name].execute_command("MIGRATE", target.host, target.port, "", 0, 5000, "KEYS", *keys)
-        for name in conn:
+        for name in sorted(conn, key=lambda n: n != target.name):  # the new owner first
             conn[name].execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target.name])
+        moved = True
     finally:
+        if not moved:  # the session's cluster must not stay half-way
+            for client in conn.values():
+                client.execute_command("CLUSTER", "SETSLOT", slot, "STABLE")
         for client in conn.values():
             client.close()
     return source.name, target.name
@@ -173,6 +182,43 @@ async def test_scripts_go_to_the_owner_s_lane_and_follow_a_moved_slot(fresh_clus
                 assert cluster.get(research) == "26"
         finally:
             move_slot(fresh_cluster, "t:research", to=old)
+    finally:
+        await scripts.aclose()
+        await client.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_dead_node_is_routed_around_and_a_maybe_sent_call_is_not_resent(
+    fresh_cluster: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plain = cluster_url(fresh_cluster)
+    assert plain is not None
+    client = aioredis.RedisCluster.from_url(plain)
+    scripts = ClusterScripts(client)
+    incr, count_keys = client.register_script(INCR), client.register_script("return #KEYS")
+    key = "orp:{t:research}:n"
+    try:
+        await client.script_load(INCR)
+        assert await scripts.evalsha(incr, [key], [1], 2.0) == 1
+        assert await scripts.evalsha(count_keys, [], [], 2.0) == 0  # no keys: any node will do
+        # the map names a node nobody listens on (a primary that died): the lane cannot
+        # connect, so nothing was sent; redis-py's path reads the map again and finds the owner
+        slot = key_slot(key.encode())
+        dead = ClusterNode("127.0.0.1", free_port(), server_type="primary")
+        client.nodes_manager.slots_cache[slot] = [dead]
+        assert await scripts.evalsha(incr, [key], [1], 2.0) == 2
+        assert dead.name in scripts.nodes()
+        assert client.nodes_manager.get_node_from_slot(slot).name != dead.name
+
+        async def broken_after_writing(*args: Any, **kwargs: Any) -> Any:
+            raise ConnectionError("Redis connection lost")  # as the lane says when it may have run
+
+        monkeypatch.setattr(ScriptLane, "evalsha", broken_after_writing)
+        with pytest.raises(ConnectionError):
+            await scripts.evalsha(incr, [key], [1], 2.0)
+        monkeypatch.undo()
+        with nodes(fresh_cluster) as cluster:
+            assert cluster.get(key) == "2"  # not sent again through redis-py's path
     finally:
         await scripts.aclose()
         await client.aclose()

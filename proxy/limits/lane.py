@@ -24,7 +24,9 @@ so this lane:
   which also caches it again), on the same connection.
 
 Errors: ``TimeoutError`` (no reply in time), ``ConnectionError``/``OSError`` (connection
-lost or refused), ``redis.exceptions.ResponseError`` (an error reply, e.g. a script error).
+lost or refused; ``NotSent``, a ``ConnectionError``, when the command was certainly never
+written: the connection could not be opened, the lane was closed, or Redis had stalled),
+``redis.exceptions.ResponseError`` (an error reply, e.g. a script error).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode
 from redis.exceptions import ResponseError
 
-__all__ = ["EncodedKeys", "ScriptLane", "encode_keys"]
+__all__ = ["EncodedKeys", "NotSent", "ScriptLane", "encode_keys"]
 
 _MAX_CACHED_KEY_LISTS = 4096
 _STALL_S = 5.0
@@ -52,6 +54,10 @@ Waiter = Callable[[Any], None]  # called once with the reply, or with the except
 
 def _bulk(value: bytes) -> bytes:
     return b"$%d\r\n%b\r\n" % (len(value), value)
+
+
+class NotSent(ConnectionError):
+    """The command was never written to Redis (so sending it elsewhere cannot apply it twice)."""
 
 
 class EncodedKeys(NamedTuple):
@@ -207,7 +213,7 @@ class ScriptLane:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if self._closed:
-            future.set_exception(ConnectionError("the script lane is closed"))
+            future.set_exception(NotSent("the script lane is closed"))
             return future
         entry = (command, _resolve(future, loop.call_later(timeout_s, _expire, future)))
         if defer:
@@ -241,7 +247,7 @@ class ScriptLane:
         if waiters and now - waiters[0][1] > self._stall_s:
             conn.fail(ConnectionError(f"Redis did not answer for {self._stall_s:.0f} s; connection dropped"))
             for _, waiter in batch:
-                waiter(ConnectionError("Redis is not answering"))
+                waiter(NotSent("Redis is not answering"))
             return
         waiters.extend((waiter, now) for _, waiter in batch)
         assert conn.transport is not None
@@ -262,7 +268,8 @@ class ScriptLane:
             replies.transport, replies.owner = transport, writer
             self._conn = replies
         except (Exception, asyncio.CancelledError) as exc:
-            failure = exc if isinstance(exc, Exception) else ConnectionError("script lane closed")
+            failure = NotSent(f"{type(exc).__name__}: {exc}" if isinstance(exc, Exception) else "script lane closed")
+            failure.__cause__ = exc
             queued = self._deferred + self._now
             self._deferred, self._now = [], []
             for _, waiter in queued:

@@ -49,11 +49,10 @@ class RedisStore:
             "decode_responses": True,
         }
         plain = cluster_url(url)
-        self.cluster = plain is not None
         self._redis: RedisClient
         if plain is not None:
             # per node; past it redis-py fails a command instead of waiting, so leave room
-            # above the limiter's 128 calls in flight (proxy.limits.cluster) for the rest
+            # beyond the limiter's fallback path (at most 128 calls, proxy.limits.cluster)
             self._redis = aioredis.RedisCluster.from_url(plain, max_connections=4 * max_connections, **options)
         else:
             pool = aioredis.BlockingConnectionPool.from_url(
@@ -107,3 +106,6 @@ class RedisStore:
         await self._redis.aclose()
         if isinstance(self._redis, aioredis.Redis):
             await self._redis.connection_pool.disconnect()
+        else:  # RedisCluster.aclose does nothing while it waits to read its map again
+            await self._redis.nodes_manager.aclose()
+            await self._redis.nodes_manager.aclose("startup_nodes")
