@@ -89,10 +89,17 @@ def check_admin(authorization: bytes | None, admin_sha256: str | None) -> None:
     """Accept only the admin key (``Bearer <key>``); 401 otherwise, 403 when none is configured."""
     if admin_sha256 is None:
         raise PermissionDenied("The admin API is disabled: set PROXY_ADMIN_KEY to enable it.")
-    scheme, _, token = (authorization or b"").partition(b" ")
-    digest = hashlib.sha256(token.strip()).digest()
-    if scheme.lower() != b"bearer" or not token.strip() or not hmac.compare_digest(digest, bytes.fromhex(admin_sha256)):
+    if not bearer_matches(authorization, admin_sha256):
         raise AuthenticationFailed("A valid admin key is required.")
+
+
+def bearer_matches(authorization: bytes | None, token_sha256: str) -> bool:
+    """Whether ``authorization`` is ``Bearer <token>`` with the token whose SHA-256 (hex) is
+    ``token_sha256``; compared in constant time."""
+    scheme, _, token = (authorization or b"").partition(b" ")
+    token = token.strip()
+    digest = hashlib.sha256(token).digest()
+    return scheme.lower() == b"bearer" and bool(token) and hmac.compare_digest(digest, bytes.fromhex(token_sha256))
 
 
 def authorization_of(headers: Mapping[str, str]) -> bytes | None:

@@ -9,6 +9,7 @@ Secrets and endpoints come from the environment and override the file:
                             node of a Redis Cluster); absent means the embedded in-memory store
 ``PROXY_CONFIG``            path of the config file (the CLI's ``--config`` wins)
 ``PROXY_ADMIN_KEY``         the admin API key (hashed at load; never stored)
+``PROXY_METRICS_TOKEN``     the bearer token ``/metrics`` requires (hashed at load; unset: open)
 ==========================  ===========================================================
 
 Relative paths in the file are resolved against the file's folder. Unknown keys are
@@ -185,9 +186,14 @@ class AdminSettings(_Model):
     @field_validator("key_sha256")
     @classmethod
     def _hex(cls, value: str | None) -> str | None:
-        if value is not None and not _HEX64.match(value.lower()):
-            raise ValueError("must be 64 hex characters")
-        return value.lower() if value else None
+        return _sha256_hex(value)
+
+
+def _sha256_hex(value: str | None) -> str | None:
+    """A SHA-256 digest as 64 lowercase hex characters (``ValueError`` otherwise)."""
+    if value is not None and not _HEX64.match(value.lower()):
+        raise ValueError("must be 64 hex characters")
+    return value.lower() if value else None
 
 
 class PacingSettings(_Model):
@@ -275,11 +281,19 @@ class LedgerSettings(_Model):
 
 class MetricsSettings(_Model):
     """Prometheus metrics at ``/metrics``. ``key_labels: false`` drops virtual-key names from
-    labels (fewer series); outside label values (models, codes) are capped at ``max_label_values``."""
+    labels (fewer series); outside label values (models, codes) are capped at ``max_label_values``.
+    ``token_sha256`` (env ``PROXY_METRICS_TOKEN`` sets it from the token itself): scrapes must
+    send ``Authorization: Bearer <token>`` (401 otherwise); unset, ``/metrics`` is open."""
 
     enabled: bool = True
     key_labels: bool = True
     max_label_values: Annotated[int, Field(ge=1)] = 500
+    token_sha256: str | None = None
+
+    @field_validator("token_sha256")
+    @classmethod
+    def _hex(cls, value: str | None) -> str | None:
+        return _sha256_hex(value)
 
 
 class LoggingSettings(_Model):
@@ -367,6 +381,10 @@ def _with_environment(settings: Settings, base: Path, environ: Mapping[str, str]
     admin = settings.admin
     if environ.get("PROXY_ADMIN_KEY"):
         admin = AdminSettings(key_sha256=hashlib.sha256(environ["PROXY_ADMIN_KEY"].encode()).hexdigest())
+    metrics = settings.metrics
+    if environ.get("PROXY_METRICS_TOKEN"):
+        digest = hashlib.sha256(environ["PROXY_METRICS_TOKEN"].encode()).hexdigest()
+        metrics = metrics.model_copy(update={"token_sha256": digest})
     usage = settings.usage
     if usage.log_path is not None and not usage.log_path.is_absolute():
         usage = usage.model_copy(update={"log_path": base / usage.log_path})
@@ -382,6 +400,7 @@ def _with_environment(settings: Settings, base: Path, environ: Mapping[str, str]
             "store": store,
             "usage": usage,
             "admin": admin,
+            "metrics": metrics,
             "policies_dir": policies,
             "ledger": ledger,
             "logging": logs,

@@ -28,9 +28,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from proxy.accounting import AccountingSink, EntrySink
-from proxy.auth import Keyring
+from proxy.auth import Keyring, authorization_of, bearer_matches
 from proxy.catalog import ModelCatalog
 from proxy.config import Settings
+from proxy.errors import AuthenticationFailed
 from proxy.exporter import Exporter, ExportLocked
 from proxy.health import BreakerSnapshot, Health, health_routes
 from proxy.ledger import Ledger
@@ -76,6 +77,7 @@ class Observability:
             if settings.metrics.enabled
             else None
         )
+        self.metrics_token_sha256 = settings.metrics.token_sha256
         self.ledger = (
             Ledger(
                 store.usage,
@@ -182,7 +184,11 @@ def observability_routes(obs: Callable[[], Observability]) -> list[Route]:
     """``/metrics``, health and usage routes; ``obs()`` returns the running worker's instance."""
 
     async def metrics(request: Request) -> Response:
-        current = obs().metrics
+        running = obs()
+        token = running.metrics_token_sha256
+        if token is not None and not bearer_matches(authorization_of(request.headers), token):
+            raise AuthenticationFailed("A valid metrics token is required (Authorization: Bearer <token>).")
+        current = running.metrics
         if current is None:
             return Response("metrics are disabled (metrics.enabled: false)\n", status_code=404)
         body, content_type = current.render()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 from collections import defaultdict
 from collections.abc import Callable
@@ -14,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.accounting import account, nano
+from proxy.config import load_settings
 from proxy.metrics import Metrics
 from proxy.sinks import Activity
 from proxy.types import Usage
@@ -134,3 +136,23 @@ def test_several_workers_report_through_one_endpoint(tmp_path: Path) -> None:
 @pytest.fixture(autouse=True)
 def _no_multiproc_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+
+
+def test_a_metrics_token_guards_the_scrape(proxy_server: Callable[..., ProxyUnderTest], tmp_path: Path) -> None:
+    token = "scrape-token-0123456789"
+    proxy = proxy_server(extra=f"metrics:\n  token_sha256: {hashlib.sha256(token.encode()).hexdigest()}\n")
+    for headers in ({}, {"Authorization": "Bearer not-the-token"}, {"Authorization": f"Basic {token}"}):
+        refused = httpx.get(f"{proxy.url}/metrics", headers=headers)
+        assert refused.status_code == 401
+        assert refused.json()["error"]["code"] == "invalid_api_key"
+        assert P not in refused.text
+    allowed = httpx.get(f"{proxy.url}/metrics", headers={"Authorization": f"Bearer {token}"})
+    assert allowed.status_code == 200 and P + "requests_total" in allowed.text
+    assert httpx.get(f"{proxy.url}/healthz").status_code == 200  # only /metrics asks for it
+
+    # from the environment: kept as its SHA-256 only
+    path = tmp_path / "env.yaml"
+    path.write_text("upstream:\n  base_url: http://127.0.0.1:9/api/v1\n")
+    settings = load_settings(path, {"OPENROUTER_API_KEY": "sk-or-x", "PROXY_METRICS_TOKEN": token})
+    assert settings.metrics.token_sha256 == hashlib.sha256(token.encode()).hexdigest()
+    assert token not in settings.model_dump_json()
