@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -25,7 +26,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from proxy.auth import Keyring
-from proxy.limits.policy import KeyBudgets
+from proxy.limits.policy import MAX_BUDGET_USD, KeyBudgets
 from proxy.store import Store, StoreUnavailable
 from proxy.store.redis import RedisStore
 from proxy.store.redis_errors import REDIS_ERRORS
@@ -42,6 +43,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("proxy.keystore")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 _RECORDS = "orp:{keys}:records"
 _VERSION = "orp:{keys}:version"
@@ -88,9 +90,34 @@ class KeyRecord:
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> KeyRecord:
-        data: dict[str, Any] = orjson.loads(raw)
-        data["budgets"] = KeyBudgets(**data.get("budgets") or {})
-        return cls(**data)
+        """A record as ``to_json`` wrote it; ``ValueError`` for anything else (a record
+        edited by hand in the store, or damaged): wrong types, a digest that is not 64 hex
+        characters, a budget that is not a positive USD amount of at most
+        ``MAX_BUDGET_USD``, or an unknown field."""
+        try:
+            data: Any = orjson.loads(raw)
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            budgets = data.get("budgets") or {}
+            if not isinstance(budgets, dict):
+                raise ValueError("budgets is not an object")
+            for name, amount in budgets.items():
+                if amount is not None and (
+                    isinstance(amount, bool) or not isinstance(amount, int | float) or not 0 < amount <= MAX_BUDGET_USD
+                ):
+                    raise ValueError(f"budget {name} must be a USD amount in (0, {MAX_BUDGET_USD}]")
+            data["budgets"] = KeyBudgets(**budgets)
+            record = cls(**data)
+        except (orjson.JSONDecodeError, TypeError) as exc:
+            raise ValueError(str(exc)) from None
+        if not isinstance(record.name, str) or not record.name:
+            raise ValueError("name must be a non-empty string")
+        if not isinstance(record.sha256, str) or not _HEX64.fullmatch(record.sha256):
+            raise ValueError(f"key {record.name}: sha256 must be 64 lowercase hex characters")
+        for label in ("team", "tier"):
+            if getattr(record, label) is not None and not isinstance(getattr(record, label), str):
+                raise ValueError(f"key {record.name}: {label} must be a string or null")
+        return record
 
 
 class KeyStore(Protocol):
@@ -148,14 +175,27 @@ class RedisKeyStore:
         return int(await self._call(self._client.get(_VERSION)) or 0)
 
     async def records(self) -> list[KeyRecord]:
+        """Every valid record; an invalid one is logged and left out (the others still apply)."""
         raw: dict[str, str] = await self._call(self._client.hgetall(_RECORDS))
-        return [KeyRecord.from_json(value) for value in raw.values()]
+        records = []
+        for name, value in raw.items():
+            try:
+                records.append(KeyRecord.from_json(value))
+            except ValueError as exc:
+                log.error("runtime key %r in the store is invalid and was skipped: %s", name, exc)
+        return records
 
     async def change(self, op: str, record: KeyRecord) -> KeyRecord | None:
         done, old = await self._call(self._change(keys=[_RECORDS, _VERSION], args=[op, record.name, record.to_json()]))
         if not int(done):
             raise KeyExists(record.name) if op == "create" else KeyMissing(record.name)
-        return KeyRecord.from_json(old) if old else None
+        if not old:
+            return None
+        try:
+            return KeyRecord.from_json(old)
+        except ValueError as exc:  # replaced or revoked all the same: that mends a damaged record
+            log.error("runtime key %r was invalid in the store before this change: %s", record.name, exc)
+            return None
 
 
 def open_keystore(store: Store) -> KeyStore:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -12,10 +14,12 @@ import httpx
 import openai
 import orjson
 import pytest
+import redis.asyncio as aioredis
 import yaml
 
 from proxy.auth import hash_key
 from proxy.cli import main
+from proxy.limits.policy import KeyBudgets
 
 from .conftest import ALICE_KEY, ProxyUnderTest
 from .limits_support import open_test_store
@@ -189,3 +193,38 @@ def test_the_keys_cli_drives_a_running_proxy(
     assert main(["keys", "revoke", "dave", "--url", proxy.url]) == 1
     assert "404" in capsys.readouterr().err
     assert main(["keys", "list", "--url", "http://127.0.0.1:1"]) == 2
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        b"not json",
+        b"[1, 2]",
+        b'{"name": "mallory", "sha256": "short"}',
+        b'{"name": "mallory", "sha256": "' + b"a" * 64 + b'", "budgets": {"usd_per_day": 5000000}}',
+        b'{"name": "mallory", "sha256": "' + b"a" * 64 + b'", "budgets": {"usd_per_day": "lots"}}',
+        b'{"name": "mallory", "sha256": "' + b"a" * 64 + b'", "colour": "red"}',
+    ],
+)
+def test_a_damaged_record_in_the_store_is_skipped_and_the_others_still_apply(
+    redis_url: str, damage: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    from proxy.keystore import KeyRecord, RedisKeyStore
+
+    async def main() -> None:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        store = RedisKeyStore(client)
+        try:
+            await client.delete("orp:{keys}:records", "orp:{keys}:version")
+            good = KeyRecord("carol", "b" * 64, "research", None, KeyBudgets(usd_per_day=5.0))
+            await store.change("create", good)
+            await client.hset("orp:{keys}:records", "mallory", damage)
+            with caplog.at_level(logging.ERROR, logger="proxy.keystore"):
+                assert await store.records() == [good]
+            assert "'mallory' in the store is invalid" in caplog.text
+            assert await store.change("delete", KeyRecord("mallory", "")) is None  # revoking mends it
+            assert await store.records() == [good]
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
