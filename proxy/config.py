@@ -326,8 +326,8 @@ class Settings(_Model):
         least = self.upstream.total_timeout_s + LEASE_MARGIN_S
         if self.limits.lease_s < least:
             raise ValueError(
-                f"limits.lease_s ({self.limits.lease_s:g}) must be at least upstream.total_timeout_s + "
-                f"{LEASE_MARGIN_S:g} ({least:g}): a request still running when its lease ends loses its budget hold"
+                f"limits.lease_s must be at least upstream.total_timeout_s + {LEASE_MARGIN_S:g} ({least:g}), "
+                f"not {self.limits.lease_s:g}: a request still running when its lease ends loses its budget hold"
             )
         return self
 

@@ -89,13 +89,22 @@ def load_yaml(path: Path) -> tuple[Any, Source]:
 
 
 def problems_from_validation(exc: ValidationError, source: Source, prefix: Loc = ()) -> list[Problem]:
-    """Turn pydantic's errors into ``Problem``s naming file, line and dotted location."""
+    """Turn pydantic's errors into ``Problem``s naming file, line and dotted location.
+
+    A check across fields (a model validator: no location of its own) that starts its
+    message with the dotted key it is about (``limits.lease_s (300) must be ...``) is placed
+    at that key's line."""
     problems = []
     for err in exc.errors():
         loc: Loc = (*prefix, *(p for p in err["loc"] if isinstance(p, str | int)))
-        dotted = ".".join(str(p) for p in loc) or "(top level)"
         message = err["msg"]
         if err["type"] == "extra_forbidden":
             message = "unknown key"
+        elif err["type"] == "value_error":
+            message = message.removeprefix("Value error, ")
+        named = (*loc, *message.split(" ", 1)[0].split("."))
+        if len(named) > len(loc) + 1 and named in source.lines:
+            loc, message = named, message.split(" ", 1)[1] if " " in message else message
+        dotted = ".".join(str(p) for p in loc) or "(top level)"
         problems.append(Problem(source.file, source.line_of(loc), f"{dotted}: {message}"))
     return problems

@@ -60,6 +60,18 @@ def test_a_lease_shorter_than_a_request_may_run_is_refused(tmp_path: Path) -> No
     with pytest.raises(ConfigError) as info:
         load_settings(path, {})
     (problem,) = info.value.problems
-    assert "limits.lease_s (960) must be at least upstream.total_timeout_s + 60 (1860)" in problem.message
+    assert "limits.lease_s must be at least upstream.total_timeout_s + 60 (1860), not 960" in problem.message
     path.write_text("upstream:\n  total_timeout_s: 1800\nlimits:\n  lease_s: 1860\n")
     assert load_settings(path, {}).limits.lease_s == 1860
+    # set in the file: the problem points at its line, without pydantic's "Value error," prefix
+    path.write_text("upstream:\n  total_timeout_s: 1800\nlimits:\n  lease_s: 600\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, {})
+    (problem,) = info.value.problems
+    assert problem.line == 4
+    assert problem.message.startswith("limits.lease_s: must be at least upstream.total_timeout_s + 60 (1860), not 600")
+    path.write_text("metrics:\n  token_sha256: nothex\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, {})
+    (problem,) = info.value.problems
+    assert (problem.line, problem.message) == (2, "metrics.token_sha256: must be 64 hex characters")
