@@ -7,6 +7,10 @@ request, measured the same way as the benchmark (process-tree CPU / requests)::
 
     .venv/bin/python loadtests/features.py                     # every variant, ~2 min
     .venv/bin/python loadtests/features.py --variants all,no-request-log --repeat 2
+    .venv/bin/python loadtests/features.py --variants all,redis-cluster --connections 1 --repeat 2
+
+``redis-cluster`` runs the same proxy on a three-node Redis Cluster (the one the test suite
+starts, ``tests/redis_server.py``) instead of one redis-server: what the cluster costs.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import os
 import statistics
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,11 +32,12 @@ import stack
 
 @dataclass(frozen=True, slots=True)
 class Variant:
-    """Config overrides, an alternative policies folder and whether Redis is used."""
+    """Config overrides, an alternative policies folder and the store: ``redis`` (one
+    redis-server), ``cluster`` (a three-node Redis Cluster) or ``memory``."""
 
     overrides: Mapping[str, Mapping[str, object]]
     policies: str | None = None
-    redis: bool = True
+    store: str = "redis"
 
 
 ALIASES_ONLY = "aliases-only"
@@ -44,7 +50,8 @@ VARIANTS: dict[str, Variant] = {
     "no-metrics": Variant({"metrics": {"enabled": False}}),
     "no-limits": Variant({}, policies=NO_LIMITS),
     "no-rules": Variant({}, policies=ALIASES_ONLY),
-    "memory-store": Variant({}, redis=False),
+    "memory-store": Variant({}, store="memory"),
+    "redis-cluster": Variant({}, store="cluster"),
     "minimal": Variant(
         {
             "logging": {"request_log": None},
@@ -53,7 +60,7 @@ VARIANTS: dict[str, Variant] = {
             "metrics": {"enabled": False},
         },
         policies=NO_LIMITS + "+" + ALIASES_ONLY,
-        redis=False,
+        store="memory",
     ),
 }
 
@@ -96,7 +103,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     rps: dict[tuple[str, str], list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="proxy-features-") as tmp:
         work = Path(tmp)
-        with stack.redis(args.load_cpus) as redis, stack.emulator(args.load_cpus) as emulator:
+        with (
+            stack.redis(args.load_cpus) as redis,
+            stack.emulator(args.load_cpus) as emulator,
+            _cluster(any(VARIANTS[n].store == "cluster" for n in names)) as cluster,
+        ):
+            stores = {"redis": redis.url, "cluster": cluster, "memory": None}
             upstream = f"{emulator.url}/api/v1"
             runner = bench.Bench(args, [], emulator.pid, redis.pid)
             for round_ in range(args.repeat):
@@ -109,13 +121,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                     folder = work / f"{name}-{round_}"
                     policies = _policies(folder / "src", variant.policies)
                     config, keys = stack.write_config(folder, stack.BENCH_KEYS, variant.overrides, policies)
-                    env = stack.proxy_env(upstream, redis.url if variant.redis else None)
+                    env = stack.proxy_env(upstream, stores[variant.store])
                     luas = _luas(folder, [k.secret for k in keys])
                     with stack.proxy(args.proxy_cpus, config, env) as proc:
                         target = bench.Target(name, f"{proc.url}/v1/chat/completions", [proc.pid], luas)
                         _collect(runner, target, name, args, cpu, rps)
     print(table(cpu, rps, args.connections))
     return 0
+
+
+@contextmanager
+def _cluster(wanted: bool) -> Iterator[str | None]:
+    """The test suite's three-node Redis Cluster (its ``redis+cluster://`` URL), if ``wanted``."""
+    if not wanted:
+        yield None
+        return
+    sys.path.insert(0, str(stack.ROOT))
+    from tests.redis_server import redis_cluster
+
+    with redis_cluster() as url:
+        yield url
 
 
 def _luas(folder: Path, keys: list[str]) -> dict[str, Path]:

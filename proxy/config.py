@@ -56,7 +56,7 @@ DEFAULT_FORWARD_HEADERS = (
     "x-openrouter-cache-ttl",
     "x-openrouter-cache-clear",
 )
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")  # a SHA-256 digest, as stored
 LEASE_MARGIN_S = 60.0
 
 
@@ -137,7 +137,7 @@ class KeyEntry(_Model):
     @classmethod
     def _hex(cls, value: str) -> str:
         value = value.lower()
-        if not _HEX64.match(value):
+        if not SHA256_HEX.match(value):
             raise ValueError("must be 64 hex characters (openrouter-proxy keys new prints one)")
         return value
 
@@ -191,7 +191,7 @@ class AdminSettings(_Model):
 
 def _sha256_hex(value: str | None) -> str | None:
     """A SHA-256 digest as 64 lowercase hex characters (``ValueError`` otherwise)."""
-    if value is not None and not _HEX64.match(value.lower()):
+    if value is not None and not SHA256_HEX.match(value.lower()):
         raise ValueError("must be 64 hex characters")
     return value.lower() if value else None
 

@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import orjson
 import redis.asyncio as aioredis
+from pydantic import TypeAdapter, ValidationError
 
 from proxy.auth import Keyring
-from proxy.limits.policy import MAX_BUDGET_USD, KeyBudgets
+from proxy.config import SHA256_HEX
+from proxy.limits.policy import MAX_BUDGET_USD, KeyBudgets, PositiveUSD
 from proxy.store import Store, StoreUnavailable
 from proxy.store.redis import RedisStore
 from proxy.store.redis_errors import REDIS_ERRORS
@@ -43,7 +44,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("proxy.keystore")
-_HEX64 = re.compile(r"[0-9a-f]{64}")
+_BUDGET: TypeAdapter[float | None] = TypeAdapter(PositiveUSD | None)
 
 _RECORDS = "orp:{keys}:records"
 _VERSION = "orp:{keys}:version"
@@ -101,18 +102,18 @@ class KeyRecord:
             budgets = data.get("budgets") or {}
             if not isinstance(budgets, dict):
                 raise ValueError("budgets is not an object")
-            for name, amount in budgets.items():
-                if amount is not None and (
-                    isinstance(amount, bool) or not isinstance(amount, int | float) or not 0 < amount <= MAX_BUDGET_USD
-                ):
-                    raise ValueError(f"budget {name} must be a USD amount in (0, {MAX_BUDGET_USD}]")
+            for name, amount in budgets.items():  # as the admin API accepts them
+                try:
+                    _BUDGET.validate_python(amount, strict=True)
+                except ValidationError:
+                    raise ValueError(f"budget {name} must be a USD amount in (0, {MAX_BUDGET_USD}]") from None
             data["budgets"] = KeyBudgets(**budgets)
             record = cls(**data)
         except (orjson.JSONDecodeError, TypeError) as exc:
             raise ValueError(str(exc)) from None
         if not isinstance(record.name, str) or not record.name:
             raise ValueError("name must be a non-empty string")
-        if not isinstance(record.sha256, str) or not _HEX64.fullmatch(record.sha256):
+        if not isinstance(record.sha256, str) or not SHA256_HEX.match(record.sha256):
             raise ValueError(f"key {record.name}: sha256 must be 64 lowercase hex characters")
         for label in ("team", "tier"):
             if getattr(record, label) is not None and not isinstance(getattr(record, label), str):

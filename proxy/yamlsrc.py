@@ -92,7 +92,7 @@ def problems_from_validation(exc: ValidationError, source: Source, prefix: Loc =
     """Turn pydantic's errors into ``Problem``s naming file, line and dotted location.
 
     A check across fields (a model validator: no location of its own) that starts its
-    message with the dotted key it is about (``limits.lease_s (300) must be ...``) is placed
+    message with the dotted key it is about (``limits.lease_s must be ...``) is placed
     at that key's line."""
     problems = []
     for err in exc.errors():

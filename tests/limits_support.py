@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -12,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 import redis
 
 from proxy.catalog import ModelCatalog
@@ -23,7 +20,7 @@ from proxy.store import Store, open_store
 from proxy.types import ChatCall, Principal, RoutePlan, Usage, UsageRecord
 
 from .factories import free_port, usage_record
-from .redis_server import flush
+from .redis_server import flush, redis_binary
 
 MODELS = orjson.loads((Path(__file__).resolve().parents[1] / "proxy/emulator/data/models.json").read_bytes())
 MINI = "openai/gpt-4o-mini"  # 0.15 USD / M prompt tokens, 0.60 USD / M completion tokens
@@ -86,12 +83,7 @@ class RestartableRedis:
     """A ``redis-server`` on a fixed port that tests can kill, freeze and start again."""
 
     def __init__(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            if os.environ.get("REQUIRE_REDIS") == "1":
-                pytest.fail("redis-server is not installed and REQUIRE_REDIS=1")
-            pytest.skip("redis-server is not installed")
-        self.binary = binary
+        self.binary = redis_binary()
         self.port = free_port()
         self.workdir = tempfile.TemporaryDirectory()
         self.proc: subprocess.Popen[bytes] | None = None

@@ -16,14 +16,20 @@ import pytest
 from .factories import free_port
 
 
-@contextmanager
-def redis_server() -> Iterator[str]:
-    """Yield ``redis://127.0.0.1:<port>/0``; skip (or fail with REQUIRE_REDIS=1) without redis-server."""
+def redis_binary() -> str:
+    """The ``redis-server`` path; skip the test without one (fail it with REQUIRE_REDIS=1, as in CI)."""
     binary = shutil.which("redis-server")
     if binary is None:
         if os.environ.get("REQUIRE_REDIS") == "1":
             pytest.fail("redis-server is not installed and REQUIRE_REDIS=1")
         pytest.skip("redis-server is not installed")
+    return binary
+
+
+@contextmanager
+def redis_server() -> Iterator[str]:
+    """Yield ``redis://127.0.0.1:<port>/0``; skip (or fail with REQUIRE_REDIS=1) without redis-server."""
+    binary = redis_binary()
     port = free_port()
     with tempfile.TemporaryDirectory() as workdir:
         proc = subprocess.Popen(
@@ -57,11 +63,7 @@ def redis_cluster(nodes: int = 3) -> Iterator[str]:
     (or fail with REQUIRE_REDIS=1) without redis-server."""
     import redis
 
-    binary = shutil.which("redis-server")
-    if binary is None:
-        if os.environ.get("REQUIRE_REDIS") == "1":
-            pytest.fail("redis-server is not installed and REQUIRE_REDIS=1")
-        pytest.skip("redis-server is not installed")
+    binary = redis_binary()
     ports = [free_port() for _ in range(nodes)]
     procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory() as workdir:
