@@ -49,8 +49,13 @@ def _sockets(port: int, state: str) -> set[str]:
 
 
 def _held(pid: int, inodes: set[str]) -> int:
+    """How many of ``inodes`` process ``pid`` holds (0 once it is gone: a worker reaped meanwhile)."""
     count = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:
+        return 0
+    for fd in fds:
         try:
             link = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
