@@ -147,9 +147,10 @@ class ProxyApp:
         admission: Admission = limiter
         activity = Activity()
         breakers = Breakers(settings.breaker)
-        obs = Observability(settings, store, client, catalog, self.keyring, activity, breakers.snapshot)
+        obs = Observability(settings, store, client, catalog, self.keyring, activity, breakers.snapshot, limiter.ready)
         if obs.metrics is not None:
             breakers.listeners.append(obs.metrics.breaker_state)
+            obs.metrics.watch_limits(limiter.failover)
         await obs.start()
         chat = ChatCompletions(
             keyring=self.keyring,

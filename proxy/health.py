@@ -1,9 +1,24 @@
 """Readiness and upstream health (``/healthz``, liveness, stays in ``proxy.app``).
 
-``GET /readyz``: 200 ``{"status": "ready", "store": {...}, "breakers": {...}}`` when the
-store answers a ping, else 503 ``"not_ready"``. ``breakers`` is the circuit breakers'
-``snapshot()`` when a provider is given (informational: an open breaker does not make the
-instance unready, since every replica would share it).
+``GET /readyz`` says whether this instance can serve chat completions::
+
+    {"status": "ready" | "degraded" | "not_ready",
+     "store": {"backend": "redis" | "memory", "reachable": bool,
+               "nodes": int, "unreachable_nodes": int},
+     "limits": {"failure_policy": "fail_open" | "fail_closed", "degraded": bool,
+                "down_for_s": float | null, "degraded_total": int},
+     "breakers": {...}}
+
+``reachable``: every node answered a ``PING`` (each primary of a Redis Cluster, since a dead
+primary leaves its slots' counters unreachable). When the store does not answer, the
+status follows ``limits.failure_policy``: ``fail_open`` keeps serving on local limits, so
+200 ``"degraded"`` (a shared store's outage must not take every replica out of the load
+balancer at once); ``fail_closed`` answers chat completions with 503, so 503
+``"not_ready"``. ``limits``: the limiter's own view (``degraded`` while it decides without
+the store). ``breakers``: the circuit breakers' ``snapshot()`` (informational: an open
+breaker does not make the instance unready, since every replica would share it). No
+address, key or error text is returned (the endpoint is unauthenticated); the names of
+unreachable nodes are logged when they change.
 
 ``GET /health/upstream``: is OpenRouter reachable and the proxy's key valid? Checked with
 ``GET /key`` (openrouter-api.md §6.4) and cached ``ttl_s`` seconds (30), so probes never
@@ -17,6 +32,7 @@ money amounts, labels or keys are returned: the endpoint is unauthenticated.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
@@ -29,9 +45,13 @@ from starlette.routing import Route
 from proxy.errors import ProxyError, UpstreamKeyRejected, UpstreamOutOfCredits, UpstreamTimeout, UpstreamUnreachable
 from proxy.store import Store
 
-__all__ = ["Health", "health_routes"]
+__all__ = ["BreakerSnapshot", "Health", "LimitsState", "health_routes"]
+
+log = logging.getLogger("proxy.health")
 
 BreakerSnapshot = Callable[[], Mapping[str, Any]]
+LimitsState = Callable[[], Awaitable[Mapping[str, Any]]]
+_LIMITS_FIELDS = ("failure_policy", "degraded", "down_for_s", "degraded_total")
 
 
 class Health:
@@ -43,27 +63,42 @@ class Health:
         fetch_key: Callable[[], Awaitable[Any]],
         breakers: BreakerSnapshot | None = None,
         *,
+        limits: LimitsState | None = None,
         ttl_s: float = 30.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.fetch_key = fetch_key
         self.breakers = breakers
+        self.limits = limits
         self.ttl_s = ttl_s
+        self._unreachable: list[str] = []
         self._clock = clock
         self._checked: tuple[float, int, dict[str, Any]] | None = None
         self._check: asyncio.Task[tuple[int, dict[str, Any]]] | None = None
 
     async def ready(self) -> tuple[int, dict[str, Any]]:
         """``(status, body)`` of ``/readyz``."""
-        ok = await self.store.ping()
-        body: dict[str, Any] = {
-            "status": "ready" if ok else "not_ready",
-            "store": {"backend": self.store.name, "reachable": ok},
-        }
+        nodes, unreachable = await self.store.ping_nodes()
+        if unreachable != self._unreachable:
+            if unreachable:
+                log.warning("readiness: store node(s) not answering: %s", ", ".join(unreachable))
+            else:
+                log.warning("readiness: every store node answers again")
+            self._unreachable = unreachable
+        ok = not unreachable
+        store = {"backend": self.store.name, "reachable": ok, "nodes": nodes, "unreachable_nodes": len(unreachable)}
+        body: dict[str, Any] = {"status": "ready", "store": store}
+        policy = "fail_closed"
+        if self.limits is not None:
+            state = await self.limits()
+            body["limits"] = {name: state[name] for name in _LIMITS_FIELDS}
+            policy = state["failure_policy"]
+        if not ok:
+            body["status"] = "degraded" if policy == "fail_open" else "not_ready"
         if self.breakers is not None:
             body["breakers"] = dict(self.breakers())
-        return (200 if ok else 503), body
+        return (503 if body["status"] == "not_ready" else 200), body
 
     async def upstream(self) -> tuple[int, dict[str, Any]]:
         """``(status, body)`` of ``/health/upstream``, from the cache when fresh."""

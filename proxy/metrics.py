@@ -26,7 +26,13 @@ name                                         labels                             
 ``in_flight_requests`` / ``in_flight_streams``                                        gauge
 ``ledger_dropped_entries_total``                                                      counter
 ``reconciliations_total``                    outcome (settled, retry, expired)        counter
+``limits_degraded_total``                                                             counter
+``limits_settle_failures_total``                                                      counter
 ===========================================  =======================================  ============
+
+``limits_degraded_total``: admissions decided without the shared store (``fail_open``'s
+local limits, or ``fail_closed``'s 503s); ``limits_settle_failures_total``: settlements the
+store did not take (``watch_limits``).
 
 ``model`` is the model sent upstream (``routed_model``, else the requested one). Costs are
 as known when the request ended; reconciled costs are in the ledger, not here. Label
@@ -52,6 +58,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client import multiprocess as prom_multiprocess
 
 from proxy.accounting import LedgerEntry
+from proxy.limits.failover import Failover as LimitsFailover
 from proxy.sinks import Activity
 
 __all__ = ["BREAKER_STATES", "Metrics", "mark_worker_dead", "multiprocess_dir", "prepare_multiprocess_dir"]
@@ -175,6 +182,14 @@ class Metrics:
         self.reconciliations = Counter(
             PREFIX + "reconciliations", "Reconciliation attempts by outcome.", ["outcome"], registry=r
         )
+        self.limits_degraded = Counter(
+            PREFIX + "limits_degraded",
+            "Admissions decided without the shared limits store (fail_open local limits or fail_closed 503s).",
+            registry=r,
+        )
+        self.limits_settle_failures = Counter(
+            PREFIX + "limits_settle_failures", "Settlements the shared limits store did not take.", registry=r
+        )
 
     def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
         key = (id(metric), *labels)
@@ -221,6 +236,11 @@ class Metrics:
             self.streams.set_function(lambda: activity.streams)
         else:
             activity.listeners.append(self.activity)
+
+    def watch_limits(self, failover: LimitsFailover) -> None:
+        """Count ``failover``'s degraded admissions and failed settlements as they happen."""
+        failover.on_degraded = self.limits_degraded.inc
+        failover.on_settle_failure = self.limits_settle_failures.inc
 
     def retry(self, model: str, reason: str) -> None:
         """The pipeline retries an attempt on ``model`` because of ``reason`` (an error code)."""

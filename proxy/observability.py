@@ -33,7 +33,7 @@ from proxy.catalog import ModelCatalog
 from proxy.config import Settings
 from proxy.errors import AuthenticationFailed
 from proxy.exporter import Exporter, ExportLocked
-from proxy.health import BreakerSnapshot, Health, health_routes
+from proxy.health import BreakerSnapshot, Health, LimitsState, health_routes
 from proxy.ledger import Ledger
 from proxy.metrics import Metrics
 from proxy.pricing import PriceBook
@@ -65,6 +65,7 @@ class Observability:
         keyring: Keyring,
         activity: Activity,
         breakers: BreakerSnapshot | None = None,
+        limits: LimitsState | None = None,
     ) -> None:
         conf = settings.ledger
         max_entries = conf.stream_max_entries
@@ -120,7 +121,7 @@ class Observability:
             else None
         )
         self.export_interval_s = conf.export_interval_s
-        self.health = Health(store, lambda: client.get_json("/key"), breakers)
+        self.health = Health(store, lambda: client.get_json("/key"), breakers, limits=limits)
         self.usage_api = UsageAPI(store.usage, keyring, settings.admin.key_sha256)
         if self.metrics is not None:
             self.metrics.watch(activity)

@@ -16,17 +16,30 @@ def key_checks(emulator_app: Any) -> int:
     return sum(1 for r in emulator_app.requests if r.path == "/api/v1/key")
 
 
-def test_ready_when_the_store_answers_with_breaker_states(proxy_server: Callable[..., ProxyUnderTest]) -> None:
+def test_ready_when_the_store_answers_with_breaker_states_and_no_address_when_it_does_not(
+    proxy_server: Callable[..., ProxyUnderTest],
+) -> None:
     with redis_server() as url:
         proxy = proxy_server(extra=ledger_config(redis_url=url))
         httpx.post(f"{proxy.base_url}/chat/completions", json={}, headers={"authorization": "Bearer nope"})
         ready = httpx.get(f"{proxy.url}/readyz")
         assert ready.status_code == 200
         body = ready.json()
-        assert body["status"] == "ready" and body["store"] == {"backend": "redis", "reachable": True}
+        assert body["status"] == "ready"
+        assert body["store"] == {"backend": "redis", "reachable": True, "nodes": 1, "unreachable_nodes": 0}
+        assert body["limits"] == {
+            "failure_policy": "fail_open",
+            "degraded": False,
+            "down_for_s": None,
+            "degraded_total": 0,
+        }
         assert isinstance(body["breakers"], dict)
-    down = httpx.get(f"{proxy.url}/readyz")  # redis-server is gone now
-    assert down.status_code == 503 and down.json()["store"]["reachable"] is False
+    down = httpx.get(
+        f"{proxy.url}/readyz"
+    )  # redis-server is gone now (fail_open: degraded, see test_limits_store_down)
+    assert down.json()["store"] == {"backend": "redis", "reachable": False, "nodes": 1, "unreachable_nodes": 1}
+    address = url.removeprefix("redis://").split("/")[0]
+    assert address.split(":")[1] not in down.text  # no address on an unauthenticated endpoint
     assert httpx.get(f"{proxy.url}/healthz").status_code == 200  # alive all the same
 
 

@@ -8,16 +8,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 import yaml
 
 from proxy.errors import LimitsUnavailable
 from proxy.limits import DEGRADED_HEADER, Limiter
+from proxy.metrics import Metrics
 from proxy.store import open_store
 
 from .conftest import ALICE_KEY, ProxyUnderTest
-from .limits_support import RestartableRedis, call, limiter, plan, principal
+from .limits_support import RestartableRedis, call, limiter, plan, principal, record
 
 MESSAGES: Any = [{"role": "user", "content": "Hello"}]
 MINI = "openai/gpt-4o-mini"
@@ -68,6 +70,22 @@ def until_shared(proxy: ProxyUnderTest, timeout: float = 10.0) -> dict[str, str]
         time.sleep(0.1)
 
 
+def readiness(proxy: ProxyUnderTest) -> tuple[int, str, bool]:
+    """``/readyz``: ``(status code, status, limits degraded)``."""
+    response = httpx.get(f"{proxy.url}/readyz")
+    body = response.json()
+    assert body["store"]["reachable"] is (body["status"] == "ready")
+    return response.status_code, body["status"], body["limits"]["degraded"]
+
+
+def scraped(proxy: ProxyUnderTest, series: str) -> float:
+    """A series' value from ``GET /metrics``."""
+    for line in httpx.get(f"{proxy.url}/metrics").text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{series} is not exported")
+
+
 def limiter_of(proxy: ProxyUnderTest) -> Limiter:
     assert proxy.app.runtime is not None
     admission = proxy.app.runtime.admission
@@ -79,6 +97,7 @@ def test_fail_open_admits_on_local_shares_then_recovers(
     make: Any, redis_proc: RestartableRedis, caplog: pytest.LogCaptureFixture
 ) -> None:
     proxy = make(failure_policy="fail_open")
+    assert readiness(proxy) == (200, "ready", False)
     for remaining in ("9", "8", "7"):
         status, headers, _ = attempt(proxy)
         assert status == 200 and headers["x-ratelimit-remaining-requests"] == remaining
@@ -94,15 +113,21 @@ def test_fail_open_admits_on_local_shares_then_recovers(
     assert outcomes == [(200, "store-unavailable")] * 5 + [(429, "store-unavailable")] * 2
     assert limiter_of(proxy).degraded_total == 7
     assert len([r for r in caplog.records if "limits store unavailable" in r.getMessage()]) == 1
+    # still serving: stays in the load balancer, marked degraded (every replica shares the store)
+    assert readiness(proxy) == (200, "degraded", True)
+    assert scraped(proxy, "openrouter_proxy_limits_degraded_total") == 7
     redis_proc.start()  # an empty Redis: counting starts again
     headers = until_shared(proxy)
     assert headers["x-ratelimit-remaining-requests"] == "9"
+    assert readiness(proxy) == (200, "ready", False)
 
 
 def test_fail_closed_answers_503_then_recovers(make: Any, redis_proc: RestartableRedis) -> None:
     proxy = make(failure_policy="fail_closed")
     assert attempt(proxy)[0] == 200
+    assert readiness(proxy) == (200, "ready", False)
     redis_proc.kill()
+    assert readiness(proxy)[:2] == (503, "not_ready")  # chat completions would be 503s: out of the balancer
     for _ in range(3):
         client = openai.OpenAI(base_url=proxy.base_url, api_key=ALICE_KEY, max_retries=0, timeout=10)
         began = time.monotonic()
@@ -116,8 +141,11 @@ def test_fail_closed_answers_503_then_recovers(make: Any, redis_proc: Restartabl
         assert "x-should-retry" not in error.response.headers  # retrying later is right
         client.close()
     assert limiter_of(proxy).degraded_total == 3
+    assert readiness(proxy) == (503, "not_ready", True)
+    assert scraped(proxy, "openrouter_proxy_limits_degraded_total") == 3
     redis_proc.start()
     until_shared(proxy)
+    assert readiness(proxy) == (200, "ready", False)
 
 
 def test_a_frozen_redis_times_out_fast_and_is_picked_up_again(make: Any, redis_proc: RestartableRedis) -> None:
@@ -153,6 +181,26 @@ def test_ready_reports_the_store_and_admission_degrades_without_it() -> None:
             with pytest.raises(LimitsUnavailable):
                 await closed.admit(principal(), call(), plan())
             assert closed.rejected_total["store"] == 1
+        finally:
+            await store.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_settlement_the_store_did_not_take_is_counted_and_exported(redis_proc: RestartableRedis) -> None:
+    async def main() -> None:
+        store = open_store(redis_proc.url)
+        held = limiter(store, {"tiers": {"t": {"concurrent_requests": 2}}}, store_timeout_ms=300)
+        metrics = Metrics()
+        metrics.watch_limits(held.failover)
+        try:
+            ticket = await held.admit(principal(), call(), plan())
+            assert DEGRADED_HEADER not in ticket.headers
+            redis_proc.kill()
+            await held.settle(ticket, record())
+            assert held.settle_failures_total == 1
+            assert metrics.registry.get_sample_value("openrouter_proxy_limits_settle_failures_total") == 1
+            assert metrics.registry.get_sample_value("openrouter_proxy_limits_degraded_total") == 0
         finally:
             await store.aclose()
 

@@ -11,6 +11,7 @@ moves to another node while the proxy runs (``MOVED``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,11 @@ from redis.crc import key_slot
 
 from proxy.limits.cluster import ClusterScripts
 from proxy.limits.lane import ScriptLane
-from proxy.store.redis import cluster_url
+from proxy.store.redis import RedisStore, cluster_url
 
 from .conftest import ALICE_KEY, BOB_KEY, ProxyUnderTest
 from .factories import free_port
+from .redis_server import redis_cluster
 
 MESSAGES: Any = [{"role": "user", "content": "What is the capital of France?"}]
 MINI = "openai/gpt-4o-mini"
@@ -76,7 +78,8 @@ def eventually(probe: Any, timeout: float = 5.0) -> Any:
 
 def test_limits_hold_per_team_on_the_node_that_owns_the_team(cluster_proxy: ProxyUnderTest, fresh_cluster: str) -> None:
     ready = httpx.get(f"{cluster_proxy.url}/readyz")
-    assert ready.status_code == 200 and ready.json()["store"] == {"backend": "redis", "reachable": True}
+    assert ready.status_code == 200
+    assert ready.json()["store"] == {"backend": "redis", "reachable": True, "nodes": 3, "unreachable_nodes": 0}
     assert [ask(cluster_proxy, ALICE_KEY) for _ in range(4)] == [200, 200, 200, 429]
     assert [ask(cluster_proxy, BOB_KEY) for _ in range(4)] == [200, 200, 200, 429]
     with nodes(fresh_cluster) as cluster:
@@ -222,3 +225,24 @@ async def test_a_dead_node_is_routed_around_and_a_maybe_sent_call_is_not_resent(
     finally:
         await scripts.aclose()
         await client.aclose()
+
+
+@pytest.mark.asyncio
+async def test_readiness_pings_every_primary_and_names_a_dead_one() -> None:
+    with redis_cluster() as url:  # its own cluster: one of its primaries is shut down
+        store = RedisStore(url, timeout_s=0.5)
+        try:
+            assert await store.ping_nodes() == (3, [])
+            assert await store.ping()
+            plain = cluster_url(url)
+            assert plain is not None
+            with redis.RedisCluster.from_url(plain) as cluster:
+                victim = next(n for n in cluster.get_primaries() if n.port != int(url.rsplit(":", 1)[1]))
+                with contextlib.suppress(redis.ConnectionError):
+                    cluster.execute_command("SHUTDOWN", "NOSAVE", target_nodes=victim)
+            # the other primaries answer, yet a third of the slots has no counters
+            assert await store.ping_nodes() == (3, [victim.name])
+            assert not await store.ping()
+            assert await store.ping_nodes() == (3, [victim.name])  # the map read again still has it
+        finally:
+            await store.aclose()

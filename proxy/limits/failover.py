@@ -8,7 +8,8 @@ it. Meanwhile ``fail_open`` decides on local
 in-memory counters with every limit divided by ``replicas`` (an even share of the
 deployment), and ``fail_closed`` raises ``LimitsUnavailable`` (503). Either way the mode is
 never silent: a response header (set by the limiter), ``degraded_total`` and an error log
-line at most every 10 s, plus a line when the store is back.
+line at most every 10 s, plus a line when the store is back. ``on_degraded`` and
+``on_settle_failure`` (e.g. Prometheus counters' ``inc``) are called on each count.
 
 The timeout counts from the call, so it includes waiting for a pooled connection: a worker
 flooded with hundreds of simultaneous admissions can exceed a small timeout while Redis is
@@ -52,6 +53,8 @@ class Failover:
         self._lease_ms = int(settings.lease_s * 1000)
         self.degraded_total = 0
         self.settle_failures_total = 0
+        self.on_degraded: Callable[[], None] | None = None
+        self.on_settle_failure: Callable[[], None] | None = None
         self._retry_at = 0.0
         self._down_since: float | None = None
         self._last_error: str | None = None
@@ -104,6 +107,8 @@ class Failover:
                 return decision, self.backend, bounds
         if not dry:
             self.degraded_total += 1
+            if self.on_degraded is not None:
+                self.on_degraded()
             self._log_degraded()
             if self.settings.failure_policy == "fail_closed":
                 raise LimitsUnavailable(
@@ -122,6 +127,8 @@ class Failover:
             return await backend.settle(releases, rid, now_ms, shape=shape if backend is self.backend else None)
         except StoreUnavailable as exc:
             self.settle_failures_total += 1
+            if self.on_settle_failure is not None:
+                self.on_settle_failure()
             self._failed(str(exc))
             self._log_degraded()
             holds = [r for r in releases if not r.window]

@@ -39,7 +39,11 @@ class Store(Protocol):
         """The usage ledger: stream, per-day rollups and reconciliation tickets."""
 
     async def ping(self) -> bool:
-        """True when the store answers."""
+        """True when the store answers (every primary of a Redis Cluster)."""
+
+    async def ping_nodes(self) -> tuple[int, list[str]]:
+        """``(nodes, unreachable)``: how many nodes serve the store (1, or a Redis
+        Cluster's primaries) and the ``host:port`` of each that did not answer a ``PING``."""
 
     async def breaker_publish(self, target: str, open_until: float) -> None:
         """Share that ``target``'s circuit breaker is open until ``open_until`` (Unix s)."""

@@ -19,6 +19,9 @@ class MemoryStore:
     async def ping(self) -> bool:
         return True
 
+    async def ping_nodes(self) -> tuple[int, list[str]]:
+        return 1, []
+
     async def breaker_publish(self, target: str, open_until: float) -> None:
         self._breakers[target] = open_until
 

@@ -14,6 +14,10 @@ translated to ``StoreUnavailable`` here and there.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Awaitable
+
 import redis.asyncio as aioredis
 from redis.client import NEVER_DECODE
 
@@ -48,6 +52,7 @@ class RedisStore:
             "health_check_interval": 30,
             "decode_responses": True,
         }
+        self._timeout_s = timeout_s
         plain = cluster_url(url)
         self._redis: RedisClient
         if plain is not None:
@@ -68,9 +73,33 @@ class RedisStore:
         return self._redis
 
     async def ping(self) -> bool:
+        return not (await self.ping_nodes())[1]
+
+    async def ping_nodes(self) -> tuple[int, list[str]]:
+        """One ``PING`` to the endpoint, or to every primary of a cluster at once (a dead
+        primary leaves its slots without counters, so one answering node is not enough)."""
+        client = self._redis
+        if isinstance(client, aioredis.Redis):
+            kwargs = client.connection_pool.connection_kwargs
+            name = kwargs.get("path") or f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+            return 1, [] if await self._answers(client.ping()) else [name]
+        with contextlib.suppress(*REDIS_ERRORS):  # TimeoutError is an OSError
+            async with asyncio.timeout(2 * self._timeout_s):
+                await client.initialize()  # a no-op unless the slot map must be read (again)
+        primaries = client.get_primaries()
+        if not primaries:  # no map: no node answered
+            names = [n.name for n in client.get_nodes()] or ["cluster"]
+            return len(names), names
+        answers = await asyncio.gather(
+            *(self._answers(client.execute_command("PING", target_nodes=node)) for node in primaries)
+        )
+        return len(primaries), [node.name for node, ok in zip(primaries, answers, strict=True) if not ok]
+
+    async def _answers(self, ping: Awaitable[object]) -> bool:
         try:
-            return bool(await self._redis.ping())
-        except REDIS_ERRORS:
+            async with asyncio.timeout(self._timeout_s):
+                return bool(await ping)
+        except REDIS_ERRORS:  # TimeoutError is an OSError
             return False
 
     async def breaker_publish(self, target: str, open_until: float) -> None:
