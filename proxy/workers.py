@@ -23,6 +23,16 @@ worker that cannot answer yet.
   while the other workers keep serving.
 * A worker that has not started after ``startup_timeout_s`` is killed (and counts as
   failed to start).
+
+Signals, as uvicorn's own supervisor takes them:
+
+* SIGHUP: a rolling restart. One worker at a time, a new worker starts (reading the config
+  and policies afresh); once it listens, the old one gets SIGTERM and drains. If a new one
+  fails to start (say the config is broken), the restart stops there and the old workers
+  keep serving.
+* SIGTTIN / SIGTTOU: one worker more / one fewer (never fewer than one); the one removed
+  drains as on SIGTERM.
+
 Linux only (``SO_REUSEPORT``); elsewhere ``serve`` keeps uvicorn's shared socket.
 """
 
@@ -35,7 +45,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event as EventType
@@ -52,6 +62,8 @@ STABLE_S = 30.0  # a worker that ran this long (seconds) is replaced at once
 BACKOFF_MAX_S = 30.0  # the longest wait before restarting a worker that keeps failing
 STARTUP_TIMEOUT_S = 120.0
 _POLL_S = 0.2
+_STOP = (signal.SIGTERM, signal.SIGINT)
+_COMMANDS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 
 
 def reuseport_supported() -> bool:
@@ -113,7 +125,7 @@ def _worker(config_kwargs: Mapping[str, Any], parent: int, started: EventType) -
     _reporting_server(config, started).run(sockets=[sock])
 
 
-@dataclass
+@dataclass(eq=False)  # slots are told apart by identity
 class _Slot:
     """One worker's place: its process (None while a restart waits until ``restart_at``,
     monotonic seconds), when it was started, and its count of consecutive failures."""
@@ -143,12 +155,14 @@ def serve_workers(
     probe.close()
     config_kwargs = {**config_kwargs, "port": port}
     ctx = multiprocessing.get_context("spawn")
-    signals: list[int] = []  # the handler only appends: anything more could deadlock the loop below
+    # the handler only appends: anything more could deadlock the loop below
+    signals: list[int] = []  # SIGTERM, SIGINT: stop
+    commands: list[int] = []  # SIGHUP, SIGTTIN, SIGTTOU
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        signals.append(signum)
+        (signals if signum in _STOP else commands).append(signum)
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, on_signal) for sig in (*_STOP, *_COMMANDS)}
 
     def start(slot: _Slot) -> None:
         slot.started = ctx.Event()
@@ -159,6 +173,7 @@ def serve_workers(
         slot.proc.start()
 
     slots = [_Slot() for _ in range(workers)]
+    roll = _Rolling(start, startup_timeout_s)
     code = 0
     try:
         for slot in slots:
@@ -167,6 +182,9 @@ def serve_workers(
         log.info("Supervisor [%d]: %d workers on " + scheme + " (SO_REUSEPORT)", os.getpid(), workers, host, port)
         while not signals:
             time.sleep(_POLL_S)
+            while commands:
+                roll.command(commands.pop(0), slots)
+            roll.step(slots)
             for slot in slots:
                 if not _watch(slot, startup_timeout_s):
                     continue
@@ -180,11 +198,92 @@ def serve_workers(
                     break
                 _schedule_restart(slot)
     finally:
-        _stop([(slot.proc, slot.started) for slot in slots if slot.proc and slot.started], signals)
+        running = [slot for slot in slots if slot.proc and slot.started]
+        if roll.incoming is not None and roll.incoming[1].proc is not None:
+            running.append(roll.incoming[1])
+        _stop([(slot.proc, slot.started) for slot in running if slot.proc and slot.started], signals, roll.retiring)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     log.info("Stopped supervisor [%d]", os.getpid())
     return code
+
+
+class _Rolling:
+    """SIGHUP's rolling restart and SIGTTIN/SIGTTOU's scaling, one poll at a time.
+
+    ``queue``: the slots still to replace; ``incoming``: ``(old slot, its replacement)``
+    while the replacement starts; ``retiring``: workers told to drain (one SIGTERM each),
+    joined once they exit."""
+
+    def __init__(self, start: Callable[[_Slot], None], startup_timeout_s: float) -> None:
+        self.start = start
+        self.startup_timeout_s = startup_timeout_s
+        self.queue: list[_Slot] = []
+        self.incoming: tuple[_Slot, _Slot] | None = None
+        self.retiring: list[BaseProcess] = []
+
+    def command(self, signum: int, slots: list[_Slot]) -> None:
+        if signum == signal.SIGHUP:
+            if self.queue or self.incoming is not None:
+                log.warning("SIGHUP: a rolling restart is already under way")
+                return
+            self.queue = list(slots)
+            log.info("SIGHUP: restarting %d workers one at a time", len(slots))
+        elif signum == signal.SIGTTIN:
+            slot = _Slot(first=False)
+            self.start(slot)
+            slots.append(slot)
+            log.info("SIGTTIN: %d workers", len(slots))
+        elif len(slots) > 1:  # SIGTTOU
+            slot = slots.pop()
+            if slot in self.queue:
+                self.queue.remove(slot)
+            self.retire(slot)
+            log.info("SIGTTOU: %d workers", len(slots))
+        else:
+            log.warning("SIGTTOU: one worker left; keeping it")
+
+    def step(self, slots: list[_Slot]) -> None:
+        """Join workers that finished draining; move the rolling restart on."""
+        for proc in [p for p in self.retiring if not p.is_alive()]:
+            proc.join()
+            _forget(proc)
+            self.retiring.remove(proc)
+        if self.incoming is None:
+            while self.queue and self.incoming is None:
+                old = self.queue.pop(0)
+                if old in slots:  # not removed by SIGTTOU meanwhile
+                    new = _Slot(first=False)
+                    self.start(new)
+                    self.incoming = (old, new)
+            return
+        old, new = self.incoming
+        assert new.proc is not None and new.started is not None
+        if new.started.is_set():
+            self.incoming = None
+            if old in slots:
+                slots[slots.index(old)] = new
+                self.retire(old)
+            else:  # removed by SIGTTOU while its replacement started
+                self.retire(new)
+            if not self.queue:
+                log.info("SIGHUP: every worker restarted")
+        elif _watch(new, self.startup_timeout_s):
+            log.error(
+                "SIGHUP: a new worker exited with %s while starting; the rolling restart stops and "
+                "the %d running workers keep serving",
+                new.proc.exitcode,
+                len(slots),
+            )
+            self.incoming = None
+            self.queue.clear()
+
+    def retire(self, slot: _Slot) -> None:
+        """One SIGTERM: the worker drains and exits; joined by ``step`` (or at stop)."""
+        proc = slot.proc
+        if proc is not None and proc.is_alive() and proc.pid is not None:
+            os.kill(proc.pid, signal.SIGTERM)
+            self.retiring.append(proc)
 
 
 def _watch(slot: _Slot, startup_timeout_s: float) -> bool:
@@ -220,22 +319,24 @@ def _schedule_restart(slot: _Slot) -> None:
     slot.proc, slot.started, slot.restart_at = None, None, now + delay
 
 
-def _stop(procs: list[tuple[BaseProcess, EventType]], signals: list[int]) -> None:
+def _stop(procs: list[tuple[BaseProcess, EventType]], signals: list[int], draining: list[BaseProcess]) -> None:
     """One SIGTERM to each worker, then wait for their graceful shutdown (uvicorn's drain
     and the app's own: usage log, ledger, settlements) however long it takes, unless a
-    second signal arrives: then kill them."""
+    second signal arrives: then kill them. ``draining`` workers had their SIGTERM already
+    (a second one would make uvicorn skip its drain)."""
     first = len(signals)
     for proc, _ in procs:
         if proc.is_alive() and proc.pid is not None:
             os.kill(proc.pid, signal.SIGTERM)
-    while any(proc.is_alive() for proc, _ in procs):
+    every = [proc for proc, _ in procs] + draining
+    while any(proc.is_alive() for proc in every):
         if len(signals) > max(first, 1):
             log.warning("second signal: killing the workers")
-            for proc, _ in procs:
+            for proc in every:
                 proc.kill()
             break
         time.sleep(0.1)
-    for proc, _ in procs:
+    for proc in every:
         proc.join()
         _forget(proc)
 

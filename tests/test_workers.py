@@ -245,3 +245,75 @@ def test_the_back_off_stays_at_its_cap_however_long_a_worker_keeps_failing() -> 
     supervisor._schedule_restart(slot)
     assert slot.failures == 5001 and slot.proc is None
     assert slot.restart_at - time.monotonic() == pytest.approx(supervisor.BACKOFF_MAX_S, abs=1)
+
+
+def test_sighup_restarts_the_workers_one_at_a_time_with_the_config_read_again(tmp_path: Path) -> None:
+    with served_cli(tmp_path, "--workers", "2", startups=2, limits=False) as served:
+        port = int(served.url.rsplit(":", 1)[1])
+        before = _both_listening(served.proc.pid, port)
+        assert httpx.get(f"{served.url}/metrics", timeout=5).status_code == 200
+        config = tmp_path / "config.yaml"
+        text = config.read_text()
+        assert "metrics:                       # Prometheus, GET /metrics\n  enabled: true\n" in text
+        config.write_text(text.replace("enabled: true\n  key_labels", "enabled: false\n  key_labels", 1))
+        served.proc.send_signal(signal.SIGHUP)
+        deadline, statuses = time.monotonic() + 60, []
+        while True:  # never fewer than two listening while the workers are replaced
+            now = _workers(served.proc.pid, port)
+            if not set(now) & set(before) and len(now) == 2:
+                break
+            assert time.monotonic() < deadline, served.log.read_text(errors="replace")
+            assert len(_sockets(port, "0A")) >= 2
+            statuses.append(httpx.get(f"{served.url}/healthz", timeout=5).status_code)
+            time.sleep(0.05)
+        assert statuses and set(statuses) == {200}
+        assert served.proc.poll() is None, "the supervisor stopped"
+        assert httpx.get(f"{served.url}/metrics", timeout=5).status_code == 404  # the new config
+        for pid in before:
+            _wait_dead(pid)
+    log = served.log.read_text(errors="replace")
+    assert "SIGHUP: restarting 2 workers one at a time" in log and "SIGHUP: every worker restarted" in log, log
+
+
+def test_a_rolling_restart_stops_at_a_broken_config_and_the_old_workers_keep_serving(tmp_path: Path) -> None:
+    with served_cli(tmp_path, "--workers", "2", startups=2, limits=False) as served:
+        port = int(served.url.rsplit(":", 1)[1])
+        before = _both_listening(served.proc.pid, port)
+        config = tmp_path / "config.yaml"
+        config.write_bytes(config.read_bytes() + b"\nserver: [not, a, mapping]\n")
+        served.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while b"the rolling restart stops" not in served.log.read_bytes():
+            assert time.monotonic() < deadline, served.log.read_text(errors="replace")
+            assert httpx.get(f"{served.url}/healthz", timeout=5).status_code == 200
+            time.sleep(0.1)
+        assert sorted(_workers(served.proc.pid, port)) == sorted(before)
+        assert served.proc.poll() is None
+
+
+def test_sigttin_adds_a_worker_and_sigttou_drains_one(tmp_path: Path) -> None:
+    with served_cli(tmp_path, "--workers", "2", startups=2, limits=False) as served:
+        port = int(served.url.rsplit(":", 1)[1])
+        before = _both_listening(served.proc.pid, port)
+        served.proc.send_signal(signal.SIGTTIN)
+        deadline = time.monotonic() + 60
+        while len(now := _workers(served.proc.pid, port)) < 3:
+            assert time.monotonic() < deadline, served.log.read_text(errors="replace")
+            time.sleep(0.05)
+        added = (set(now) - set(before)).pop()
+        time.sleep(0.3)  # it told the supervisor it started (just after it listens)
+        served.proc.send_signal(signal.SIGTTOU)  # the newest goes
+        _wait_dead(added)
+        assert sorted(_workers(served.proc.pid, port)) == sorted(before)
+        for _ in range(3):
+            served.proc.send_signal(signal.SIGTTOU)
+            time.sleep(0.3)
+        deadline = time.monotonic() + 60
+        while len(_workers(served.proc.pid, port)) != 1:
+            assert time.monotonic() < deadline, served.log.read_text(errors="replace")
+            time.sleep(0.05)
+        assert httpx.get(f"{served.url}/healthz", timeout=5).status_code == 200
+        served.proc.send_signal(signal.SIGTERM)
+        assert served.proc.wait(timeout=30) == 0
+    log = served.log.read_text(errors="replace")
+    assert "SIGTTIN: 3 workers" in log and "SIGTTOU: one worker left; keeping it" in log, log

@@ -2,8 +2,9 @@
 
 Each worker process watches for itself: a background task compares the file's
 ``(mtime_ns, size)`` every ``interval_s`` seconds (default 1), and SIGHUP makes the worker
-reload at once (when the worker owns the event loop's main thread; uvicorn's supervisor
-with ``--workers N`` answers SIGHUP by restarting its workers, which load the file too).
+reload at once (when the worker owns the event loop's main thread; with ``--workers N``
+the supervisor answers SIGHUP by restarting its workers one at a time, and they load the
+file too: ``proxy.workers``).
 
 A new version is parsed and compiled off the event loop, then swapped in atomically. An
 invalid version is rejected with every problem logged, and the last good policy stays in
