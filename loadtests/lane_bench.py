@@ -113,7 +113,8 @@ async def redis_cost(url: str, redis_pid: int, windows: int, holds: int, request
             for c, st in zip(checks, decision.states, strict=True)
             if c.window is None or c.cost > 1
         ]
-        await backend.settle(releases, rid, now, shape=shape)
+        if releases:  # as the limiter: nothing to settle (requests windows only), no call
+            await backend.settle(releases, rid, now, shape=shape)
 
     async def worker(n: int) -> None:
         for _ in range(n):

@@ -147,7 +147,7 @@ class ProxyApp:
         admission: Admission = limiter
         activity = Activity()
         breakers = Breakers(settings.breaker)
-        obs = Observability(settings, store, client, catalog, self.keyring, activity, breakers.snapshot, limiter.ready)
+        obs = Observability(settings, store, client, catalog, self.keyring, activity, breakers.snapshot, limiter.state)
         if obs.metrics is not None:
             breakers.listeners.append(obs.metrics.breaker_state)
             obs.metrics.watch_limits(limiter.failover)

@@ -10,15 +10,26 @@
      "breakers": {...}}
 
 ``reachable``: every node answered a ``PING`` (each primary of a Redis Cluster, since a dead
-primary leaves its slots' counters unreachable). When the store does not answer, the
-status follows ``limits.failure_policy``: ``fail_open`` keeps serving on local limits, so
-200 ``"degraded"`` (a shared store's outage must not take every replica out of the load
-balancer at once); ``fail_closed`` answers chat completions with 503, so 503
-``"not_ready"``. ``limits``: the limiter's own view (``degraded`` while it decides without
-the store). ``breakers``: the circuit breakers' ``snapshot()`` (informational: an open
-breaker does not make the instance unready, since every replica would share it). No
-address, key or error text is returned (the endpoint is unauthenticated); the names of
-unreachable nodes are logged when they change.
+primary leaves its slots' counters unreachable). The status:
+
+* ``ready`` (200): every node answers;
+* ``degraded`` (200): some do not, or none under ``limits.failure_policy: fail_open``: the
+  instance still serves (on local limits; under ``fail_closed``, the teams whose nodes
+  answer), and a shared store's outage must not take every replica out of the load
+  balancer at once;
+* ``not_ready`` (503): no node answers under ``fail_closed`` (chat completions would be
+  503s), or the store has not answered once since this worker started (a wrong
+  ``REDIS_URL`` or password must not pass a rollout).
+
+A probe result serves ``PROBE_TTL_S`` (1 s), one probe runs at a time, and ``/readyz`` waits
+for it at most ``PROBE_WAIT_S`` (0.5 s, under Kubernetes' default 1 s probe timeout): a
+store that hangs counts as not answering meanwhile, and the probe, on connections of its
+own (``proxy.store.redis_probe``), is never cancelled. ``limits``: the limiter's view from
+the requests (``degraded`` while it decides without the store; no I/O). ``breakers``: the
+circuit breakers' ``snapshot()`` (informational: an open breaker does not make the
+instance unready, since every replica would share it). No address, key or error text is
+returned (the endpoint is unauthenticated); the names of unreachable nodes are logged
+when they change.
 
 ``GET /health/upstream``: is OpenRouter reachable and the proxy's key valid? Checked with
 ``GET /key`` (openrouter-api.md §6.4) and cached ``ttl_s`` seconds (30), so probes never
@@ -50,8 +61,10 @@ __all__ = ["BreakerSnapshot", "Health", "LimitsState", "health_routes"]
 log = logging.getLogger("proxy.health")
 
 BreakerSnapshot = Callable[[], Mapping[str, Any]]
-LimitsState = Callable[[], Awaitable[Mapping[str, Any]]]
+LimitsState = Callable[[], Mapping[str, Any]]
 _LIMITS_FIELDS = ("failure_policy", "degraded", "down_for_s", "degraded_total")
+PROBE_TTL_S = 1.0  # seconds a store probe's result serves
+PROBE_WAIT_S = 0.5  # the longest /readyz waits on a probe (seconds)
 
 
 class Health:
@@ -72,33 +85,66 @@ class Health:
         self.breakers = breakers
         self.limits = limits
         self.ttl_s = ttl_s
-        self._unreachable: list[str] = []
+        self._probe: asyncio.Task[None] | None = None
+        self._probed: tuple[float, int, list[str]] | None = None  # (monotonic s, nodes, unreachable)
+        self._answered = False  # some node answered since this worker started
         self._clock = clock
         self._checked: tuple[float, int, dict[str, Any]] | None = None
         self._check: asyncio.Task[tuple[int, dict[str, Any]]] | None = None
 
     async def ready(self) -> tuple[int, dict[str, Any]]:
-        """``(status, body)`` of ``/readyz``."""
-        nodes, unreachable = await self.store.ping_nodes()
-        if unreachable != self._unreachable:
-            if unreachable:
-                log.warning("readiness: store node(s) not answering: %s", ", ".join(unreachable))
-            else:
-                log.warning("readiness: every store node answers again")
-            self._unreachable = unreachable
-        ok = not unreachable
-        store = {"backend": self.store.name, "reachable": ok, "nodes": nodes, "unreachable_nodes": len(unreachable)}
+        """``(status, body)`` of ``/readyz`` (see the module docstring)."""
+        nodes, unreachable = await self._store_nodes()
+        store = {
+            "backend": self.store.name,
+            "reachable": not unreachable,
+            "nodes": nodes,
+            "unreachable_nodes": len(unreachable),
+        }
         body: dict[str, Any] = {"status": "ready", "store": store}
         policy = "fail_closed"
         if self.limits is not None:
-            state = await self.limits()
+            state = self.limits()
             body["limits"] = {name: state[name] for name in _LIMITS_FIELDS}
             policy = state["failure_policy"]
-        if not ok:
-            body["status"] = "degraded" if policy == "fail_open" else "not_ready"
+        if not self._answered or (len(unreachable) >= nodes and policy != "fail_open"):
+            body["status"] = "not_ready"
+        elif unreachable:
+            body["status"] = "degraded"
         if self.breakers is not None:
             body["breakers"] = dict(self.breakers())
         return (503 if body["status"] == "not_ready" else 200), body
+
+    async def _store_nodes(self) -> tuple[int, list[str]]:
+        """``(nodes, unreachable)``: the latest probe's, or every node when the probe running
+        now has not answered within ``PROBE_WAIT_S``."""
+        probed = self._probed
+        if self._probe is None and (probed is None or time.monotonic() - probed[0] >= PROBE_TTL_S):
+            self._probe = asyncio.ensure_future(self._run_probe())
+        if self._probe is not None:
+            await asyncio.wait({self._probe}, timeout=PROBE_WAIT_S)  # waits, never cancels
+            if self._probe is not None:  # still running: the store does not answer in time
+                nodes = probed[1] if probed is not None else 1
+                return nodes, ["(no answer in time)"] * nodes
+        assert self._probed is not None
+        return self._probed[1], self._probed[2]
+
+    async def _run_probe(self) -> None:
+        try:
+            nodes, unreachable = await self.store.ping_nodes()
+        except Exception:  # a probe must never break /readyz
+            log.exception("readiness: store probe failed")
+            nodes, unreachable = 1, ["(probe failed)"]
+        finally:
+            self._probe = None
+        before = set(self._probed[2]) if self._probed is not None else set()
+        if set(unreachable) != before:
+            if unreachable:
+                log.warning("readiness: store node(s) not answering: %s", ", ".join(sorted(unreachable)))
+            elif self._probed is not None:
+                log.warning("readiness: every store node answers again")
+        self._answered = self._answered or len(unreachable) < nodes
+        self._probed = (time.monotonic(), nodes, unreachable)
 
     async def upstream(self) -> tuple[int, dict[str, Any]]:
         """``(status, body)`` of ``/health/upstream``, from the cache when fresh."""

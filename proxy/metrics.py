@@ -52,14 +52,16 @@ import os
 import tempfile
 from collections.abc import MutableMapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess as prom_multiprocess
 
 from proxy.accounting import LedgerEntry
-from proxy.limits.failover import Failover as LimitsFailover
 from proxy.sinks import Activity
+
+if TYPE_CHECKING:
+    from proxy.limits.failover import Failover as LimitsFailover
 
 __all__ = ["BREAKER_STATES", "Metrics", "mark_worker_dead", "multiprocess_dir", "prepare_multiprocess_dir"]
 

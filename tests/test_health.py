@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
 import httpx
+
+from proxy.health import PROBE_TTL_S, PROBE_WAIT_S, Health
 
 from .conftest import ProxyUnderTest
 from .redis_server import redis_server
@@ -34,13 +38,83 @@ def test_ready_when_the_store_answers_with_breaker_states_and_no_address_when_it
             "degraded_total": 0,
         }
         assert isinstance(body["breakers"], dict)
-    down = httpx.get(
-        f"{proxy.url}/readyz"
-    )  # redis-server is gone now (fail_open: degraded, see test_limits_store_down)
+    time.sleep(PROBE_TTL_S)  # past the cached probe: redis-server is gone now
+    down = httpx.get(f"{proxy.url}/readyz")
+    assert down.status_code == 200 and down.json()["status"] == "degraded"  # fail_open: still serving
     assert down.json()["store"] == {"backend": "redis", "reachable": False, "nodes": 1, "unreachable_nodes": 1}
     address = url.removeprefix("redis://").split("/")[0]
     assert address.split(":")[1] not in down.text  # no address on an unauthenticated endpoint
     assert httpx.get(f"{proxy.url}/healthz").status_code == 200  # alive all the same
+
+
+class FakeStore:
+    """A store whose probe answers ``(nodes, unreachable)`` from ``answers``, after ``delay_s``."""
+
+    name = "redis"
+
+    def __init__(self, *answers: tuple[int, list[str]], delay_s: float = 0.0) -> None:
+        self.answers = list(answers)
+        self.delay_s = delay_s
+        self.probes = 0
+        self.finished = 0
+
+    async def ping_nodes(self) -> tuple[int, list[str]]:
+        self.probes += 1
+        await asyncio.sleep(self.delay_s)
+        self.finished += 1
+        return self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+
+
+def limits_state(policy: str) -> Callable[[], dict[str, Any]]:
+    return lambda: {"failure_policy": policy, "degraded": False, "down_for_s": None, "degraded_total": 0}
+
+
+async def no_key() -> Any:
+    raise AssertionError("not called")
+
+
+def test_readiness_by_policy_and_partial_outage() -> None:
+    async def statuses(store: FakeStore, policy: str) -> list[tuple[int, str]]:
+        health = Health(store, no_key, limits=limits_state(policy))  # type: ignore[arg-type]
+        seen = []
+        for _ in range(len(store.answers)):
+            code, body = await health.ready()
+            seen.append((code, body["status"]))
+            health._probed = None  # the next call probes again instead of using the cached result
+        return seen
+
+    async def main() -> None:
+        # never answered since the start: a wrong URL or password must not pass a rollout
+        never = FakeStore((1, ["redis:6379"]), (1, []), (1, ["redis:6379"]))
+        assert await statuses(never, "fail_open") == [(503, "not_ready"), (200, "ready"), (200, "degraded")]
+        # one primary of three down: the others' teams are served under either policy
+        for policy in ("fail_open", "fail_closed"):
+            partial = FakeStore((3, []), (3, ["b:1"]), (3, ["a:1", "b:1", "c:1"]))
+            last = (200, "degraded") if policy == "fail_open" else (503, "not_ready")
+            assert await statuses(partial, policy) == [(200, "ready"), (200, "degraded"), last]
+
+    asyncio.run(main())
+
+
+def test_a_hanging_store_answers_in_half_a_second_and_the_probe_runs_once() -> None:
+    async def main() -> None:
+        store = FakeStore((1, []))
+        health = Health(store, no_key, limits=limits_state("fail_open"))  # type: ignore[arg-type]
+        assert (await health.ready())[0] == 200
+        health._probed = None
+        store.delay_s = 2.0  # the next probe hangs
+        began = time.monotonic()
+        results = await asyncio.gather(*(health.ready() for _ in range(5)))
+        assert time.monotonic() - began < PROBE_WAIT_S + 0.3
+        assert {(code, body["status"], body["store"]["reachable"]) for code, body in results} == {
+            (200, "degraded", False)
+        }
+        assert store.probes == 2  # one probe for the five calls
+        await asyncio.sleep(2.0)
+        assert store.finished == 2  # never cancelled: it ran to its end
+        assert (await health.ready())[1]["status"] == "ready"  # its answer serves the next call
+
+    asyncio.run(main())
 
 
 def test_upstream_health_is_checked_through_key_and_cached(

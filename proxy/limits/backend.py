@@ -100,6 +100,3 @@ class Backend(Protocol):
         """Apply ``releases`` of request ``rid``; returns each hold's ``spent`` afterwards (0 for windows).
 
         ``shape``: calls with the same shape release the same keys the same way."""
-
-    async def ping(self) -> bool:
-        """True when the backend answers."""

@@ -161,15 +161,11 @@ class Failover:
         with contextlib.suppress(StoreUnavailable):  # still down: the holds expire with their lease
             await self.backend.settle(holds, rid, int(self._clock() * 1000))
 
-    async def ready(self) -> dict[str, Any]:
-        """Store state for ``/readyz`` (see ``Limiter.ready``)."""
-        ok = await self.backend.ping()
-        if ok and self.local is not None:
-            self._recovered()
+    def state(self) -> dict[str, Any]:
+        """What the requests found (see ``Limiter.state``); no I/O, no side effect."""
         down = self._down_since
         return {
             "store": self.backend.name,
-            "ok": ok,
             "degraded": down is not None,
             "failure_policy": self.settings.failure_policy,
             "down_for_s": round(time.monotonic() - down, 3) if down is not None else None,

@@ -325,14 +325,14 @@ class Limiter:
         decision, backend, bounds = await self.failover.reserve(bounds, checks, "-", int(now * 1000), dry=True)
         return bounds, checks, decision, backend is self.failover.local
 
-    async def ready(self) -> dict[str, Any]:
-        """Store state for ``/readyz``::
+    def state(self) -> dict[str, Any]:
+        """The shared store as the requests found it, for ``/readyz`` (no I/O)::
 
-        {"store": "redis" | "memory", "ok": bool (a ping answered in time),
-         "degraded": bool (deciding without the store now), "failure_policy": str,
+        {"store": "redis" | "memory", "degraded": bool (the last reservation could not
+         reach it; the next after ``store_retry_s`` tries again), "failure_policy": str,
          "down_for_s": float | null, "last_error": str | null, "degraded_total": int}
         """
-        return await self.failover.ready()
+        return self.failover.state()
 
     @property
     def degraded_total(self) -> int:

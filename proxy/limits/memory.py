@@ -180,9 +180,6 @@ class MemoryBackend:
             out.append(hold.spent)
         return out
 
-    async def ping(self) -> bool:
-        return True
-
     def _sweep(self, now: int) -> None:
         for key in [k for k, w in self._windows.items() if (w.expires and w.expires <= now) or not w.buckets]:
             del self._windows[key]

@@ -118,10 +118,3 @@ class RedisBackend:
     async def aclose(self) -> None:
         """Close the script lane's own connections (the shared client is the store's)."""
         await self._lane.aclose()
-
-    async def ping(self) -> bool:
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                return bool(await self._client.ping())
-        except REDIS_ERRORS:
-            return False

@@ -14,15 +14,12 @@ translated to ``StoreUnavailable`` here and there.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import Awaitable
-
 import redis.asyncio as aioredis
 from redis.client import NEVER_DECODE
 
 from proxy.store.base import StoreUnavailable
 from proxy.store.redis_errors import REDIS_ERRORS
+from proxy.store.redis_probe import NodeProbe
 from proxy.store.usage_redis import RedisUsage
 
 __all__ = ["CLUSTER_SCHEMES", "RedisClient", "RedisStore", "cluster_url"]
@@ -52,8 +49,8 @@ class RedisStore:
             "health_check_interval": 30,
             "decode_responses": True,
         }
-        self._timeout_s = timeout_s
         plain = cluster_url(url)
+        self._probe = NodeProbe(plain or url, cluster=plain is not None, timeout_s=timeout_s)
         self._redis: RedisClient
         if plain is not None:
             # per node; past it redis-py fails a command instead of waiting, so leave room
@@ -76,31 +73,10 @@ class RedisStore:
         return not (await self.ping_nodes())[1]
 
     async def ping_nodes(self) -> tuple[int, list[str]]:
-        """One ``PING`` to the endpoint, or to every primary of a cluster at once (a dead
-        primary leaves its slots without counters, so one answering node is not enough)."""
-        client = self._redis
-        if isinstance(client, aioredis.Redis):
-            kwargs = client.connection_pool.connection_kwargs
-            name = kwargs.get("path") or f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
-            return 1, [] if await self._answers(client.ping()) else [name]
-        with contextlib.suppress(*REDIS_ERRORS):  # TimeoutError is an OSError
-            async with asyncio.timeout(2 * self._timeout_s):
-                await client.initialize()  # a no-op unless the slot map must be read (again)
-        primaries = client.get_primaries()
-        if not primaries:  # no map: no node answered
-            names = [n.name for n in client.get_nodes()] or ["cluster"]
-            return len(names), names
-        answers = await asyncio.gather(
-            *(self._answers(client.execute_command("PING", target_nodes=node)) for node in primaries)
-        )
-        return len(primaries), [node.name for node, ok in zip(primaries, answers, strict=True) if not ok]
-
-    async def _answers(self, ping: Awaitable[object]) -> bool:
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                return bool(await ping)
-        except REDIS_ERRORS:  # TimeoutError is an OSError
-            return False
+        """One ``PING`` to the endpoint, or to every primary of a cluster, on the probe's
+        own connections (``proxy.store.redis_probe``), never the shared client's."""
+        known = [] if isinstance(self._redis, aioredis.Redis) else [n.name for n in self._redis.get_nodes()]
+        return await self._probe.ping_nodes(known)
 
     async def breaker_publish(self, target: str, open_until: float) -> None:
         try:
@@ -132,6 +108,7 @@ class RedisStore:
             raise StoreUnavailable(str(exc)) from exc
 
     async def aclose(self) -> None:
+        await self._probe.aclose()
         await self._redis.aclose()
         if isinstance(self._redis, aioredis.Redis):
             await self._redis.connection_pool.disconnect()
