@@ -13,18 +13,22 @@
 primary leaves its slots' counters unreachable). The status:
 
 * ``ready`` (200): every node answers;
-* ``degraded`` (200): some do not, or none under ``limits.failure_policy: fail_open``: the
-  instance still serves (on local limits; under ``fail_closed``, the teams whose nodes
-  answer), and a shared store's outage must not take every replica out of the load
-  balancer at once;
+* ``degraded`` (200): some do not, or none under ``limits.failure_policy: fail_open``. The
+  instance still serves (on local limits), and every replica shares the store, so a 503
+  would take them all out of the load balancer at once. (A partial outage under
+  ``fail_closed`` is ``degraded`` too, though the limiter then answers 503 to more than the
+  dead node's teams: after any request fails to reach the store, it decides every request
+  by the failure policy for ``limits.store_retry_s``.)
 * ``not_ready`` (503): no node answers under ``fail_closed`` (chat completions would be
-  503s), or the store has not answered once since this worker started (a wrong
-  ``REDIS_URL`` or password must not pass a rollout).
+  503s), or the store refused the password or its host does not resolve and has not
+  answered since this worker started (a wrong ``REDIS_URL`` must fail a rollout; an
+  outage, a refused or silent connection, must not take out workers restarted meanwhile).
 
-A probe result serves ``PROBE_TTL_S`` (1 s), one probe runs at a time, and ``/readyz`` waits
-for it at most ``PROBE_WAIT_S`` (0.5 s, under Kubernetes' default 1 s probe timeout): a
-store that hangs counts as not answering meanwhile, and the probe, on connections of its
-own (``proxy.store.redis_probe``), is never cancelled. ``limits``: the limiter's view from
+A probe result serves ``PROBE_TTL_S`` (1 s), one probe runs at a time on connections of
+its own (``proxy.store.redis_probe``, each node bounded to 0.4 s) and is never cancelled,
+and ``/readyz`` waits for it at most ``PROBE_WAIT_S`` (0.5 s, under Kubernetes' default 1 s
+probe timeout). Past that, the previous answer serves if it is at most ``PROBE_STALE_S``
+(5 s) old; otherwise every node counts as not answering. ``limits``: the limiter's view from
 the requests (``degraded`` while it decides without the store; no I/O). ``breakers``: the
 circuit breakers' ``snapshot()`` (informational: an open breaker does not make the
 instance unready, since every replica would share it). No address, key or error text is
@@ -54,7 +58,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy.errors import ProxyError, UpstreamKeyRejected, UpstreamOutOfCredits, UpstreamTimeout, UpstreamUnreachable
-from proxy.store import Store
+from proxy.store import Reachability, Store
 
 __all__ = ["BreakerSnapshot", "Health", "LimitsState", "health_routes"]
 
@@ -65,6 +69,7 @@ LimitsState = Callable[[], Mapping[str, Any]]
 _LIMITS_FIELDS = ("failure_policy", "degraded", "down_for_s", "degraded_total")
 PROBE_TTL_S = 1.0  # seconds a store probe's result serves
 PROBE_WAIT_S = 0.5  # the longest /readyz waits on a probe (seconds)
+PROBE_STALE_S = 5.0  # meanwhile, an answer this recent (seconds) still serves
 
 
 class Health:
@@ -86,7 +91,7 @@ class Health:
         self.limits = limits
         self.ttl_s = ttl_s
         self._probe: asyncio.Task[None] | None = None
-        self._probed: tuple[float, int, list[str]] | None = None  # (monotonic s, nodes, unreachable)
+        self._probed: tuple[float, Reachability] | None = None  # (monotonic s, answer)
         self._answered = False  # some node answered since this worker started
         self._clock = clock
         self._checked: tuple[float, int, dict[str, Any]] | None = None
@@ -94,7 +99,7 @@ class Health:
 
     async def ready(self) -> tuple[int, dict[str, Any]]:
         """``(status, body)`` of ``/readyz`` (see the module docstring)."""
-        nodes, unreachable = await self._store_nodes()
+        nodes, unreachable, misconfigured = await self._reachability()
         store = {
             "backend": self.store.name,
             "reachable": not unreachable,
@@ -107,7 +112,7 @@ class Health:
             state = self.limits()
             body["limits"] = {name: state[name] for name in _LIMITS_FIELDS}
             policy = state["failure_policy"]
-        if not self._answered or (len(unreachable) >= nodes and policy != "fail_open"):
+        if (misconfigured and not self._answered) or (len(unreachable) >= nodes and policy != "fail_open"):
             body["status"] = "not_ready"
         elif unreachable:
             body["status"] = "degraded"
@@ -115,36 +120,40 @@ class Health:
             body["breakers"] = dict(self.breakers())
         return (503 if body["status"] == "not_ready" else 200), body
 
-    async def _store_nodes(self) -> tuple[int, list[str]]:
-        """``(nodes, unreachable)``: the latest probe's, or every node when the probe running
-        now has not answered within ``PROBE_WAIT_S``."""
+    async def _reachability(self) -> Reachability:
+        """The latest probe's answer. While a probe runs past ``PROBE_WAIT_S``, the previous
+        answer if it is at most ``PROBE_STALE_S`` old, else every node unreachable."""
         probed = self._probed
-        if self._probe is None and (probed is None or time.monotonic() - probed[0] >= PROBE_TTL_S):
+        now = time.monotonic()
+        if self._probe is None and (probed is None or now - probed[0] >= PROBE_TTL_S):
             self._probe = asyncio.ensure_future(self._run_probe())
         if self._probe is not None:
             await asyncio.wait({self._probe}, timeout=PROBE_WAIT_S)  # waits, never cancels
-            if self._probe is not None:  # still running: the store does not answer in time
-                nodes = probed[1] if probed is not None else 1
-                return nodes, ["(no answer in time)"] * nodes
+            if self._probe is not None:  # still running
+                if probed is not None and now - probed[0] <= PROBE_STALE_S:
+                    return probed[1]
+                nodes = probed[1].nodes if probed is not None else 1
+                return Reachability(nodes, ["(no answer in time)"] * nodes)
         assert self._probed is not None
-        return self._probed[1], self._probed[2]
+        return self._probed[1]
 
     async def _run_probe(self) -> None:
         try:
-            nodes, unreachable = await self.store.ping_nodes()
+            found = await self.store.ping_nodes()
         except Exception:  # a probe must never break /readyz
             log.exception("readiness: store probe failed")
-            nodes, unreachable = 1, ["(probe failed)"]
+            found = Reachability(1, ["(probe failed)"])
         finally:
             self._probe = None
-        before = set(self._probed[2]) if self._probed is not None else set()
-        if set(unreachable) != before:
-            if unreachable:
-                log.warning("readiness: store node(s) not answering: %s", ", ".join(sorted(unreachable)))
+        before = set(self._probed[1].unreachable) if self._probed is not None else set()
+        if set(found.unreachable) != before:
+            if found.unreachable:
+                how = " (check the store's URL and password)" if found.misconfigured else ""
+                log.warning("readiness: store node(s) not answering%s: %s", how, ", ".join(sorted(found.unreachable)))
             elif self._probed is not None:
                 log.warning("readiness: every store node answers again")
-        self._answered = self._answered or len(unreachable) < nodes
-        self._probed = (time.monotonic(), nodes, unreachable)
+        self._answered = self._answered or len(found.unreachable) < found.nodes
+        self._probed = (time.monotonic(), found)
 
     async def upstream(self) -> tuple[int, dict[str, Any]]:
         """``(status, body)`` of ``/health/upstream``, from the cache when fresh."""

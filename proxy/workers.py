@@ -267,7 +267,7 @@ class _Rolling:
             else:  # removed by SIGTTOU while its replacement started
                 self.retire(new)
             if not self.queue:
-                log.info("SIGHUP: every worker restarted")
+                log.info("SIGHUP: the rolling restart is done")
         elif _watch(new, self.startup_timeout_s):
             log.error(
                 "SIGHUP: a new worker exited with %s while starting; the rolling restart stops and "
@@ -279,11 +279,14 @@ class _Rolling:
             self.queue.clear()
 
     def retire(self, slot: _Slot) -> None:
-        """One SIGTERM: the worker drains and exits; joined by ``step`` (or at stop)."""
+        """One SIGTERM: the worker drains and exits; joined (its gauges dropped) by ``step``,
+        or at stop. One that died a moment ago is joined the same way."""
         proc = slot.proc
-        if proc is not None and proc.is_alive() and proc.pid is not None:
+        if proc is None:
+            return
+        if proc.is_alive() and proc.pid is not None:
             os.kill(proc.pid, signal.SIGTERM)
-            self.retiring.append(proc)
+        self.retiring.append(proc)
 
 
 def _watch(slot: _Slot, startup_timeout_s: float) -> bool:

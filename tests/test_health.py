@@ -6,10 +6,14 @@ import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
+from unittest.mock import ANY
 
 import httpx
+import redis
 
-from proxy.health import PROBE_TTL_S, PROBE_WAIT_S, Health
+from proxy.health import PROBE_STALE_S, PROBE_TTL_S, PROBE_WAIT_S, Health
+from proxy.store import Reachability
+from proxy.store.redis import RedisStore
 
 from .conftest import ProxyUnderTest
 from .redis_server import redis_server
@@ -48,17 +52,17 @@ def test_ready_when_the_store_answers_with_breaker_states_and_no_address_when_it
 
 
 class FakeStore:
-    """A store whose probe answers ``(nodes, unreachable)`` from ``answers``, after ``delay_s``."""
+    """A store whose probe answers from ``answers`` (the last one repeats), after ``delay_s``."""
 
     name = "redis"
 
-    def __init__(self, *answers: tuple[int, list[str]], delay_s: float = 0.0) -> None:
+    def __init__(self, *answers: Reachability, delay_s: float = 0.0) -> None:
         self.answers = list(answers)
         self.delay_s = delay_s
         self.probes = 0
         self.finished = 0
 
-    async def ping_nodes(self) -> tuple[int, list[str]]:
+    async def ping_nodes(self) -> Reachability:
         self.probes += 1
         await asyncio.sleep(self.delay_s)
         self.finished += 1
@@ -73,7 +77,11 @@ async def no_key() -> Any:
     raise AssertionError("not called")
 
 
-def test_readiness_by_policy_and_partial_outage() -> None:
+UP, DOWN = Reachability(1, []), Reachability(1, ["redis:6379"])
+REFUSED_PASSWORD = Reachability(1, ["redis:6379"], misconfigured=True)
+
+
+def test_readiness_by_policy_partial_outage_and_misconfiguration() -> None:
     async def statuses(store: FakeStore, policy: str) -> list[tuple[int, str]]:
         health = Health(store, no_key, limits=limits_state(policy))  # type: ignore[arg-type]
         seen = []
@@ -84,12 +92,15 @@ def test_readiness_by_policy_and_partial_outage() -> None:
         return seen
 
     async def main() -> None:
-        # never answered since the start: a wrong URL or password must not pass a rollout
-        never = FakeStore((1, ["redis:6379"]), (1, []), (1, ["redis:6379"]))
-        assert await statuses(never, "fail_open") == [(503, "not_ready"), (200, "ready"), (200, "degraded")]
-        # one primary of three down: the others' teams are served under either policy
+        # a refused password before any answer: a deployment to stop, whatever the policy
+        wrong = FakeStore(REFUSED_PASSWORD, UP, REFUSED_PASSWORD)
+        assert await statuses(wrong, "fail_open") == [(503, "not_ready"), (200, "ready"), (200, "degraded")]
+        # an outage when the worker starts (say a SIGHUP restarted it meanwhile): fail_open serves
+        assert await statuses(FakeStore(DOWN, UP), "fail_open") == [(200, "degraded"), (200, "ready")]
+        assert await statuses(FakeStore(DOWN, UP), "fail_closed") == [(503, "not_ready"), (200, "ready")]
+        # one primary of three down: degraded under either policy; all down: the policy decides
         for policy in ("fail_open", "fail_closed"):
-            partial = FakeStore((3, []), (3, ["b:1"]), (3, ["a:1", "b:1", "c:1"]))
+            partial = FakeStore(Reachability(3, []), Reachability(3, ["b:1"]), Reachability(3, ["a:1", "b:1", "c:1"]))
             last = (200, "degraded") if policy == "fail_open" else (503, "not_ready")
             assert await statuses(partial, policy) == [(200, "ready"), (200, "degraded"), last]
 
@@ -98,23 +109,47 @@ def test_readiness_by_policy_and_partial_outage() -> None:
 
 def test_a_hanging_store_answers_in_half_a_second_and_the_probe_runs_once() -> None:
     async def main() -> None:
-        store = FakeStore((1, []))
-        health = Health(store, no_key, limits=limits_state("fail_open"))  # type: ignore[arg-type]
-        assert (await health.ready())[0] == 200
-        health._probed = None
-        store.delay_s = 2.0  # the next probe hangs
+        store = FakeStore(Reachability(3, ["b:1"]))
+        health = Health(store, no_key, limits=limits_state("fail_closed"))  # type: ignore[arg-type]
+        assert await health.ready() == (200, ANY)
+        store.delay_s, store.answers = 2.0, [Reachability(3, [])]  # the next probe hangs
+        # a recent answer serves while the probe runs: one slow node must not flip the status
+        health._probed = (time.monotonic() - PROBE_TTL_S, health._probed[1])  # type: ignore[index]
         began = time.monotonic()
         results = await asyncio.gather(*(health.ready() for _ in range(5)))
         assert time.monotonic() - began < PROBE_WAIT_S + 0.3
-        assert {(code, body["status"], body["store"]["reachable"]) for code, body in results} == {
-            (200, "degraded", False)
-        }
+        assert {(code, body["status"]) for code, body in results} == {(200, "degraded")}
         assert store.probes == 2  # one probe for the five calls
+        # no recent answer: every node counts as not answering
+        health._probed = (time.monotonic() - PROBE_STALE_S - 1, health._probed[1])  # type: ignore[index]
+        code, body = await health.ready()
+        assert (code, body["store"]["unreachable_nodes"]) == (503, 3)
         await asyncio.sleep(2.0)
         assert store.finished == 2  # never cancelled: it ran to its end
-        assert (await health.ready())[1]["status"] == "ready"  # its answer serves the next call
+        assert (await health.ready())[1]["status"] == "ready"  # and its answer serves now
 
     asyncio.run(main())
+
+
+def test_the_probe_tells_a_refused_password_from_an_outage() -> None:
+    async def main(url: str) -> None:
+        with redis.Redis.from_url(url) as admin:
+            admin.config_set("requirepass", "sekret")
+        for given, expected in (
+            (url.replace("redis://", "redis://:sekret@"), Reachability(1, [], False)),
+            (url, Reachability(1, [ANY], True)),  # no password: a deployment to stop
+            (url.replace("redis://", "redis://:wrong@"), Reachability(1, [ANY], True)),
+            ("redis://127.0.0.1:1/0", Reachability(1, ["127.0.0.1:1"], False)),  # nothing listens: an outage
+            ("redis://no-such-host.invalid:6379/0", Reachability(1, [ANY], True)),
+        ):
+            store = RedisStore(given)
+            try:
+                assert await store.ping_nodes() == expected, given
+            finally:
+                await store.aclose()
+
+    with redis_server() as url:
+        asyncio.run(main(url))
 
 
 def test_upstream_health_is_checked_through_key_and_cached(

@@ -175,6 +175,7 @@ def test_a_frozen_redis_times_out_fast_and_is_picked_up_again(make: Any, redis_p
     finally:
         redis_proc.freeze(False)
     until_shared(proxy)
+    readiness(proxy, (200, "ready", False))  # the probe that hung did not stay in the way
 
 
 def test_ready_reports_the_store_and_admission_degrades_without_it() -> None:

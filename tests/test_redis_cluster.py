@@ -27,6 +27,7 @@ from redis.crc import key_slot
 
 from proxy.limits.cluster import ClusterScripts
 from proxy.limits.lane import ScriptLane
+from proxy.store import Reachability
 from proxy.store.redis import RedisStore, cluster_url
 
 from .conftest import ALICE_KEY, BOB_KEY, ProxyUnderTest
@@ -230,19 +231,26 @@ async def test_a_dead_node_is_routed_around_and_a_maybe_sent_call_is_not_resent(
 @pytest.mark.asyncio
 async def test_readiness_pings_every_primary_and_names_a_dead_one() -> None:
     with redis_cluster() as url:  # its own cluster: one of its primaries is shut down
-        store = RedisStore(url, timeout_s=0.5)
+        store = RedisStore(url)
         try:
-            assert await store.ping_nodes() == (3, [])
+            assert await store.ping_nodes() == Reachability(3, [])
             assert await store.ping()
+            await store.client.ping()  # the shared client has read its map, as live traffic does
             plain = cluster_url(url)
             assert plain is not None
+            seed_port = int(url.rsplit(":", 1)[1])
             with redis.RedisCluster.from_url(plain) as cluster:
-                victim = next(n for n in cluster.get_primaries() if n.port != int(url.rsplit(":", 1)[1]))
+                seed = next(n for n in cluster.get_primaries() if n.port == seed_port)
+                victim = next(n for n in cluster.get_primaries() if n.port != seed_port)
                 with contextlib.suppress(redis.ConnectionError):
                     cluster.execute_command("SHUTDOWN", "NOSAVE", target_nodes=victim)
-            # the other primaries answer, yet a third of the slots has no counters
-            assert await store.ping_nodes() == (3, [victim.name])
-            assert not await store.ping()
-            assert await store.ping_nodes() == (3, [victim.name])  # the map read again still has it
+                # the other primaries answer, yet a third of the slots has no counters
+                assert await store.ping_nodes() == Reachability(3, [victim.name])
+                assert not await store.ping()
+                with contextlib.suppress(redis.ConnectionError):
+                    cluster.execute_command("SHUTDOWN", "NOSAVE", target_nodes=seed)
+            # the URL's node is gone too: the map comes from a node the shared client knows
+            found = await store.ping_nodes()
+            assert (found.nodes, sorted(found.unreachable)) == (3, sorted([victim.name, seed.name]))
         finally:
             await store.aclose()

@@ -272,7 +272,7 @@ def test_sighup_restarts_the_workers_one_at_a_time_with_the_config_read_again(tm
         for pid in before:
             _wait_dead(pid)
     log = served.log.read_text(errors="replace")
-    assert "SIGHUP: restarting 2 workers one at a time" in log and "SIGHUP: every worker restarted" in log, log
+    assert "SIGHUP: restarting 2 workers one at a time" in log and "SIGHUP: the rolling restart is done" in log, log
 
 
 def test_a_rolling_restart_stops_at_a_broken_config_and_the_old_workers_keep_serving(tmp_path: Path) -> None:
@@ -317,3 +317,24 @@ def test_sigttin_adds_a_worker_and_sigttou_drains_one(tmp_path: Path) -> None:
         assert served.proc.wait(timeout=30) == 0
     log = served.log.read_text(errors="replace")
     assert "SIGTTIN: 3 workers" in log and "SIGTTOU: one worker left; keeping it" in log, log
+
+
+def test_a_worker_that_died_just_before_it_was_retired_is_still_joined_and_forgotten(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    forgotten: list[int] = []
+    monkeypatch.setattr(supervisor, "_forget", lambda proc: forgotten.append(proc.pid))
+    started: list[supervisor._Slot] = []
+    roll = supervisor._Rolling(started.append, startup_timeout_s=10)
+    dead, alive = _Hung(), _Hung()
+    dead.killed, dead.pid = True, 1111
+    slots = [
+        supervisor._Slot(proc=alive, started=multiprocessing.Event(), first=False),  # type: ignore[arg-type]
+        supervisor._Slot(proc=dead, started=multiprocessing.Event(), first=False),  # type: ignore[arg-type]
+    ]
+    roll.command(signal.SIGTTOU, slots)  # the last slot goes; its worker had died meanwhile
+    assert len(slots) == 1 and roll.retiring == [dead]
+    roll.step(slots)
+    assert forgotten == [1111] and roll.retiring == []
+    roll.command(signal.SIGTTOU, slots)  # never the last one
+    assert len(slots) == 1 and not alive.killed

@@ -8,13 +8,14 @@ nowhere else.
 
 from __future__ import annotations
 
-from proxy.store.base import Store, StoreUnavailable, day_of, nano_usd
+from proxy.store.base import Reachability, Store, StoreUnavailable, day_of, nano_usd
 from proxy.store.memory import MemoryStore
 from proxy.store.usage import LedgerWrite, Retention, UsageLedger, UsageTotals
 
 __all__ = [
     "LedgerWrite",
     "MemoryStore",
+    "Reachability",
     "Retention",
     "Store",
     "StoreUnavailable",

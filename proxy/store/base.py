@@ -7,12 +7,23 @@ store, ``store.usage``; its contract and values live in ``proxy.store.usage``.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 if TYPE_CHECKING:
     from proxy.store.usage import UsageLedger
 
-__all__ = ["Store", "StoreUnavailable", "day_of", "nano_usd"]
+__all__ = ["Reachability", "Store", "StoreUnavailable", "day_of", "nano_usd"]
+
+
+class Reachability(NamedTuple):
+    """A store probe's answer: how many nodes serve the store (1, or a Redis Cluster's
+    primaries), the ``host:port`` of each that did not answer, and whether a failure
+    points at the configuration rather than an outage (the password was refused, the
+    host name does not resolve)."""
+
+    nodes: int
+    unreachable: list[str]
+    misconfigured: bool = False
 
 
 class StoreUnavailable(Exception):
@@ -41,9 +52,8 @@ class Store(Protocol):
     async def ping(self) -> bool:
         """True when the store answers (every primary of a Redis Cluster)."""
 
-    async def ping_nodes(self) -> tuple[int, list[str]]:
-        """``(nodes, unreachable)``: how many nodes serve the store (1, or a Redis
-        Cluster's primaries) and the ``host:port`` of each that did not answer a ``PING``."""
+    async def ping_nodes(self) -> Reachability:
+        """One ``PING`` to every node (each primary of a Redis Cluster)."""
 
     async def breaker_publish(self, target: str, open_until: float) -> None:
         """Share that ``target``'s circuit breaker is open until ``open_until`` (Unix s)."""

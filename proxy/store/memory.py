@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from proxy.store.base import Reachability
 from proxy.store.cache_memory import MemoryCache
 from proxy.store.usage_memory import MemoryUsage
 
@@ -19,8 +20,8 @@ class MemoryStore:
     async def ping(self) -> bool:
         return True
 
-    async def ping_nodes(self) -> tuple[int, list[str]]:
-        return 1, []
+    async def ping_nodes(self) -> Reachability:
+        return Reachability(1, [])
 
     async def breaker_publish(self, target: str, open_until: float) -> None:
         self._breakers[target] = open_until

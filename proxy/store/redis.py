@@ -17,9 +17,9 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 from redis.client import NEVER_DECODE
 
-from proxy.store.base import StoreUnavailable
+from proxy.store.base import Reachability, StoreUnavailable
 from proxy.store.redis_errors import REDIS_ERRORS
-from proxy.store.redis_probe import NodeProbe
+from proxy.store.redis_probe import PROBE_TIMEOUT_S, NodeProbe
 from proxy.store.usage_redis import RedisUsage
 
 __all__ = ["CLUSTER_SCHEMES", "RedisClient", "RedisStore", "cluster_url"]
@@ -50,7 +50,7 @@ class RedisStore:
             "decode_responses": True,
         }
         plain = cluster_url(url)
-        self._probe = NodeProbe(plain or url, cluster=plain is not None, timeout_s=timeout_s)
+        self._probe = NodeProbe(plain or url, cluster=plain is not None, timeout_s=min(timeout_s, PROBE_TIMEOUT_S))
         self._redis: RedisClient
         if plain is not None:
             # per node; past it redis-py fails a command instead of waiting, so leave room
@@ -72,7 +72,7 @@ class RedisStore:
     async def ping(self) -> bool:
         return not (await self.ping_nodes())[1]
 
-    async def ping_nodes(self) -> tuple[int, list[str]]:
+    async def ping_nodes(self) -> Reachability:
         """One ``PING`` to the endpoint, or to every primary of a cluster, on the probe's
         own connections (``proxy.store.redis_probe``), never the shared client's."""
         known = [] if isinstance(self._redis, aioredis.Redis) else [n.name for n in self._redis.get_nodes()]

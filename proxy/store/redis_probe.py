@@ -6,24 +6,33 @@ primary leaves its slots' counters unreachable, so one answering node is not eno
 map is read afresh on every probe, so a primary replaced by a failover stops counting as
 unreachable once the cluster has promoted its replica.
 
+A refused password or a host name that does not resolve marks the answer
+``misconfigured``: that is a deployment to stop, not an outage to ride out.
+
 The probe never touches the store's shared client: cancelling redis-py's cluster client in
 the middle of a command or of a slot-map read closes every connection it has, including
 those of live requests, and may send their commands again. Its own clients (one per node,
 at most one connection each) are bounded by redis-py's socket timeouts instead; callers
-that must answer sooner wait on the probe without cancelling it (``proxy.health``).
+that must answer sooner wait on the probe without cancelling it (``proxy.health``), and
+``PROBE_TIMEOUT_S`` keeps one node's silence shorter than their wait.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Iterable
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis.exceptions import AuthenticationError
 
+from proxy.store.base import Reachability
 from proxy.store.redis_errors import REDIS_ERRORS
 
-__all__ = ["NodeProbe"]
+__all__ = ["PROBE_TIMEOUT_S", "NodeProbe"]
+
+PROBE_TIMEOUT_S = 0.4  # at most, per connect and per reply (seconds)
 
 
 class NodeProbe:
@@ -35,32 +44,41 @@ class NodeProbe:
         self.cluster = cluster
         self.timeout_s = timeout_s
         parts = urlsplit(url)
-        self._default = f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
+        unix = parts.scheme == "unix"
+        self._default = parts.path if unix else f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
         self._clients: dict[str, aioredis.Redis] = {}
+        self._answered_map: str | None = None  # the node whose slot map came last
+        self._misconfigured = False  # set by a failure that points at the configuration
+        self._closing: set[asyncio.Task[None]] = set()
+        self._closed = False
 
-    async def ping_nodes(self, known: Iterable[str] = ()) -> tuple[int, list[str]]:
-        """``(nodes, unreachable)``: how many nodes serve the store (1, or the cluster's
-        primaries) and the ``host:port`` of each that did not answer. ``known``: nodes to
-        ask for a cluster's map besides the URL's (e.g. the shared client's map)."""
+    async def ping_nodes(self, known: Iterable[str] = ()) -> Reachability:
+        """Every node's answer. ``known``: nodes to ask for a cluster's map besides the
+        URL's (e.g. the shared client's map); the one that answered last is asked first."""
+        self._misconfigured = False
         if not self.cluster:
-            return 1, [] if await self._ping(self._default) else [self._default]
-        asked = list(dict.fromkeys([self._default, *known]))
+            ok = await self._ping(self._default)
+            return Reachability(1, [] if ok else [self._default], self._misconfigured)
+        asked = list(dict.fromkeys([n for n in (self._answered_map, self._default, *known) if n]))
         primaries = None
         for name in asked:
             primaries = await self._primaries(name)
             if primaries is not None:
+                self._answered_map = name
                 break
         if not primaries:  # no node answered (or none has slots): nothing is reachable
-            return len(asked), asked
+            return Reachability(len(asked), asked, self._misconfigured)
         answers = await asyncio.gather(*(self._ping(name) for name in primaries))
-        return len(primaries), [name for name, ok in zip(primaries, answers, strict=True) if not ok]
+        unreachable = [name for name, ok in zip(primaries, answers, strict=True) if not ok]
+        return Reachability(len(primaries), unreachable, self._misconfigured)
 
     async def _primaries(self, name: str) -> list[str] | None:
         """The primaries in ``name``'s slot map (``None``: it did not answer)."""
         host = name.rsplit(":", 1)[0]
         try:
             ranges = await self._client(name).execute_command("CLUSTER SLOTS")  # type: ignore[no-untyped-call]
-        except REDIS_ERRORS:
+        except REDIS_ERRORS as exc:
+            self._note(exc)
             return None
         found: dict[str, None] = {}
         try:
@@ -76,14 +94,22 @@ class NodeProbe:
     async def _ping(self, name: str) -> bool:
         try:
             return bool(await self._client(name).ping())
-        except REDIS_ERRORS:  # TimeoutError is an OSError
+        except REDIS_ERRORS as exc:  # TimeoutError is an OSError
+            self._note(exc)
             return False
 
+    def _note(self, exc: BaseException) -> None:
+        """Remember a failure that no outage explains: a refused password, an unknown host."""
+        if isinstance(exc, AuthenticationError) or isinstance(exc.__context__, socket.gaierror):
+            self._misconfigured = True
+
     def _client(self, name: str) -> aioredis.Redis:
+        if self._closed:  # a probe still running at shutdown opens nothing new
+            raise aioredis.ConnectionError("the store is closed")
         client = self._clients.get(name)
         if client is None:
             client = aioredis.Redis.from_url(
-                _with_node(self.url, name),
+                _with_node(self.url, name) if self.cluster else self.url,
                 socket_timeout=self.timeout_s,
                 socket_connect_timeout=self.timeout_s,
                 max_connections=1,
@@ -92,14 +118,19 @@ class NodeProbe:
             if len(self._clients) > 64:  # a cluster reshaped many times: start afresh
                 stale, self._clients = list(self._clients.values()), {}
                 for old in stale:
-                    asyncio.get_running_loop().create_task(old.aclose())
+                    task = asyncio.get_running_loop().create_task(old.aclose())
+                    self._closing.add(task)
+                    task.add_done_callback(self._closing.discard)
             self._clients[name] = client
         return client
 
     async def aclose(self) -> None:
+        self._closed = True
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             await client.aclose()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
 
 def _with_node(url: str, name: str) -> str:
