@@ -185,3 +185,13 @@ def test_upstream_health_tells_a_rejected_key_from_an_unreachable_upstream(
     response = httpx.get(f"{unreachable.url}/health/upstream")
     assert response.status_code == 503
     assert response.json()["status"] == "unavailable" and response.json()["reachable"] is False
+
+
+def test_the_probe_keeps_credentials_and_tls_options_but_not_timeouts_from_the_url() -> None:
+    from proxy.store.redis_probe import _probe_url
+
+    url = "rediss://user:p%40ss@seed:7000/0?ssl_cert_reqs=none&socket_timeout=30&max_connections=9"
+    assert _probe_url(url, "10.0.0.2:7001") == "rediss://user:p%40ss@10.0.0.2:7001/0?ssl_cert_reqs=none"
+    assert _probe_url(url, "::1:7001") == "rediss://user:p%40ss@[::1]:7001/0?ssl_cert_reqs=none"
+    assert _probe_url("unix:///run/redis.sock?db=1&socket_connect_timeout=5", None) == "unix:///run/redis.sock?db=1"
+    assert _probe_url("redis://h:6379/2", None) == "redis://h:6379/2"

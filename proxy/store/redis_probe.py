@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Iterable
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError
@@ -33,6 +33,9 @@ from proxy.store.redis_errors import REDIS_ERRORS
 __all__ = ["PROBE_TIMEOUT_S", "NodeProbe"]
 
 PROBE_TIMEOUT_S = 0.4  # at most, per connect and per reply (seconds)
+_OWN_OPTIONS = frozenset(  # the probe's own bounds: a URL's options must not override them
+    ("socket_timeout", "socket_connect_timeout", "max_connections", "retry_on_timeout", "health_check_interval")
+)
 
 
 class NodeProbe:
@@ -109,7 +112,7 @@ class NodeProbe:
         client = self._clients.get(name)
         if client is None:
             client = aioredis.Redis.from_url(
-                _with_node(self.url, name) if self.cluster else self.url,
+                _probe_url(self.url, name if self.cluster else None),
                 socket_timeout=self.timeout_s,
                 socket_connect_timeout=self.timeout_s,
                 max_connections=1,
@@ -133,11 +136,17 @@ class NodeProbe:
             await asyncio.gather(*self._closing, return_exceptions=True)
 
 
-def _with_node(url: str, name: str) -> str:
-    """``url`` pointed at node ``name`` (``host:port``), credentials and options kept."""
-    parts = urlsplit(url)
-    userinfo = parts.netloc.rpartition("@")[0]
-    host, _, port = name.rpartition(":")
-    address = f"[{host}]:{port}" if ":" in host else name
-    netloc = f"{userinfo}@{address}" if userinfo else address
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+def _probe_url(url: str, node: str | None) -> str:
+    """``url`` pointed at ``node`` (``host:port``; ``None``: as it is), credentials and TLS
+    options kept, without the options that would override the probe's own bounds (redis-py
+    lets a URL's options win over its arguments)."""
+    base, _, query = url.partition("?")
+    if node is not None:
+        parts = urlsplit(base)
+        userinfo = parts.netloc.rpartition("@")[0]
+        host, _, port = node.rpartition(":")
+        address = f"[{host}]:{port}" if ":" in host else node
+        netloc = f"{userinfo}@{address}" if userinfo else address
+        base = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    kept = urlencode([(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k not in _OWN_OPTIONS])
+    return f"{base}?{kept}" if kept else base
