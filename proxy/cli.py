@@ -93,6 +93,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "log_level": settings.server.log_level,
         "access_log": False,
         "timeout_graceful_shutdown": math.ceil(settings.server.drain_timeout_s),
+        "timeout_keep_alive": settings.server.keep_alive_timeout_s,
     }
     if workers > 1:
         from proxy.metrics import prepare_multiprocess_dir

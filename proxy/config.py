@@ -69,7 +69,11 @@ class ServerSettings(_Model):
 
     ``max_body_bytes`` bounds a request body (larger: 413) and ``body_timeout_s`` the time to
     receive it (slower: 408). ``drain_timeout_s``: on SIGTERM, how long in-flight requests
-    may finish. ``max_n`` / ``max_output_tokens`` cap ``n`` and ``max_tokens`` (larger: 400).
+    may finish. ``keep_alive_timeout_s``: how long an idle client connection stays open; it
+    must exceed the idle timeout of the load balancer in front (nginx's upstream
+    ``keepalive_timeout`` and AWS ALB's are 60 s), or the balancer may send a request on a
+    connection the proxy is closing, and a POST that meets the close is a 502 no balancer
+    retries. ``max_n`` / ``max_output_tokens`` cap ``n`` and ``max_tokens`` (larger: 400).
     """
 
     host: str = "127.0.0.1"
@@ -78,6 +82,7 @@ class ServerSettings(_Model):
     max_body_bytes: Annotated[int, Field(ge=1024)] = 4 * 1024 * 1024
     body_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     drain_timeout_s: Annotated[float, Field(ge=0)] = 30.0
+    keep_alive_timeout_s: Annotated[float, Field(gt=0)] = 75.0
     max_n: Annotated[int, Field(ge=1)] = 8
     max_output_tokens: Annotated[int, Field(ge=1)] = 1_000_000
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,11 +81,15 @@ class ServedCli:
 
 
 @contextmanager
-def served_cli(folder: Path, *args: str, startups: int = 1, limits: bool = True) -> Iterator[ServedCli]:
-    """Run the README's serve command from ``folder`` (a copy of config.yaml and policies/,
-    no virtual keys, so it prints a one-time dev key). Output goes to ``folder/proxy.log``.
-    On exit the process gets SIGTERM (if still running) and is waited for."""
-    shutil.copy(REPO / "config.yaml", folder / "config.yaml")
+def served_cli(
+    folder: Path, *args: str, startups: int = 1, limits: bool = True, config: Callable[[str], str] | None = None
+) -> Iterator[ServedCli]:
+    """Run the README's serve command from ``folder`` (a copy of config.yaml, edited by
+    ``config`` if given, and policies/, no virtual keys, so it prints a one-time dev key).
+    Output goes to ``folder/proxy.log``. On exit the process gets SIGTERM (if still
+    running) and is waited for."""
+    text = (REPO / "config.yaml").read_text()
+    (folder / "config.yaml").write_text(config(text) if config else text)
     shutil.copytree(REPO / "policies", folder / "policies")
     if not limits:
         (folder / "policies" / "limits.yaml").unlink()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import socket
+import time
 from pathlib import Path
 
 import openai
@@ -11,6 +13,7 @@ import pytest
 
 from proxy.auth import hash_key
 from proxy.cli import main
+from proxy.config import load_settings
 from proxy.report import build_report, parse_since, render
 
 from .factories import served_cli
@@ -111,3 +114,36 @@ def test_serve_refuses_to_start_without_an_upstream_key(
     monkeypatch.delenv("OPENROUTER_BASE_URL", raising=False)
     assert main(["serve", "--config", str(REPO / "config.yaml")]) == 2
     assert "--upstream emulator" in capsys.readouterr().err
+
+
+def test_serve_keeps_idle_connections_open_for_keep_alive_timeout_s(tmp_path: Path) -> None:
+    """The balancer in front must close idle connections first (docs/deploy.md): the
+    proxy keeps them ``server.keep_alive_timeout_s``, not uvicorn's 5 s."""
+    assert load_settings(REPO / "config.yaml", {}).server.keep_alive_timeout_s > 60  # nginx's and ALB's 60 s
+
+    def edit(text: str) -> str:
+        assert "keep_alive_timeout_s: 75" in text
+        return text.replace("keep_alive_timeout_s: 75", "keep_alive_timeout_s: 2")
+
+    with served_cli(tmp_path, config=edit) as served:
+        port = int(served.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            for pause in (0.0, 1.2):  # idle for less than the timeout: still open
+                time.sleep(pause)
+                conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: proxy\r\n\r\n")
+                assert _response(conn).startswith(b"HTTP/1.1 200")
+            began = time.monotonic()
+            assert conn.recv(1) == b""  # then the proxy closes it
+            assert 1.5 < time.monotonic() - began < 4  # uvicorn's default would be 5 s
+
+
+def _response(conn: socket.socket) -> bytes:
+    """One whole HTTP/1.1 response with a ``content-length`` body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+    while len(body) < length:
+        body += conn.recv(65536)
+    return data

@@ -150,5 +150,12 @@ def test_compose_runs_replicas_against_one_redis_behind_one_port() -> None:
     assert any(str(p).endswith(":8080") for p in services["lb"]["ports"])
     nginx = compose["configs"]["nginx"]["content"]
     assert "server proxy:8080" in nginx and "proxy_buffering off" in nginx
+    # nginx closes idle upstream connections before the proxy does (server.keep_alive_timeout_s)
+    from proxy.config import load_settings
+
+    found = re.search(r"keepalive_timeout (\d+)s;", nginx)
+    assert (
+        found is not None and int(found.group(1)) < load_settings(ROOT / "config.yaml", {}).server.keep_alive_timeout_s
+    )
     mounts = " ".join(proxy["volumes"])
     assert "/etc/openrouter-proxy/config.yaml" in mounts and "/etc/openrouter-proxy/policies" in mounts
