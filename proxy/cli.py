@@ -43,6 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from proxy.app import ENV_DEV_KEY, ENV_UPSTREAM
+    from proxy.http_protocol import head_deadline_protocol
     from proxy.routing import load_router
 
     path = _config_path(args.config)
@@ -88,7 +89,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "host": host,
         "port": port,
         "loop": "uvloop",
-        "http": "httptools",
+        "http": head_deadline_protocol(settings.server.header_timeout_s),
         "lifespan": "on",
         "log_level": settings.server.log_level,
         "access_log": False,

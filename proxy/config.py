@@ -73,7 +73,9 @@ class ServerSettings(_Model):
     must exceed the idle timeout of the load balancer in front (nginx's upstream
     ``keepalive_timeout`` and AWS ALB's are 60 s), or the balancer may send a request on a
     connection the proxy is closing, and a POST that meets the close is a 502 no balancer
-    retries. ``max_n`` / ``max_output_tokens`` cap ``n`` and ``max_tokens`` (larger: 400).
+    retries. ``header_timeout_s``: a connection whose request head is not complete this long
+    after it opened or the request began is closed (``proxy.http_protocol``: slow-header
+    defence). ``max_n`` / ``max_output_tokens`` cap ``n`` and ``max_tokens`` (larger: 400).
     """
 
     host: str = "127.0.0.1"
@@ -83,6 +85,7 @@ class ServerSettings(_Model):
     body_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     drain_timeout_s: Annotated[float, Field(ge=0)] = 30.0
     keep_alive_timeout_s: Annotated[float, Field(gt=0)] = 75.0
+    header_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     max_n: Annotated[int, Field(ge=1)] = 8
     max_output_tokens: Annotated[int, Field(ge=1)] = 1_000_000
     log_level: Literal["debug", "info", "warning", "error"] = "info"

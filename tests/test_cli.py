@@ -147,3 +147,33 @@ def _response(conn: socket.socket) -> bytes:
     while len(body) < length:
         body += conn.recv(65536)
     return data
+
+
+def test_serve_closes_a_connection_whose_request_head_is_late(tmp_path: Path) -> None:
+    """Slow-header defence (``server.header_timeout_s``): silent and byte-at-a-time heads
+    are cut; a connection idle between requests is the keep-alive timeout's business."""
+
+    def edit(text: str) -> str:
+        assert "header_timeout_s: 30" in text and "keep_alive_timeout_s: 75" in text
+        return text.replace("header_timeout_s: 30", "header_timeout_s: 1").replace(
+            "keep_alive_timeout_s: 75", "keep_alive_timeout_s: 10"
+        )
+
+    with served_cli(tmp_path, config=edit) as served:
+        address = ("127.0.0.1", int(served.url.rsplit(":", 1)[1]))
+        with (
+            socket.create_connection(address, timeout=10) as silent,
+            socket.create_connection(address, timeout=10) as slow,
+        ):
+            began = time.monotonic()
+            slow.sendall(b"GET /healthz HTTP/1.1\r\n")
+            time.sleep(0.5)
+            slow.sendall(b"Host: proxy\r\n")  # ...and the rest never comes
+            assert silent.recv(1) == b"" and slow.recv(1) == b""
+            assert 0.8 < time.monotonic() - began < 4
+        with socket.create_connection(address, timeout=10) as kept:
+            kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: proxy\r\n\r\n")
+            assert _response(kept).startswith(b"HTTP/1.1 200")
+            time.sleep(1.6)  # idle after a response, past header_timeout_s: still open
+            kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: proxy\r\n\r\n")
+            assert _response(kept).startswith(b"HTTP/1.1 200")
