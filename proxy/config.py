@@ -73,9 +73,9 @@ class ServerSettings(_Model):
     must exceed the idle timeout of the load balancer in front (nginx's upstream
     ``keepalive_timeout`` and AWS ALB's are 60 s), or the balancer may send a request on a
     connection the proxy is closing, and a POST that meets the close is a 502 no balancer
-    retries. ``header_timeout_s``: a connection whose request head is not complete this long
-    after it opened or the request began is closed (``proxy.http_protocol``: slow-header
-    defence). ``max_n`` / ``max_output_tokens`` cap ``n`` and ``max_tokens`` (larger: 400).
+    retries. ``header_timeout_s``: a connection that sends no complete request head for this
+    long, while no response is in progress on it, is closed (``proxy.http_protocol``:
+    slow-header defence). ``max_n`` / ``max_output_tokens`` cap ``n`` and ``max_tokens`` (larger: 400).
     """
 
     host: str = "127.0.0.1"

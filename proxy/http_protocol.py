@@ -4,10 +4,22 @@ uvicorn closes a connection that stays idle after a response (``timeout_keep_ali
 not one that sends nothing after connecting, nor one that sends a request head a byte at a
 time: each holds a socket and its buffers for as long as the client likes, so a few
 thousand such connections ("slowloris") exhaust a worker's file descriptors while costing
-the client nothing. ``HeadDeadlineProtocol`` closes a connection whose request head is not
-complete ``header_timeout_s`` seconds after the connection opened or the request began
-(``server.header_timeout_s``, 30 s; nginx's ``client_header_timeout`` plays this part at the
-edge). The body has its own deadline in the endpoint (``server.body_timeout_s``).
+the client nothing. ``HeadDeadlineProtocol`` closes a connection that holds neither a
+request the proxy is answering nor an idle keep-alive wait for ``header_timeout_s``
+seconds (``server.header_timeout_s``, 30 s; nginx's ``client_header_timeout`` plays this
+part at the edge):
+
+* a new connection that has not completed a request head;
+* a request head that arrives a byte at a time (the deadline runs from its first byte
+  and is not moved by later bytes);
+* bytes that start no request after a response: ``\r\n`` (which the parser skips, and
+  which stops uvicorn's keep-alive timer), or the rest of a body nobody reads.
+
+While a response is in progress the deadline does not run, even if the client has sent
+(part of) its next, pipelined request: uvicorn stops reading then, and cutting a stream
+for it would punish the wrong side. The body of the request being answered has its own
+deadline in the endpoint (``server.body_timeout_s``). In the common case (a whole request
+in one read) no timer is set at all beyond one per connection.
 
 ``serve`` passes ``head_deadline_protocol(header_timeout_s)`` as uvicorn's ``http``: a
 ``functools.partial`` of the class, so it pickles into spawned workers.
@@ -31,26 +43,45 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self.header_timeout_s = header_timeout_s
         self._head_deadline: asyncio.TimerHandle | None = None
+        self._in_head = False  # a request began and its head is not complete yet
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm()
 
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._answering():
+            self._disarm()
+        elif self._in_head or self.timeout_keep_alive_task is None:
+            self._arm()  # a head in progress, or bytes that started none (keep-alive stopped)
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._arm()
+        self._in_head = True
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         self._disarm()
         super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._in_head and not self._answering():
+            self._arm()  # a pipelined head the client has not finished
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
 
+    def _answering(self) -> bool:
+        """A response is in progress, or requests wait for their turn (reading is paused)."""
+        cycle = self.cycle
+        return (cycle is not None and not cycle.response_complete) or bool(self.pipeline)
+
     def _arm(self) -> None:
-        self._disarm()
-        self._head_deadline = self.loop.call_later(self.header_timeout_s, self._head_late)
+        if self._head_deadline is None and not self.transport.is_closing():
+            self._head_deadline = self.loop.call_later(self.header_timeout_s, self._head_late)
 
     def _disarm(self) -> None:
         if self._head_deadline is not None:
@@ -59,7 +90,7 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
 
     def _head_late(self) -> None:
         self._head_deadline = None
-        if not self.transport.is_closing():
+        if not self._answering() and not self.transport.is_closing():
             self.logger.debug("closing a connection whose request head was late")
             self.transport.close()
 

@@ -125,33 +125,61 @@ def test_serve_keeps_idle_connections_open_for_keep_alive_timeout_s(tmp_path: Pa
         assert "keep_alive_timeout_s: 75" in text
         return text.replace("keep_alive_timeout_s: 75", "keep_alive_timeout_s: 2")
 
-    with served_cli(tmp_path, config=edit) as served:
-        port = int(served.url.rsplit(":", 1)[1])
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
-            for pause in (0.0, 1.2):  # idle for less than the timeout: still open
-                time.sleep(pause)
-                conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: proxy\r\n\r\n")
-                assert _response(conn).startswith(b"HTTP/1.1 200")
-            began = time.monotonic()
-            assert conn.recv(1) == b""  # then the proxy closes it
-            assert 1.5 < time.monotonic() - began < 4  # uvicorn's default would be 5 s
+    with served_cli(tmp_path, config=edit) as served, _connect(served.url) as conn:
+        for pause in (0.0, 1.2):  # idle for less than the timeout: still open
+            time.sleep(pause)
+            conn.sendall(HEALTHZ)
+            assert _response(conn).startswith(b"HTTP/1.1 200")
+        began = time.monotonic()
+        assert conn.recv(1) == b""  # then the proxy closes it
+        assert 1.5 < time.monotonic() - began < 4  # uvicorn's default would be 5 s
+
+
+HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: proxy\r\n\r\n"
+
+
+def _connect(url: str) -> socket.socket:
+    """A raw connection to ``url``'s port; retried a moment, as uvicorn logs its startup
+    just before it listens."""
+    address = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return socket.create_connection(address, timeout=10)
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _read(conn: socket.socket) -> bytes:
+    chunk = conn.recv(65536)
+    if not chunk:
+        raise AssertionError("the proxy closed the connection")
+    return chunk
 
 
 def _response(conn: socket.socket) -> bytes:
-    """One whole HTTP/1.1 response with a ``content-length`` body."""
+    """One whole HTTP/1.1 response, with a ``content-length`` or a chunked body."""
     data = b""
     while b"\r\n\r\n" not in data:
-        data += conn.recv(65536)
+        data += _read(conn)
     head, _, body = data.partition(b"\r\n\r\n")
-    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
-    while len(body) < length:
-        body += conn.recv(65536)
-    return data
+    found = re.search(rb"(?i)content-length: *(\d+)", head)
+    if found is None:  # chunked: until the last chunk
+        while not body.endswith(b"0\r\n\r\n"):
+            body += _read(conn)
+        return head + b"\r\n\r\n" + body
+    while len(body) < int(found.group(1)):
+        body += _read(conn)
+    return head + b"\r\n\r\n" + body
 
 
 def test_serve_closes_a_connection_whose_request_head_is_late(tmp_path: Path) -> None:
-    """Slow-header defence (``server.header_timeout_s``): silent and byte-at-a-time heads
-    are cut; a connection idle between requests is the keep-alive timeout's business."""
+    """Slow-header defence (``server.header_timeout_s``): silent and byte-at-a-time heads,
+    and bytes that start no request after a response, are cut; a connection idle between
+    requests is the keep-alive timeout's business, and a response is never cut for a
+    pipelined head that waits behind it."""
 
     def edit(text: str) -> str:
         assert "header_timeout_s: 30" in text and "keep_alive_timeout_s: 75" in text
@@ -159,21 +187,55 @@ def test_serve_closes_a_connection_whose_request_head_is_late(tmp_path: Path) ->
             "keep_alive_timeout_s: 75", "keep_alive_timeout_s: 10"
         )
 
+    def closed_after(conn: socket.socket, began: float) -> float:
+        assert conn.recv(65536) == b""
+        return time.monotonic() - began
+
     with served_cli(tmp_path, config=edit) as served:
-        address = ("127.0.0.1", int(served.url.rsplit(":", 1)[1]))
-        with (
-            socket.create_connection(address, timeout=10) as silent,
-            socket.create_connection(address, timeout=10) as slow,
-        ):
+        with _connect(served.url) as silent, _connect(served.url) as slow, _connect(served.url) as second:
             began = time.monotonic()
             slow.sendall(b"GET /healthz HTTP/1.1\r\n")
+            second.sendall(HEALTHZ)
+            assert _response(second).startswith(b"HTTP/1.1 200")
+            second.sendall(b"GET /healthz HTTP/1.1\r\n")  # a second request's head, never finished
             time.sleep(0.5)
-            slow.sendall(b"Host: proxy\r\n")  # ...and the rest never comes
-            assert silent.recv(1) == b"" and slow.recv(1) == b""
-            assert 0.8 < time.monotonic() - began < 4
-        with socket.create_connection(address, timeout=10) as kept:
-            kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: proxy\r\n\r\n")
+            slow.sendall(b"Host: proxy\r\n")  # bytes do not move the deadline
+            assert 0.8 < closed_after(silent, began) < 4
+            assert 0.8 < closed_after(slow, began) < 4
+            assert 0.8 < closed_after(second, began) < 4
+        with _connect(served.url) as crlf:
+            crlf.sendall(HEALTHZ)
+            assert _response(crlf).startswith(b"HTTP/1.1 200")
+            began = time.monotonic()
+            crlf.sendall(b"\r\n")  # skipped by the parser, and it stops the keep-alive timer
+            assert 0.8 < closed_after(crlf, began) < 4
+        with _connect(served.url) as kept:
+            kept.sendall(HEALTHZ)
             assert _response(kept).startswith(b"HTTP/1.1 200")
             time.sleep(1.6)  # idle after a response, past header_timeout_s: still open
-            kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: proxy\r\n\r\n")
+            kept.sendall(HEALTHZ)
             assert _response(kept).startswith(b"HTTP/1.1 200")
+        # a stream of ~1.5 s, with the next request's head started behind it (pipelined)
+        body = orjson.dumps(
+            {
+                "model": "gpt-4o-mini",
+                "messages": [{"role": "user", "content": "hi"}],
+                "stream": True,
+                "emulator": {"completion_tokens": 30, "chunk_delay_ms": 50},
+            }
+        )
+        head = (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n"
+            + b"Authorization: Bearer "
+            + served.key.encode()
+            + b"\r\n"
+            + b"Content-Length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+        )
+        with _connect(served.url) as piped:
+            began = time.monotonic()
+            piped.sendall(head + body + b"GET /healthz HTTP/1.1\r\n")
+            streamed = _response(piped)
+            assert b"data: [DONE]" in streamed and time.monotonic() - began > 1.2  # not cut
+            assert 0.8 < closed_after(piped, time.monotonic()) < 4  # then the late head is

@@ -153,7 +153,7 @@ def test_compose_runs_replicas_against_one_redis_behind_one_port() -> None:
     # nginx closes idle upstream connections before the proxy does (server.keep_alive_timeout_s)
     from proxy.config import load_settings
 
-    found = re.search(r"keepalive_timeout (\d+)s;", nginx)
+    found = re.search(r"upstream openrouter_proxy \{[^}]*keepalive_timeout (\d+)s;", nginx)
     assert (
         found is not None and int(found.group(1)) < load_settings(ROOT / "config.yaml", {}).server.keep_alive_timeout_s
     )
