@@ -19,15 +19,15 @@ import asyncio
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 import orjson
 import redis.asyncio as aioredis
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from proxy.auth import Keyring
 from proxy.config import SHA256_HEX
-from proxy.limits.policy import MAX_BUDGET_USD, KeyBudgets, PositiveUSD
+from proxy.limits.policy import KeyBudgets, PositiveUSD
 from proxy.store import Store, StoreUnavailable
 from proxy.store.redis import RedisStore
 from proxy.store.redis_errors import REDIS_ERRORS
@@ -44,7 +44,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("proxy.keystore")
-_BUDGET: TypeAdapter[float | None] = TypeAdapter(PositiveUSD | None)
 
 _RECORDS = "orp:{keys}:records"
 _VERSION = "orp:{keys}:version"
@@ -91,34 +90,35 @@ class KeyRecord:
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> KeyRecord:
-        """A record as ``to_json`` wrote it; ``ValueError`` for anything else (a record
-        edited by hand in the store, or damaged): wrong types, a digest that is not 64 hex
-        characters, a budget that is not a positive USD amount of at most
-        ``MAX_BUDGET_USD``, or an unknown field."""
-        try:
-            data: Any = orjson.loads(raw)
-            if not isinstance(data, dict):
-                raise ValueError("not a JSON object")
-            budgets = data.get("budgets") or {}
-            if not isinstance(budgets, dict):
-                raise ValueError("budgets is not an object")
-            for name, amount in budgets.items():  # as the admin API accepts them
-                try:
-                    _BUDGET.validate_python(amount, strict=True)
-                except ValidationError:
-                    raise ValueError(f"budget {name} must be a USD amount in (0, {MAX_BUDGET_USD}]") from None
-            data["budgets"] = KeyBudgets(**budgets)
-            record = cls(**data)
-        except (orjson.JSONDecodeError, TypeError) as exc:
-            raise ValueError(str(exc)) from None
-        if not isinstance(record.name, str) or not record.name:
-            raise ValueError("name must be a non-empty string")
-        if not isinstance(record.sha256, str) or not SHA256_HEX.match(record.sha256):
-            raise ValueError(f"key {record.name}: sha256 must be 64 lowercase hex characters")
-        for label in ("team", "tier"):
-            if getattr(record, label) is not None and not isinstance(getattr(record, label), str):
-                raise ValueError(f"key {record.name}: {label} must be a string or null")
-        return record
+        """A record as ``to_json`` wrote it; ``ValueError`` (pydantic's ``ValidationError``)
+        for anything else, a record edited by hand in the store or damaged: wrong types, a
+        digest that is not 64 hex characters, a budget that is not a positive USD amount of
+        at most ``MAX_BUDGET_USD`` (as the admin API accepts them), or an unknown field."""
+        stored = _StoredKey.model_validate_json(raw)
+        budgets = KeyBudgets(**stored.budgets.model_dump()) if stored.budgets else KeyBudgets()
+        return cls(**{**stored.model_dump(), "budgets": budgets})
+
+
+class _StoredBudgets(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    usd_per_day: PositiveUSD | None = None
+    usd_per_month: PositiveUSD | None = None
+    usd_total: PositiveUSD | None = None
+
+
+class _StoredKey(BaseModel):
+    """A ``KeyRecord`` as the store holds it (``KeyRecord.to_json``), checked on the way in."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: Annotated[str, Field(min_length=1)]
+    sha256: Annotated[str, Field(pattern=SHA256_HEX.pattern)]
+    team: str | None = None
+    tier: str | None = None
+    budgets: _StoredBudgets | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
 
 
 class KeyStore(Protocol):
