@@ -50,6 +50,7 @@ VARIANTS: dict[str, Variant] = {
     "no-metrics": Variant({"metrics": {"enabled": False}}),
     "no-limits": Variant({}, policies=NO_LIMITS),
     "no-rules": Variant({}, policies=ALIASES_ONLY),
+    "leased": Variant({"limits": {"admission": "leased"}}),
     "memory-store": Variant({}, store="memory"),
     "redis-cluster": Variant({}, store="cluster"),
     "minimal": Variant(

@@ -229,11 +229,16 @@ class LimitsSettings(_Model):
     Budget reservations: prompt estimate x ``prompt_margin`` + max output
     (``default_max_completion_tokens`` when neither request nor catalog gives one); a model
     without a known price reserves ``unknown_price_usd``.
+    ``admission``: ``exact`` checks every request in the store (one round trip each);
+    ``leased`` (Redis only) admits most requests from allotments each worker holds in the
+    store, without a round trip, at the cost of approximate remaining counts and of
+    refusals near a limit while other workers hold allotments (``proxy.limits.leased``).
     Spend crossing a fraction in ``alert_thresholds`` logs once per period and POSTs to
     ``alert_webhook_url`` (if set). See README, "Rate limits and budgets".
     """
 
     policy_file: str = "limits.yaml"
+    admission: Literal["exact", "leased"] = "exact"
     failure_policy: Literal["fail_open", "fail_closed"] = "fail_open"
     replicas: Annotated[int, Field(ge=1)] = 1
     store_timeout_ms: Annotated[int, Field(ge=1, le=10_000)] = 50

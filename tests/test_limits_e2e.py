@@ -258,3 +258,45 @@ def test_two_proxies_sharing_one_redis_are_exact_together(
         if all(outcome == "insufficient_quota" for _, outcome, _ in batch):
             break
     assert budget - 70e-6 < spent <= budget
+
+
+def test_two_proxies_with_leased_admission_never_pass_a_limit(
+    tmp_path: Path, proxy_server: MakeProxy, redis_url: str
+) -> None:
+    limit = 600
+    policy = {"teams": {"research": "team"}, "tiers": {"team": {"requests_per_hour": limit}}}
+    (tmp_path / "policies").mkdir(exist_ok=True)
+    (tmp_path / "policies" / "limits.yaml").write_text(yaml.safe_dump(policy))
+    open_test_store(redis_url)
+    settings = {"store_timeout_ms": 5000, "admission": "leased", "replicas": 2}
+    extra = yaml.safe_dump({"store": {"redis_url": redis_url}, "limits": settings})
+    replicas = [proxy_server(extra=extra), proxy_server(extra=extra)]
+
+    async def wave() -> list[int | None]:
+        """20 concurrent calls at each replica: the remaining count each saw, or None (429)."""
+        clients = [openai.AsyncOpenAI(base_url=p.base_url, api_key=ALICE_KEY, max_retries=0) for p in replicas]
+
+        async def one(i: int) -> int | None:
+            try:
+                raw = await clients[i].chat.completions.with_raw_response.create(model=MINI, messages=MESSAGES)
+            except openai.RateLimitError as exc:
+                assert exc.code == "rate_limit_exceeded"
+                return None
+            assert raw.parse().choices
+            return int(raw.headers["x-ratelimit-remaining-requests"])
+
+        try:
+            return await asyncio.gather(*(one(i % 2) for i in range(40)))
+        finally:
+            for client in clients:
+                await client.close()
+
+    seen = [r for _ in range(20) for r in asyncio.run(wave())]
+    admitted = [r for r in seen if r is not None]
+    assert len(admitted) <= limit
+    # other proxies' allotments may refuse a call, at most 1/(4 x replicas + 1) of the limit each
+    assert len(admitted) >= limit - 2 * limit / 9
+    assert all(0 <= r < limit for r in admitted)
+    # once the allotments are returned (within about a second) the count is exact
+    used = eventually(lambda: (u := limits_by_name(replicas[0])["requests_per_hour"]["used"]) == len(admitted) and u)
+    assert used == len(admitted)

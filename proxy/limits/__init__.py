@@ -9,6 +9,7 @@ memory otherwise. The modules, one job each:
 ``backend``    the counter contract (windows and holds) both stores implement
 ``lua``        the reserve and settle scripts
 ``redis``      counters in Redis (one ``EVALSHA`` per admission, one per settlement)
+``leased``     leased admission: most requests admitted from per-worker allotments
 ``memory``     the same counters in process memory
 ``pricing``    worst-case and actual cost from OpenRouter's prices
 ``headers``    ``x-ratelimit-*`` headers and the 429 errors
@@ -27,6 +28,7 @@ from proxy.catalog import ModelCatalog
 from proxy.config import LimitsSettings, Settings
 from proxy.limits.alerts import BudgetAlerts
 from proxy.limits.backend import Backend
+from proxy.limits.leased import LeasedBackend
 from proxy.limits.limiter import DEGRADED_HEADER, BudgetsOf, Limiter
 from proxy.limits.memory import MemoryBackend
 from proxy.limits.policy import KeyBudgets, LimitsPolicy, check_key_tiers, load_limits_policy
@@ -61,6 +63,8 @@ def open_limiter(
     backend: Backend
     if isinstance(store, RedisStore):
         backend = RedisBackend(store.client, settings.store_timeout_ms / 1000)
+        if settings.admission == "leased":
+            backend = LeasedBackend(backend, settings.replicas, retry_s=settings.store_retry_s, clock=clock)
     else:
         backend = MemoryBackend()
     pricer = Pricer(

@@ -30,7 +30,9 @@ class Check(NamedTuple):
     """One counter to check and reserve. ``window`` None = a hold.
 
     ``limit`` and ``cost`` are in the counter's unit (requests, tokens, nano-USD);
-    ``ttl_ms`` keeps a hold's counter that long after the last write (0 = for ever).
+    ``ttl_ms`` keeps a hold's counter that long after the last write (0 = for ever);
+    ``least``: the smallest allotment worth leasing for leased admission (0 = never leased;
+    see ``proxy.limits.leased``).
     """
 
     key: str
@@ -38,6 +40,7 @@ class Check(NamedTuple):
     cost: int
     window: Window | None = None
     ttl_ms: int = 0
+    least: int = 0
 
 
 class CheckState(NamedTuple):
@@ -66,7 +69,9 @@ class Release(NamedTuple):
 
     Window: add ``delta`` (actual minus reserved) to ``bucket`` if that bucket is still
     live (never below zero). Hold: release the request's hold if it is still there, and
-    add ``spend`` to ``spent``.
+    add ``spend`` to ``spent``. Allotment hold (``allotment`` set, Redis only, see
+    ``proxy.limits.leased``): release ``delta`` of allotment ``allotment`` (all of it and
+    delete it when ``bucket`` is 1) and add ``spend``, only while the allotment exists.
     """
 
     key: str
@@ -74,6 +79,7 @@ class Release(NamedTuple):
     bucket: int = 0
     delta: int = 0
     spend: int = 0
+    allotment: str = ""
 
 
 class Backend(Protocol):

@@ -83,6 +83,9 @@ def _safe(part: str) -> str:
 _REQUESTS, _TOKENS, _CONCURRENT, _BUDGET = 0, 1, 2, 3
 _FIXED_COST = (_REQUESTS, _CONCURRENT)
 _KIND = {"requests": _REQUESTS, "tokens": _TOKENS, "concurrent": _CONCURRENT, "budget": _BUDGET}
+# the smallest allotment worth a round trip under leased admission (``proxy.limits.leased``):
+# 50 requests, 50,000 tokens, 10 slots, $0.50 (in nano-USD)
+_LEAST = {_REQUESTS: 50, _TOKENS: 50_000, _CONCURRENT: 10, _BUDGET: 500_000_000}
 
 
 class _Binding:
@@ -112,15 +115,15 @@ class _Binding:
         for bound, kind in zip(bounds, self.kinds, strict=True):
             rule, end = bound.rule, 0
             if kind == _REQUESTS:
-                check = Check(bound.key, rule.limit, 1, rule.window)
+                check = Check(bound.key, rule.limit, 1, rule.window, least=_LEAST[kind])
             elif kind == _TOKENS:
-                check = Check(bound.key, rule.limit, 0, rule.window)
+                check = Check(bound.key, rule.limit, 0, rule.window, least=_LEAST[kind])
             elif kind == _CONCURRENT:
-                check = Check(bound.key, rule.limit, 1, ttl_ms=lease_ms + _LEASE_GRACE_MS)
+                check = Check(bound.key, rule.limit, 1, ttl_ms=lease_ms + _LEASE_GRACE_MS, least=_LEAST[kind])
             else:  # the period's key and a TTL that outlives the period by a day
                 period, end = period_of(rule.period, minute * 60.0)
                 ttl = end - start_ms + _DAY_MS if end else 0
-                check = Check(f"{bound.key}:{period}", rule.limit, 0, ttl_ms=ttl)
+                check = Check(f"{bound.key}:{period}", rule.limit, 0, ttl_ms=ttl, least=_LEAST[kind])
             template.append(check)
             ends.append(end)
         self.template = tuple(template)
@@ -142,7 +145,9 @@ class _Binding:
             return self.template
         return tuple(
             [
-                c if k in _FIXED_COST else Check(c.key, c.limit, tokens if k == _TOKENS else budget, c.window, c.ttl_ms)
+                c
+                if k in _FIXED_COST
+                else Check(c.key, c.limit, tokens if k == _TOKENS else budget, c.window, c.ttl_ms, c.least)
                 for c, k in zip(self.template, self.kinds, strict=True)
             ]
         )

@@ -25,10 +25,20 @@ previous layout's scripts made about twice as many).
 
 RESERVE: ``ARGV = now_ms, rid, lease_ms, dry, "limit,cost,bucket_ms (0 = hold),buckets,
 ttl_ms,..."`` (five numbers per check, comma-separated); returns ``"admitted,used,spent,
-reset_ms,retry_ms,bucket,..."`` (five per check). SETTLE: ``ARGV = rid, "kind (1 window, 2
-hold),bucket,delta,spend,..."``; returns ``"spent,..."`` per release. Arguments and
-results travel as one string each: redis-py parses a 20-integer array several times
-slower than one string.
+reset_ms,retry_ms,bucket,..."`` (five per check). With ``ARGV[6] = factor`` and
+``ARGV[7] = life_ms`` it also grants allotments (``proxy.limits.leased``): each check then
+carries two more numbers, ``want,least``, and an admitted request takes for each check
+``min(want, (limit - used - cost) / (factor + 1))`` more, or nothing when that is under
+``least`` (so at least ``factor`` times the grant stays free): a window counts it in the
+current bucket, a hold as member ``r:<rid>+`` leased ``life_ms`` longer than the request;
+each check's result then has a sixth number, the amount granted.
+
+SETTLE: ``ARGV = rid, "kind,bucket,delta,spend,..." [, "aid,..."]``; kind 1 (window): add
+``delta`` to ``bucket``; kind 2 (hold): release ``rid``'s hold and add ``spend``; kind 3
+(allotment ``aid``, taken in order from ``ARGV[3]``): release ``delta`` of it (all of it
+and delete it when ``bucket`` is 1) and add ``spend``, only while it exists. Returns
+``"spent,..."`` per release. Arguments and results travel as one string each: redis-py
+parses a 20-integer array several times slower than one string.
 """
 
 from __future__ import annotations
@@ -53,6 +63,8 @@ local rid = ARGV[2]
 local lease = tonumber(ARGV[3])
 local dry = ARGV[4] == '1'
 local p = numbers(ARGV[5])
+local factor = tonumber(ARGV[6])  -- nil: exact admission, nothing granted
+local life = tonumber(ARGV[7]) or 0
 
 -- HDEL of any number of fields (unpack has a limit, so 256 at a time)
 local function hdel(key, fields)
@@ -198,10 +210,13 @@ local function check_hold(key, z, limit, cost)
   return {spent + held, spent, 0, retry, 0}, {x, e}
 end
 
-local function take_hold(key, z, cost, ttl, state, seen)
+local function take_hold(key, z, cost, ttl, state, seen, gr)
   local ends = now + lease
-  local f = {'r:' .. rid, fmt(cost), 'held', fmt(state[1] - state[2] + cost)}
+  local f = {'r:' .. rid, fmt(cost), 'held', fmt(state[1] - state[2] + cost + gr)}
   if seen[1] == nil or ends < seen[1] then push(f, 'x', fmt(ends)) end
+  -- an allotment is a hold of its own (member ``r:<rid>+``), leased for the allotment's
+  -- life plus a request's lease: the last request it admits must still find it to spend
+  if gr > 0 then push(f, 'r:' .. rid .. '+', fmt(gr)) end
   local left, refresh = 0, false  -- ms until the hash expires (0: it does not)
   if ttl > 0 then
     -- the hash must outlive this lease by the grace; its expiry moves at most once a minute
@@ -214,18 +229,23 @@ local function take_hold(key, z, cost, ttl, state, seen)
     end
   end
   redis.call('HSET', key, unpack(f))
-  redis.call('ZADD', z, fmt(ends), rid)
+  if gr > 0 then
+    redis.call('ZADD', z, fmt(ends), rid, fmt(ends + life), rid .. '+')
+  else
+    redis.call('ZADD', z, fmt(ends), rid)
+  end
   if refresh then redis.call('PEXPIRE', key, fmt(left)) end
   -- every time: the lease set is deleted when its last member goes and recreated without
   -- one. A minute past the hash, as ``e`` may come from a replica whose clock runs behind:
   -- a set outliving its hash is harmless, a hash outliving its set keeps orphans (purged).
   if left > 0 then redis.call('PEXPIRE', z, fmt(left + 60000)) end
-  return {state[1] + cost, state[2], 0, 0, 0}
+  return {state[1] + cost + gr, state[2], 0, 0, 0}
 end
 
-local states, seen, fits = {}, {}, true
+local stride = factor and 7 or 5
+local states, seen, fits, granted = {}, {}, true, {}
 for i = 1, #KEYS / 2 do
-  local a = (i - 1) * 5
+  local a = (i - 1) * stride
   local limit, cost, g = p[a + 1], p[a + 2], p[a + 3]
   local key = KEYS[2 * i - 1]
   if g > 0 then
@@ -237,15 +257,22 @@ for i = 1, #KEYS / 2 do
 end
 if fits and not dry then
   for i = 1, #KEYS / 2 do
-    local a = (i - 1) * 5
-    local cost, g = p[a + 2], p[a + 3]
+    local a = (i - 1) * stride
+    local limit, cost, g = p[a + 1], p[a + 2], p[a + 3]
+    -- the grant: at most ``want``, leaving at least ``factor`` times it free; none under ``least``
+    local gr = 0
+    if factor and p[a + 6] > 0 then
+      gr = math.min(p[a + 6], math.floor((limit - states[i][1] - cost) / (factor + 1)))
+      if gr < p[a + 7] then gr = 0 end
+    end
+    granted[i] = gr
     -- a hold is taken even at zero cost: its settlement adds what was actually spent
-    if cost > 0 or g == 0 then
+    if cost + gr > 0 or g == 0 then
       local key = KEYS[2 * i - 1]
       if g > 0 then
-        states[i] = take_window(key, cost, g, p[a + 4], states[i], seen[i])
+        states[i] = take_window(key, cost + gr, g, p[a + 4], states[i], seen[i])
       else
-        states[i] = take_hold(key, KEYS[2 * i], cost, p[a + 5], states[i], seen[i])
+        states[i] = take_hold(key, KEYS[2 * i], cost, p[a + 5], states[i], seen[i], gr)
       end
     end
   end
@@ -253,7 +280,11 @@ end
 local out = {fits and 1 or 0}
 for i = 1, #states do
   local st = states[i]
-  out[i + 1] = string.format('%d,%d,%d,%d,%d', st[1], st[2], st[3], st[4], st[5])
+  if factor then
+    out[i + 1] = string.format('%d,%d,%d,%d,%d,%d', st[1], st[2], st[3], st[4], st[5], granted[i] or 0)
+  else
+    out[i + 1] = string.format('%d,%d,%d,%d,%d', st[1], st[2], st[3], st[4], st[5])
+  end
 end
 return table.concat(out, ',')
 """
@@ -264,11 +295,38 @@ SETTLE = (
     + """
 local rid = ARGV[1]
 local p = numbers(ARGV[2])
+local aids, na = {}, 0  -- allotment ids, one per kind-3 release in order
+if ARGV[3] then for v in string.gmatch(ARGV[3], '[^,]+') do aids[#aids + 1] = v end end
 local out = {}
 for i = 1, #KEYS / 2 do
   local a = (i - 1) * 4
   local key = KEYS[2 * i - 1]
-  if p[a + 1] == 1 then
+  if p[a + 1] == 3 then
+    na = na + 1
+    local aid = aids[na]
+    local member = 'r:' .. aid
+    local h = redis.call('HMGET', key, member, 'held', 'spent')
+    local amount, spent = tonumber(h[1]), tonumber(h[3]) or 0
+    if amount then  -- spend only while the allotment exists (it ends with its lease)
+      local close = p[a + 2] == 1
+      local release = amount
+      if not close then release = math.min(math.max(p[a + 3], 0), amount) end
+      local f = {'held', fmt((tonumber(h[2]) or 0) - release)}
+      local spend = p[a + 4]
+      if spend > 0 then
+        spent = spent + spend
+        push(f, 'spent', fmt(spent))
+      end
+      if close then
+        redis.call('HDEL', key, member)
+        redis.call('ZREM', KEYS[2 * i], aid)
+      else
+        push(f, member, fmt(amount - release))
+      end
+      redis.call('HSET', key, unpack(f))
+    end
+    out[i] = fmt(spent)
+  elseif p[a + 1] == 1 then
     local delta = p[a + 3]
     if delta ~= 0 then
       local field = fmt(p[a + 2])

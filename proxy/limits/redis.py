@@ -43,6 +43,7 @@ class RedisBackend:
         self._settle = client.register_script(SETTLE)
         self._lane = ScriptLane(client) if isinstance(client, aioredis.Redis) else ClusterScripts(client)
         self._reserve_shapes: dict[Hashable, tuple[EncodedKeys, str]] = {}
+        self._granting_shapes: dict[Hashable, tuple[EncodedKeys, str]] = {}
         self._settle_shapes: dict[Hashable, EncodedKeys] = {}
 
     async def _run(
@@ -58,9 +59,13 @@ class RedisBackend:
             raise StoreUnavailable(f"unexpected script result {result!r}")
         return [int(v) for v in result.split(b",")] if result else []
 
-    def _reserve_encoding(self, checks: Sequence[Check], shape: Hashable | None) -> tuple[EncodedKeys, str]:
-        """The keys and the argument template (``%d`` for each cost) of ``checks``."""
-        found = self._reserve_shapes.get(shape) if shape is not None else None
+    def _reserve_encoding(
+        self, checks: Sequence[Check], shape: Hashable | None, *, granting: bool = False
+    ) -> tuple[EncodedKeys, str]:
+        """The keys and the argument template (``%d`` for each cost, and each ``want`` when
+        ``granting``) of ``checks``."""
+        cache = self._granting_shapes if granting else self._reserve_shapes
+        found = cache.get(shape) if shape is not None else None
         if found is None:
             keys: list[str] = []
             params: list[str] = []
@@ -68,12 +73,13 @@ class RedisBackend:
                 keys += (check.key, check.key + ":x")
                 window = check.window
                 bucket_ms, buckets = (window.bucket_ms, window.buckets) if window else (0, 0)
-                params.append(f"{check.limit},%d,{bucket_ms},{buckets},{check.ttl_ms}")
+                grant = f",%d,{check.least}" if granting else ""
+                params.append(f"{check.limit},%d,{bucket_ms},{buckets},{check.ttl_ms}{grant}")
             found = (encode_keys(keys), ",".join(params))
             if shape is not None:
-                if len(self._reserve_shapes) >= _MAX_SHAPES:
-                    self._reserve_shapes.clear()
-                self._reserve_shapes[shape] = found
+                if len(cache) >= _MAX_SHAPES:
+                    cache.clear()
+                cache[shape] = found
         return found
 
     async def reserve(
@@ -92,6 +98,31 @@ class RedisBackend:
         make = CheckState._make
         return Decision(raw[0] == 1, tuple([make(raw[i : i + 5]) for i in range(1, len(raw), 5)]))
 
+    async def reserve_granting(
+        self,
+        checks: Sequence[Check],
+        wants: Sequence[int],
+        rid: str,
+        now_ms: int,
+        lease_ms: int,
+        *,
+        factor: int,
+        life_ms: int,
+        shape: Hashable | None = None,
+    ) -> tuple[Decision, tuple[int, ...]]:
+        """``reserve``, and when admitted also grant each check up to ``wants[i]`` more (an
+        allotment, see ``proxy.limits.leased``): ``(decision, granted amounts)``. A check is
+        granted nothing unless at least ``factor`` times the grant stays free after it and
+        the grant is at least its ``Check.least``; a hold's allotment is member ``rid + "+"``,
+        leased ``life_ms`` longer than the request. The states' ``used`` include the grants.
+        """
+        keys, template = self._reserve_encoding(checks, shape, granting=True)
+        params = template % tuple([v for check, want in zip(checks, wants, strict=True) for v in (check.cost, want)])
+        raw = await self._run(self._reserve, keys, [now_ms, rid, lease_ms, 0, params, factor, life_ms])
+        make = CheckState._make
+        states = tuple([make(raw[i : i + 5]) for i in range(1, len(raw), 6)])
+        return Decision(raw[0] == 1, states), tuple(raw[6::6])
+
     async def settle(
         self, releases: Sequence[Release], rid: str, now_ms: int, *, shape: Hashable | None = None
     ) -> list[int]:
@@ -102,9 +133,15 @@ class RedisBackend:
                 if len(self._settle_shapes) >= _MAX_SHAPES:
                     self._settle_shapes.clear()
                 self._settle_shapes[shape] = keys
-        params = ",".join([f"{1 if r.window else 2},{r.bucket},{r.delta},{r.spend}" for r in releases])
+        params = ",".join(
+            [f"{1 if r.window else 3 if r.allotment else 2},{r.bucket},{r.delta},{r.spend}" for r in releases]
+        )
+        args: list[Any] = [rid, params]
+        allotments = [r.allotment for r in releases if r.allotment]
+        if allotments:
+            args.append(",".join(allotments))
         # deferred: a settlement may wait a few ms to share the next admission's round trip
-        return await self._run(self._settle, keys, [rid, params], defer=True)
+        return await self._run(self._settle, keys, args, defer=True)
 
     async def warm(self) -> None:
         """Load both scripts and open a connection now, not on the first requests (never raises)."""

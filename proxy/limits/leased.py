@@ -1,0 +1,347 @@
+"""Leased admission (``limits.admission: leased``): most requests are admitted without Redis.
+
+Each worker keeps, per counter key, an **allotment**: an amount already reserved in Redis
+that it may hand out locally. A request whose every check fits in this worker's live
+allotments is admitted with no Redis round trip. Any other request takes the exact path
+(one ``EVALSHA`` reserving its own costs, ``RedisBackend.reserve_granting``) and asks in the
+same call for new allotments for the checks that lack one. Design and trade-offs:
+``docs/proposals/leased-admission.md``.
+
+* **Granting** (in the script): a check is granted ``min(want, (limit - used - cost) /
+  (factor + 1))`` with ``factor = 4 x limits.replicas``, so at least four times what all
+  the deployment's workers may hold stays free; nothing when that is under the check's
+  ``Check.least`` (50 requests, 50,000 tokens, 10 slots, $0.50), so small limits keep the
+  exact path. ``want`` is twice the most this worker's previous allotment of that key had
+  out at once, and at least ``least``.
+* **Counting.** An allotment is an ordinary reservation: a window's is counted in the
+  current bucket, a hold's (slots, budgets) is member ``r:<rid>+`` of the hold, leased for
+  the allotment's life plus ``limits.lease_s``. Nothing is ever admitted beyond a limit;
+  other workers may be refused while capacity sits in this worker's allotments (at most
+  1/``factor`` of what was free when granted, for at most ``LIFE_MS``).
+* **Life.** An allotment admits for ``LIFE_MS`` (1 s), and a window's only within its
+  bucket (100 ms buckets for per-second windows). Then it is **returned**, in the
+  background (``SWEEP_S``): a window's unused part is subtracted from its bucket; a hold
+  shrinks to what its requests in flight still hold, and goes when the last settles.
+* **Settling** stays per request, so money is recorded per request: a token window is
+  corrected in the allotment's bucket; a budget's actual spend moves from the allotment to
+  ``spent``; a slot goes back to the allotment with no Redis call while it lives.
+* **Headers.** ``x-ratelimit-remaining-*`` of a locally admitted request is what Redis
+  reported at the grant minus this worker's use since; limits and resets are exact.
+
+Failures: a grant call that fails raises ``StoreUnavailable`` like ``reserve`` (the failover
+decides) and its allotment holds are released ``retry_s`` later; a failed return or
+allotment settlement is counted (``return_failures``) and not retried (not idempotent): the
+window counts age out, the holds end with their lease, and the spend of the requests in
+that settlement is missing from ``spent`` (the usage ledger still has it). A worker that
+dies leaves its allotments counted until then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Coroutine, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from proxy.limits.backend import Check, CheckState, Decision, Release
+from proxy.limits.redis import RedisBackend
+from proxy.store import StoreUnavailable
+
+__all__ = ["LIFE_MS", "SWEEP_S", "LeasedBackend"]
+
+log = logging.getLogger("proxy.limits")
+
+LIFE_MS = 1000
+SWEEP_S = 0.1
+_FACTOR_PER_REPLICA = 4
+_CLOSE = 1  # ``Release.bucket`` of an allotment release: release all of it and delete it
+
+
+@dataclass(slots=True, eq=False)
+class _Allotment:
+    """One key's allotment in this worker. Amounts in the counter's unit; times Unix ms."""
+
+    key: str
+    aid: str  # a hold's member id (without ``r:``); "" for a window
+    window: bool
+    bucket: int  # a window's bucket holding the grant
+    granted: int
+    left: int  # still to hand out
+    low: int  # the least ``left`` has been (sizes the next grant)
+    expires_ms: int  # admits until then
+    used: int  # the counter's use as Redis reported it at the grant, without the grant
+    spent: int  # a hold's ``spent`` then
+    reset_at_ms: int  # a window's end then
+    inflight: int = 0  # a hold's requests admitted from it and not settled yet
+    returned: bool = False
+
+
+class _Taken(NamedTuple):
+    """What a locally admitted request took: one allotment and cost per check."""
+
+    allotments: tuple[_Allotment, ...]
+    costs: tuple[int, ...]
+
+
+def _tag(key: str) -> str:
+    """The Redis Cluster hash tag of a counter key (``{t:team}``), its settlement's slot."""
+    start = key.find("{")
+    return key[start : key.find("}", start) + 1] if start >= 0 else key
+
+
+class LeasedBackend:
+    """A ``Backend`` admitting from allotments of ``inner``'s counters (see the module doc).
+
+    ``replicas``: worker processes sharing the store (``limits.replicas``); ``retry_s``:
+    when to release the allotment holds of a grant call that failed. Counters:
+    ``local_admissions``, ``grants`` (allotments received), ``return_failures``.
+    """
+
+    name = "redis"
+
+    def __init__(
+        self,
+        inner: RedisBackend,
+        replicas: int,
+        *,
+        retry_s: float = 1.0,
+        life_ms: int = LIFE_MS,
+        sweep_s: float = SWEEP_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.inner = inner
+        self.factor = _FACTOR_PER_REPLICA * replicas
+        self.life_ms = life_ms
+        self.sweep_s = sweep_s
+        self.retry_s = retry_s
+        self._clock = clock
+        self._live: dict[str, _Allotment] = {}
+        self._taken: dict[str, _Taken] = {}
+        self._granting: set[str] = set()
+        self._peaks: dict[str, int] = {}  # the most a key's last allotment had out at once
+        self._returns: list[Release] = []
+        self._sweeper: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.local_admissions = 0
+        self.grants = 0
+        self.return_failures = 0
+
+    # -- admission ------------------------------------------------------------------
+
+    async def reserve(
+        self,
+        checks: Sequence[Check],
+        rid: str,
+        now_ms: int,
+        lease_ms: int,
+        *,
+        dry: bool = False,
+        shape: Hashable | None = None,
+    ) -> Decision:
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="limits-allotments")
+        if dry:
+            return await self.inner.reserve(checks, rid, now_ms, lease_ms, dry=True, shape=shape)
+        live = self._live
+        taken: list[_Allotment] = []
+        for check in checks:
+            allotment = live.get(check.key)
+            if allotment is None or now_ms >= allotment.expires_ms or allotment.left < check.cost:
+                return await self._reserve_granting(checks, rid, now_ms, lease_ms, shape)
+            taken.append(allotment)
+        return (
+            self._admit(checks, taken, rid, now_ms)
+            if taken
+            else await self.inner.reserve(checks, rid, now_ms, lease_ms, shape=shape)
+        )
+
+    def _admit(self, checks: Sequence[Check], taken: list[_Allotment], rid: str, now_ms: int) -> Decision:
+        states = []
+        for check, allotment in zip(checks, taken, strict=True):
+            allotment.left -= check.cost
+            allotment.low = min(allotment.low, allotment.left)
+            reset = 0
+            if allotment.window:
+                reset = max(0, allotment.reset_at_ms - now_ms)
+            else:
+                allotment.inflight += 1
+            used = allotment.used + allotment.granted - allotment.left
+            states.append(CheckState(used, allotment.spent, reset, 0, allotment.bucket))
+        self._taken[rid] = _Taken(tuple(taken), tuple([c.cost for c in checks]))
+        self.local_admissions += 1
+        return Decision(True, tuple(states))
+
+    async def _reserve_granting(
+        self, checks: Sequence[Check], rid: str, now_ms: int, lease_ms: int, shape: Hashable | None
+    ) -> Decision:
+        wants = []
+        for check in checks:
+            want = 0
+            if check.least and check.key not in self._granting:
+                allotment = self._live.get(check.key)
+                if allotment is None:
+                    want = max(check.least, 2 * self._peaks.get(check.key, 0))
+                elif now_ms >= allotment.expires_ms or allotment.left < check.cost:
+                    want = max(check.least, 2 * (allotment.granted - allotment.low))
+            wants.append(want)
+        if not any(wants):
+            return await self.inner.reserve(checks, rid, now_ms, lease_ms, shape=shape)
+        asked = [c.key for c, w in zip(checks, wants, strict=True) if w]
+        self._granting.update(asked)
+        try:
+            decision, grants = await self.inner.reserve_granting(
+                checks, wants, rid, now_ms, lease_ms, factor=self.factor, life_ms=self.life_ms, shape=shape
+            )
+        except StoreUnavailable:
+            holds = [Release(c.key, False) for c, w in zip(checks, wants, strict=True) if w and c.window is None]
+            if holds:
+                self._later(self._release_failed_grant(holds, rid + "+"))
+            raise
+        finally:
+            self._granting.difference_update(asked)
+        if not decision.admitted or not any(grants):
+            return decision
+        states = list(decision.states)
+        for i, (check, granted) in enumerate(zip(checks, grants, strict=True)):
+            if granted <= 0:
+                continue
+            state = states[i]
+            used = state.used - granted
+            states[i] = state._replace(used=used)
+            old = self._live.get(check.key)
+            if old is not None:
+                self._retire(old)
+            window = check.window
+            expires = now_ms + self.life_ms
+            if window is not None:
+                expires = min(expires, (state.bucket + 1) * window.bucket_ms)
+            self._live[check.key] = _Allotment(
+                key=check.key,
+                aid="" if window is not None else rid + "+",
+                window=window is not None,
+                bucket=state.bucket,
+                granted=granted,
+                left=granted,
+                low=granted,
+                expires_ms=expires,
+                used=used,
+                spent=state.spent,
+                reset_at_ms=now_ms + state.reset_ms,
+            )
+            self.grants += 1
+        return Decision(True, tuple(states))
+
+    # -- settlement -----------------------------------------------------------------
+
+    async def settle(
+        self, releases: Sequence[Release], rid: str, now_ms: int, *, shape: Hashable | None = None
+    ) -> list[int]:
+        taken = self._taken.pop(rid, None)
+        if taken is None:
+            return await self.inner.settle(releases, rid, now_ms, shape=shape)
+        of_key = {a.key: (a, cost) for a, cost in zip(taken.allotments, taken.costs, strict=True)}
+        sent: list[Release] = []
+        at: list[int] = []  # the index in ``releases`` of each one sent
+        for i, release in enumerate(releases):
+            if release.window:
+                if release.delta:
+                    sent.append(release)
+                    at.append(i)
+                continue
+            allotment, cost = of_key[release.key]
+            allotment.inflight -= 1
+            if allotment.returned:  # shrunk to its requests in flight: this one's part goes
+                if allotment.inflight <= 0:
+                    sent.append(Release(release.key, False, _CLOSE, 0, release.spend, allotment.aid))
+                else:
+                    sent.append(Release(release.key, False, 0, cost, release.spend, allotment.aid))
+            else:
+                allotment.left += cost - release.spend
+                if not release.spend:
+                    continue
+                sent.append(Release(release.key, False, 0, release.spend, release.spend, allotment.aid))
+            at.append(i)
+        out = [0] * len(releases)
+        if sent:
+            for i, spent in zip(at, await self.inner.settle(sent, rid, now_ms), strict=True):
+                out[i] = spent
+        return out
+
+    # -- returning --------------------------------------------------------------------
+
+    def _retire(self, allotment: _Allotment) -> None:
+        """Stop admitting from ``allotment`` and queue the return of its unused part."""
+        if allotment.returned:
+            return
+        allotment.returned = True
+        if self._live.get(allotment.key) is allotment:
+            del self._live[allotment.key]
+        if len(self._peaks) >= 10_000:
+            self._peaks.clear()
+        self._peaks[allotment.key] = allotment.granted - allotment.low
+        left, allotment.left = allotment.left, 0
+        if allotment.window:
+            if left > 0:
+                self._returns.append(Release(allotment.key, True, allotment.bucket, -left))
+        elif allotment.inflight <= 0:
+            self._returns.append(Release(allotment.key, False, _CLOSE, 0, 0, allotment.aid))
+        elif left > 0:
+            self._returns.append(Release(allotment.key, False, 0, left, 0, allotment.aid))
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_s)
+            try:
+                now_ms = int(self._clock() * 1000)
+                for allotment in [a for a in self._live.values() if now_ms >= a.expires_ms]:
+                    self._retire(allotment)
+                await self._send_returns(now_ms)
+            except Exception:  # the sweeper must outlive any one failure
+                log.exception("returning expired allotments failed")
+
+    async def _send_returns(self, now_ms: int) -> None:
+        if not self._returns:
+            return
+        groups: dict[str, list[Release]] = {}
+        for release in self._returns:
+            groups.setdefault(_tag(release.key), []).append(release)
+        self._returns = []
+        for releases in groups.values():
+            try:
+                await self.inner.settle(releases, "-", now_ms)
+            except StoreUnavailable as exc:
+                self.return_failures += 1
+                log.debug("allotments not returned (%s): they end with their window or lease", exc)
+
+    async def _release_failed_grant(self, holds: list[Release], aid: str) -> None:
+        await asyncio.sleep(self.retry_s)
+        with contextlib.suppress(StoreUnavailable):  # still down: they end with their lease
+            await self.inner.settle(holds, aid, int(self._clock() * 1000))
+
+    def _later(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- life cycle -------------------------------------------------------------------
+
+    async def warm(self) -> None:
+        """Load the scripts now (never raises)."""
+        await self.inner.warm()
+
+    async def aclose(self) -> None:
+        """Return every allotment (bounded by the store's timeout), then close ``inner``."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+            self._sweeper = None
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for allotment in list(self._live.values()):
+            self._retire(allotment)
+        await self._send_returns(int(self._clock() * 1000))
+        await self.inner.aclose()

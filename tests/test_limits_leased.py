@@ -1,0 +1,275 @@
+"""Leased admission (``limits.admission: leased``) on a real redis-server and Redis Cluster.
+
+Workers are limiters on one event loop sharing one store, each with its own allotments,
+as separate processes would have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import redis as sync_redis
+
+from proxy.errors import QuotaExceeded, RateLimited
+from proxy.limits import Limiter
+from proxy.limits.leased import LeasedBackend
+from proxy.limits.pricing import NANO
+from proxy.store import Store
+from proxy.types import Ticket, Usage
+
+from .limits_support import FakeClock, call, limiter, open_test_store, plan, principal, record
+
+ALICE = principal("alice")
+KEY = f"orp:{{k:{ALICE.key_id}}}:k:{ALICE.key_id}"
+
+
+def leased(lim: Limiter) -> LeasedBackend:
+    backend = lim.failover.backend
+    assert isinstance(backend, LeasedBackend)
+    return backend
+
+
+def run(
+    url: str,
+    spec: dict[str, Any],
+    body: Callable[..., Awaitable[Any]],
+    workers: int = 1,
+    **settings: Any,
+) -> Any:
+    """``body(limiters, store)`` with ``workers`` leased limiters on one fresh store."""
+    settings = {"store_timeout_ms": 5000, "admission": "leased", "replicas": workers, **settings}
+
+    async def main() -> Any:
+        store = open_test_store(url)
+        lims = [limiter(store, spec, **settings) for _ in range(workers)]
+        for lim in lims:
+            await lim.start()
+        try:
+            return await body(lims, store)
+        finally:
+            for lim in lims:
+                await lim.aclose()
+            await store.aclose()
+
+    return asyncio.run(main())
+
+
+async def admit(lim: Limiter, **kw: Any) -> Ticket | RateLimited:
+    try:
+        return await lim.admit(kw.pop("who", ALICE), call(**kw), plan())
+    except RateLimited as exc:
+        return exc
+
+
+async def settle(lims: list[Limiter], ticket: Ticket, rec: Any) -> None:
+    """Settle ``ticket`` on the worker that admitted it."""
+    for lim in lims:
+        if ticket.state is not None and ticket.state.backend is lim.failover.backend:
+            await lim.settle(ticket, rec)
+            return
+    raise AssertionError("no worker admitted this ticket")
+
+
+def evalsha_calls(url: str) -> int:
+    client = sync_redis.Redis.from_url(url)
+    try:
+        stats = client.info("commandstats").get("cmdstat_evalsha", {})
+        return int(stats.get("calls", 0))
+    finally:
+        client.close()
+
+
+def redis_hash(url: str, key: str) -> dict[str, str]:
+    client = sync_redis.Redis.from_url(url, decode_responses=True)
+    try:
+        return client.hgetall(key)
+    finally:
+        client.close()
+
+
+def test_most_admissions_skip_redis_and_the_counts_stay_exact(fresh_redis: str) -> None:
+    spec = {
+        "tiers": {
+            "t": {
+                "requests_per_minute": 100_000,
+                "tokens_per_minute": 10_000_000,
+                "concurrent_requests": 1000,
+                "budget_usd_per_day": 100,
+            }
+        }
+    }
+    cost = 0.00002
+
+    async def body(lims: list[Limiter], store: Store) -> None:
+        (lim,) = lims
+        before = evalsha_calls(fresh_redis)
+        remaining = []
+        for _ in range(300):
+            ticket = await lim.admit(ALICE, call(max_tokens=50), plan())
+            remaining.append(int(dict(ticket.headers)[b"x-ratelimit-remaining-requests"]))
+            await lim.settle(ticket, record(Usage(8, 12, 20, cost_usd=cost)))
+        backend = leased(lim)
+        assert backend.local_admissions >= 290
+        # one worker alone: its remaining counts are exact
+        assert remaining == [100_000 - i for i in range(1, 301)]
+        # settlements of budgets still go to Redis per request (money is recorded per request)
+        day = time.strftime("%Y-%m-%d", time.gmtime(clock.now))
+        budget = redis_hash(fresh_redis, f"{KEY}:budget_usd_per_day:{day}")
+        assert int(budget["spent"]) == round(300 * cost * NANO)
+        calls = evalsha_calls(fresh_redis) - before
+        assert calls <= 300 + 20, calls  # 300 budget settlements, ~no admissions
+        await backend.aclose()  # returns every allotment
+        requests = redis_hash(fresh_redis, f"{KEY}:requests_per_minute")
+        tokens = redis_hash(fresh_redis, f"{KEY}:tokens_per_minute")
+        assert int(requests["t"]) == 300
+        assert int(tokens["t"]) == 300 * 20
+        budget = redis_hash(fresh_redis, f"{KEY}:budget_usd_per_day:{day}")
+        for hold in (budget, redis_hash(fresh_redis, f"{KEY}:concurrent_requests")):
+            assert int(hold["held"]) == 0, hold
+            assert not [f for f in hold if f.startswith("r:")], hold
+        assert int(budget["spent"]) == round(300 * cost * NANO)
+
+    clock = FakeClock(time.time())  # a real clock's day, advanced by hand
+    run(fresh_redis, spec, body, clock=clock)
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def redis_store(request: pytest.FixtureRequest) -> str:
+    """An emptied redis-server, and an emptied three-node Redis Cluster."""
+    url: str = request.getfixturevalue("fresh_redis" if request.param == "redis" else "fresh_cluster")
+    return url
+
+
+def test_workers_never_admit_beyond_a_limit_together(redis_store: str) -> None:
+    store_url = redis_store
+    limit = 2000
+
+    async def body(lims: list[Limiter], store: Store) -> None:
+        waves = []
+        for _ in range(60):  # waves of 40 requests at once, spread over the workers and keys
+            results = await asyncio.gather(
+                *(admit(lims[i % 3], who=principal(f"k{i % 5}", team="red")) for i in range(40))
+            )
+            waves.append(sum(isinstance(r, Ticket) for r in results))
+        admitted = sum(waves)
+        assert admitted <= limit
+        # allotments other workers hold may refuse a request, by at most what the grant
+        # rule lets them hold: each under 1/(factor + 1) of the limit
+        factor = leased(lims[0]).factor
+        assert admitted >= limit - len(lims) * limit / (factor + 1), waves
+        assert sum(leased(lim).local_admissions for lim in lims) > admitted / 2
+        for lim in lims:
+            await leased(lim).aclose()
+        if "cluster" not in store_url:
+            team = redis_hash(store_url, "orp:{t:red}:t:red:requests_per_day")
+            assert int(team["t"]) == admitted  # every allotment returned: the count is exact
+
+    spec = {"teams": {"red": "team"}, "tiers": {"t": {}, "team": {"requests_per_day": limit}}}
+    run(store_url, spec, body, workers=3)
+
+
+def test_spend_is_exact_when_workers_finish_a_budget(fresh_redis: str) -> None:
+    # worst case of one call: ceil(6 x 1.2) x 0.15e-6 + 10,000 x 0.6e-6 = ~6,001 micro-USD
+    budget = 10.0
+    cost = 0.005
+
+    async def body(lims: list[Limiter], store: Store) -> None:
+        spent, waited = 0, False
+        while True:
+            results = await asyncio.gather(*(admit(lims[i % 2], max_tokens=10_000) for i in range(40)))
+            tickets = [r for r in results if isinstance(r, Ticket)]
+            assert all(isinstance(r, QuotaExceeded) for r in results if not isinstance(r, Ticket))
+            await asyncio.gather(*(settle(lims, t, record(Usage(7, 90, 97, cost_usd=cost))) for t in tickets))
+            spent += len(tickets)
+            if not tickets:
+                if waited:
+                    break
+                await asyncio.sleep(1.3)  # the allotments still held expire and are returned
+                waited = True
+        assert spent * cost <= budget
+        assert spent * cost > budget - 0.012  # nothing stranded: all but the last worst case
+        assert sum(leased(lim).local_admissions for lim in lims) > spent / 2
+        for lim in lims:
+            await leased(lim).aclose()
+        hold = redis_hash(fresh_redis, f"{KEY}:budget_usd_per_day:{time.strftime('%Y-%m-%d', time.gmtime())}")
+        assert int(hold["spent"]) == round(spent * cost * NANO)
+        assert int(hold["held"]) == 0
+
+    run(fresh_redis, {"tiers": {"t": {"budget_usd_per_day": budget}}}, body, workers=2)
+
+
+def test_tickets_settled_by_the_wrong_ticket_order_still_balance(fresh_redis: str) -> None:
+    """Requests settle after their allotment was returned: the hold shrinks to them, then goes."""
+    clock = FakeClock(time.time())
+
+    async def body(lims: list[Limiter], store: Store) -> None:
+        (lim,) = lims
+        tickets = [await lim.admit(ALICE, call(max_tokens=10), plan()) for _ in range(20)]
+        assert leased(lim).local_admissions >= 18
+        clock.advance(1.5)  # the allotment expires; the sweeper returns its unused part
+        await asyncio.sleep(0.3)
+        slots = redis_hash(fresh_redis, f"{KEY}:concurrent_requests")
+        assert int(slots["held"]) == 20  # exactly the requests still in flight
+        for ticket in tickets:
+            await lim.settle(ticket, record(Usage(1, 1, 2, cost_usd=0.00001)))
+        slots = redis_hash(fresh_redis, f"{KEY}:concurrent_requests")
+        assert int(slots["held"]) == 0 and not [f for f in slots if f.startswith("r:")]
+        day = time.strftime("%Y-%m-%d", time.gmtime(clock.now))
+        budget = redis_hash(fresh_redis, f"{KEY}:budget_usd_per_day:{day}")
+        assert int(budget["held"]) == 0 and int(budget["spent"]) == 20 * 10_000
+
+    spec = {"tiers": {"t": {"concurrent_requests": 500, "budget_usd_per_day": 100}}}
+    run(fresh_redis, spec, body, clock=clock)
+
+
+def test_a_dead_worker_s_allotments_end_with_their_lease(fresh_redis: str) -> None:
+    clock = FakeClock(time.time())
+
+    async def body(lims: list[Limiter], store: Store) -> None:
+        dead, alive = lims
+        ticket = await dead.admit(ALICE, call(), plan())
+        assert leased(dead).grants == 1
+        backend = leased(dead)
+        assert backend._sweeper is not None
+        backend._sweeper.cancel()  # the worker dies: nothing is returned or settled
+        backend._live.clear()
+        del ticket
+        taken = [r for r in [await admit(alive) for _ in range(100)] if isinstance(r, Ticket)]
+        assert len(taken) == 100 - 1 - 10  # its request and its allotment of 10 stay held
+        for ticket in taken:
+            await alive.settle(ticket, record())
+        clock.advance(119)
+        assert len([r for r in [await admit(alive) for _ in range(100)] if isinstance(r, Ticket)]) == 89
+        clock.advance(3)  # past the request's lease (120 s) and the allotment's (121 s)
+        assert len([r for r in [await admit(alive) for _ in range(100)] if isinstance(r, Ticket)]) == 100 - 89
+
+    run(fresh_redis, {"tiers": {"t": {"concurrent_requests": 100}}}, body, workers=2, clock=clock, lease_s=120)
+
+
+def test_small_limits_keep_the_exact_path(fresh_redis: str) -> None:
+    async def body(lims: list[Limiter], store: Store) -> None:
+        (lim,) = lims
+        results = [await admit(lim) for _ in range(40)]
+        assert sum(isinstance(r, Ticket) for r in results) == 30
+        assert leased(lim).local_admissions == 0 and leased(lim).grants == 0
+
+    run(fresh_redis, {"tiers": {"t": {"requests_per_minute": 30, "concurrent_requests": 40}}}, body)
+
+
+def test_a_refusal_near_the_limit_is_exact_too(fresh_redis: str) -> None:
+    """Near the limit no allotment is granted: the last requests are decided exactly."""
+
+    async def body(lims: list[Limiter], store: Store) -> None:
+        (lim,) = lims
+        results = [await admit(lim) for _ in range(1100)]
+        admitted = [r for r in results if isinstance(r, Ticket)]
+        assert len(admitted) == 1000
+        error = next(r for r in results if isinstance(r, RateLimited))
+        assert dict(error.headers)[b"x-ratelimit-remaining-requests"] == b"0"
+        assert leased(lim).local_admissions > 700
+
+    run(fresh_redis, {"tiers": {"t": {"requests_per_minute": 1000}}}, body)
