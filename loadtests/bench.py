@@ -221,7 +221,7 @@ def run(args: argparse.Namespace) -> str:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="proxy-bench-") as tmp, ExitStack() as stack_:
         workdir = Path(tmp)
-        config, vkeys = stack.write_config(workdir, stack.BENCH_KEYS)
+        config, vkeys = stack.write_config(workdir, stack.BENCH_KEYS, {"limits": {"admission": args.admission}})
         keys = [k.secret for k in vkeys]
         luas = {
             mode: measure.write_lua(workdir / f"{mode}.lua", "/v1/chat/completions", bodies(mode), keys)
@@ -314,6 +314,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--probe-requests", type=int, default=300, help="sequential streamed requests for TTFT")
     parser.add_argument("--paced-requests", type=int, default=20, help="paced streams for the held-back check")
     parser.add_argument("--no-scaling", dest="scaling", action="store_false", help="skip the --workers 2 run")
+    parser.add_argument(
+        "--admission",
+        choices=("exact", "leased"),
+        default="exact",
+        help="the featured proxy's limits.admission (README, 'Rate limits and budgets')",
+    )
     parser.add_argument("--profile", type=Path, help="also record the proxy with py-spy into this folder")
     parser.add_argument("--proxy-cpus", default="0", help="taskset CPUs for the proxy and the floor ('' = none)")
     parser.add_argument("--load-cpus", default="1", help="taskset CPUs for wrk, emulator, Redis ('' = none)")

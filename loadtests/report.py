@@ -254,7 +254,8 @@ def render(
         f"{args['warmup']:g} s of warm-up; proxy and floor on CPUs `{args['proxy_cpus']}`, wrk, emulator and "
         f"Redis on `{args['load_cpus']}`. CPU µs/req: utime+stime of the target's process tree / requests. "
         "*Added* is over the emulator hit directly. Non-stream answers have 10 tokens, streamed ones 20 content "
-        "events; prompts alternate 30 B / 2 KB; the proxy cycles through 8 virtual keys in 4 teams.",
+        "events; prompts alternate 30 B / 2 KB; the proxy cycles through 8 virtual keys in 4 teams; "
+        f"limits.admission: {args.get('admission', 'exact')}.",
         "",
         "## Throughput, latency, CPU",
         "",

@@ -28,11 +28,13 @@ name                                         labels                             
 ``reconciliations_total``                    outcome (settled, retry, expired)        counter
 ``limits_degraded_total``                                                             counter
 ``limits_settle_failures_total``                                                      counter
+``limits_local_admissions_total``                                                     counter
 ===========================================  =======================================  ============
 
 ``limits_degraded_total``: admissions decided without the shared store (``fail_open``'s
 local limits, or ``fail_closed``'s 503s); ``limits_settle_failures_total``: settlements the
-store did not take (``watch_limits``).
+store did not take; ``limits_local_admissions_total``: admissions decided from the worker's
+allotments without a store round trip (``limits.admission: leased``) (``watch_limits``).
 
 ``model`` is the model sent upstream (``routed_model``, else the requested one). Costs are
 as known when the request ended; reconciled costs are in the ledger, not here. Label
@@ -192,6 +194,11 @@ class Metrics:
         self.limits_settle_failures = Counter(
             PREFIX + "limits_settle_failures", "Settlements the shared limits store did not take.", registry=r
         )
+        self.limits_local_admissions = Counter(
+            PREFIX + "limits_local_admissions",
+            "Admissions decided from this worker's allotments, without a limits store round trip.",
+            registry=r,
+        )
 
     def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
         key = (id(metric), *labels)
@@ -243,6 +250,8 @@ class Metrics:
         """Count ``failover``'s degraded admissions and failed settlements as they happen."""
         failover.on_degraded = self.limits_degraded.inc
         failover.on_settle_failure = self.limits_settle_failures.inc
+        if hasattr(failover.backend, "on_local_admission"):
+            failover.backend.on_local_admission = self.limits_local_admissions.inc
 
     def retry(self, model: str, reason: str) -> None:
         """The pipeline retries an attempt on ``model`` because of ``reason`` (an error code)."""

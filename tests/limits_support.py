@@ -7,8 +7,9 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import httpx
 import orjson
 import redis
 
@@ -21,6 +22,9 @@ from proxy.types import ChatCall, Principal, RoutePlan, Usage, UsageRecord
 
 from .factories import free_port, usage_record
 from .redis_server import flush, redis_binary
+
+if TYPE_CHECKING:
+    from .conftest import ProxyUnderTest
 
 MODELS = orjson.loads((Path(__file__).resolve().parents[1] / "proxy/emulator/data/models.json").read_bytes())
 MINI = "openai/gpt-4o-mini"  # 0.15 USD / M prompt tokens, 0.60 USD / M completion tokens
@@ -122,3 +126,11 @@ class RestartableRedis:
             self.proc.send_signal(signal.SIGCONT)
         self.kill()
         self.workdir.cleanup()
+
+
+def scraped(proxy: ProxyUnderTest, series: str) -> float:
+    """A series' value from ``GET /metrics``."""
+    for line in httpx.get(f"{proxy.url}/metrics").text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{series} is not exported")

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from .conftest import ALICE_KEY, BOB_KEY, ProxyUnderTest
-from .limits_support import open_test_store
+from .limits_support import open_test_store, scraped
 
 MESSAGES: Any = [{"role": "user", "content": "What is the capital of France?"}]
 MINI = "openai/gpt-4o-mini"
@@ -300,3 +300,7 @@ def test_two_proxies_with_leased_admission_never_pass_a_limit(
     # once the allotments are returned (within about a second) the count is exact
     used = eventually(lambda: (u := limits_by_name(replicas[0])["requests_per_hour"]["used"]) == len(admitted) and u)
     assert used == len(admitted)
+    local = [scraped(p, "openrouter_proxy_limits_local_admissions_total") for p in replicas]
+    # an allotment (at least 50, at most a ninth of what is free) is granted only while
+    # 9 x 50 calls stay free: local admissions stop near 150 + 61 used; the rest are exact
+    assert all(n > 0 for n in local) and sum(local) < 220, local

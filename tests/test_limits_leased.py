@@ -7,6 +7,7 @@ as separate processes would have.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -18,7 +19,7 @@ from proxy.errors import QuotaExceeded, RateLimited
 from proxy.limits import Limiter
 from proxy.limits.leased import LeasedBackend
 from proxy.limits.pricing import NANO
-from proxy.store import Store
+from proxy.store import Store, StoreUnavailable
 from proxy.types import Ticket, Usage
 
 from .limits_support import FakeClock, call, limiter, open_test_store, plan, principal, record
@@ -72,6 +73,16 @@ async def settle(lims: list[Limiter], ticket: Ticket, rec: Any) -> None:
             await lim.settle(ticket, rec)
             return
     raise AssertionError("no worker admitted this ticket")
+
+
+async def until(probe: Callable[[], Any], seconds: float = 5.0) -> Any:
+    """Poll ``probe`` until it returns something truthy (the sweeper runs every 100 ms)."""
+    result = None
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            while not (result := probe()):  # noqa: ASYNC110 (polling Redis: nothing to wait on)
+                await asyncio.sleep(0.02)
+    return result
 
 
 def evalsha_calls(url: str) -> int:
@@ -211,8 +222,7 @@ def test_tickets_settled_by_the_wrong_ticket_order_still_balance(fresh_redis: st
         tickets = [await lim.admit(ALICE, call(max_tokens=10), plan()) for _ in range(20)]
         assert leased(lim).local_admissions >= 18
         clock.advance(1.5)  # the allotment expires; the sweeper returns its unused part
-        await asyncio.sleep(0.3)
-        slots = redis_hash(fresh_redis, f"{KEY}:concurrent_requests")
+        slots = await until(lambda: (h := redis_hash(fresh_redis, f"{KEY}:concurrent_requests"))["held"] == "20" and h)
         assert int(slots["held"]) == 20  # exactly the requests still in flight
         for ticket in tickets:
             await lim.settle(ticket, record(Usage(1, 1, 2, cost_usd=0.00001)))
@@ -273,3 +283,102 @@ def test_a_refusal_near_the_limit_is_exact_too(fresh_redis: str) -> None:
         assert leased(lim).local_admissions > 700
 
     run(fresh_redis, {"tiers": {"t": {"requests_per_minute": 1000}}}, body)
+
+
+def test_a_small_limit_beside_large_ones_takes_no_allotments(fresh_redis: str) -> None:
+    """No allotment is taken for a request that can never be admitted locally."""
+
+    async def body(lims: list[Limiter], store: Store) -> None:
+        (lim,) = lims
+        for _ in range(20):
+            ticket = await lim.admit(ALICE, call(), plan())
+            await lim.settle(ticket, record(Usage(8, 12, 20)))
+        assert leased(lim).grants == 0 and leased(lim).local_admissions == 0
+        assert int(redis_hash(fresh_redis, f"{KEY}:tokens_per_minute")["t"]) == 20 * 20
+
+    spec = {"tiers": {"t": {"requests_per_minute": 30, "tokens_per_minute": 10_000_000}}}
+    run(fresh_redis, spec, body)
+
+
+def test_a_grant_that_fails_after_redis_ran_it_is_taken_back(fresh_redis: str) -> None:
+    async def body(lims: list[Limiter], store: Store) -> None:
+        (lim,) = lims
+        backend = leased(lim)
+        granting = backend.inner.reserve_granting
+
+        async def ran_then_timed_out(*args: Any, **kwargs: Any) -> Any:
+            await granting(*args, **kwargs)
+            raise StoreUnavailable("Redis did not answer within 5000 ms")
+
+        backend.inner.reserve_granting = ran_then_timed_out  # type: ignore[method-assign]
+        await admit(lim)  # the store "failed": fail_open decides locally
+        backend.inner.reserve_granting = granting  # type: ignore[method-assign]
+        requests = redis_hash(fresh_redis, f"{KEY}:requests_per_day")
+        assert int(requests["t"]) == 1 + 50  # the request and the grant Redis ran
+        slots = redis_hash(fresh_redis, f"{KEY}:concurrent_requests")
+        assert int(slots["held"]) == 1 + 10
+        await until(lambda: redis_hash(fresh_redis, f"{KEY}:requests_per_day")["t"] == "1", seconds=5)
+        slots = await until(lambda: (h := redis_hash(fresh_redis, f"{KEY}:concurrent_requests"))["held"] == "0" and h)
+        assert slots, "the allotment (and the request's own hold, by the failover) were not released"
+        assert not [f for f in slots if f.startswith("r:")]
+        assert not [f for f in redis_hash(fresh_redis, f"{KEY}:requests_per_day") if f.startswith("a:")]
+
+    spec = {"tiers": {"t": {"requests_per_day": 100_000, "concurrent_requests": 1000}}}
+    run(fresh_redis, spec, body, store_retry_s=0.2)
+
+
+def test_while_the_store_fails_nothing_is_admitted_locally(fresh_redis: str) -> None:
+    """The failover's probe must reach Redis, not an allotment, or an outage looks over."""
+
+    async def body(lims: list[Limiter], store: Store) -> None:
+        (lim,) = lims
+        backend = leased(lim)
+        for _ in range(3):
+            assert isinstance(await admit(lim), Ticket)
+        assert backend.local_admissions == 2
+        reserve = backend.inner.reserve
+
+        async def down(*args: Any, **kwargs: Any) -> Any:
+            raise StoreUnavailable("connection refused")
+
+        granting = backend.inner.reserve_granting
+        backend.inner.reserve = down  # type: ignore[method-assign]
+        backend.inner.reserve_granting = down  # type: ignore[method-assign]
+        backend._live.clear()  # the allotments expire; the next request goes to Redis
+        degraded = await lim.admit(ALICE, call(), plan())
+        assert (b"x-proxy-degraded", b"store-unavailable") in degraded.headers
+        assert backend._store_down
+        await asyncio.sleep(0.25)  # past store_retry_s: the next request probes the store
+        probe = await lim.admit(ALICE, call(), plan())
+        assert (b"x-proxy-degraded", b"store-unavailable") in probe.headers
+        assert lim.state()["degraded"] is True
+        assert backend.local_admissions == 2
+        backend.inner.reserve = reserve  # type: ignore[method-assign]
+        backend.inner.reserve_granting = granting  # type: ignore[method-assign]
+        await asyncio.sleep(0.25)
+        assert (b"x-proxy-degraded", b"store-unavailable") not in (await lim.admit(ALICE, call(), plan())).headers
+        assert lim.state()["degraded"] is False
+
+    spec = {"tiers": {"t": {"requests_per_day": 100_000}}}
+    run(fresh_redis, spec, body, store_retry_s=0.2)
+
+
+def test_spend_above_the_reservation_counts_at_once_and_keeps_others_covered(fresh_redis: str) -> None:
+    clock = FakeClock(time.time())
+
+    async def body(lims: list[Limiter], store: Store) -> None:
+        (lim,) = lims
+        tickets = [await lim.admit(ALICE, call(max_tokens=10), plan()) for _ in range(5)]
+        assert leased(lim).local_admissions == 4
+        await lim.settle(tickets[1], record(Usage(1, 1, 2, cost_usd=0.2)))  # far above its worst case
+        day = time.strftime("%Y-%m-%d", time.gmtime(clock.now))
+        budget = redis_hash(fresh_redis, f"{KEY}:budget_usd_per_day:{day}")
+        assert int(budget["spent"]) == 200_000_000  # counted when it settles
+        for ticket in tickets[:1] + tickets[2:]:
+            await lim.settle(ticket, record(Usage(1, 1, 2, cost_usd=0.00001)))
+        await leased(lim).aclose()
+        budget = redis_hash(fresh_redis, f"{KEY}:budget_usd_per_day:{day}")
+        assert int(budget["spent"]) == 200_000_000 + 4 * 10_000
+        assert int(budget["held"]) == 0 and not [f for f in budget if f.startswith("r:")]
+
+    run(fresh_redis, {"tiers": {"t": {"budget_usd_per_day": 100}}}, body, clock=clock)

@@ -19,7 +19,7 @@ from proxy.metrics import Metrics
 from proxy.store import open_store
 
 from .conftest import ALICE_KEY, ProxyUnderTest
-from .limits_support import RestartableRedis, call, limiter, plan, principal, record
+from .limits_support import RestartableRedis, call, limiter, plan, principal, record, scraped
 
 MESSAGES: Any = [{"role": "user", "content": "Hello"}]
 MINI = "openai/gpt-4o-mini"
@@ -85,14 +85,6 @@ def readiness(proxy: ProxyUnderTest, expected: tuple[int, str, bool], timeout: f
             return
         assert time.monotonic() < deadline, f"/readyz said {seen}, not {expected}: {body}"
         time.sleep(0.1)
-
-
-def scraped(proxy: ProxyUnderTest, series: str) -> float:
-    """A series' value from ``GET /metrics``."""
-    for line in httpx.get(f"{proxy.url}/metrics").text.splitlines():
-        if line.startswith(series + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{series} is not exported")
 
 
 def limiter_of(proxy: ProxyUnderTest) -> Limiter:

@@ -69,9 +69,10 @@ class Release(NamedTuple):
 
     Window: add ``delta`` (actual minus reserved) to ``bucket`` if that bucket is still
     live (never below zero). Hold: release the request's hold if it is still there, and
-    add ``spend`` to ``spent``. Allotment hold (``allotment`` set, Redis only, see
-    ``proxy.limits.leased``): release ``delta`` of allotment ``allotment`` (all of it and
-    delete it when ``bucket`` is 1) and add ``spend``, only while the allotment exists.
+    add ``spend`` to ``spent``. With ``allotment`` set (Redis only, ``proxy.limits.leased``):
+    a hold releases ``delta`` of that allotment (all of it and deletes it when ``bucket`` is
+    1) and adds ``spend``, only while the allotment exists; a window returns ``delta`` of
+    that allotment (all when -1) to its bucket, once.
     """
 
     key: str

@@ -28,18 +28,20 @@ same call for new allotments for the checks that lack one. Design and trade-offs
 * **Headers.** ``x-ratelimit-remaining-*`` of a locally admitted request is what Redis
   reported at the grant minus this worker's use since; limits and resets are exact.
 
-Failures: a grant call that fails raises ``StoreUnavailable`` like ``reserve`` (the failover
-decides) and its allotment holds are released ``retry_s`` later; a failed return or
-allotment settlement is counted (``return_failures``) and not retried (not idempotent): the
-window counts age out, the holds end with their lease, and the spend of the requests in
-that settlement is missing from ``spent`` (the usage ledger still has it). A worker that
-dies leaves its allotments counted until then.
+Failures: while the store fails, nothing is admitted locally (every request reaches the
+store, so the failover sees the outage and its probe is real). A grant call that fails or
+is cancelled raises like ``reserve`` and what it may have granted is taken back later
+(``retry_s``; idempotent, so harmless when it never ran). A return that fails is retried
+when repeating it is harmless (a window's, a hold allotment's last); a hold's partial
+return is not, and that allotment then ends with its lease. A failed settlement of a locally
+admitted request is counted by the failover and not retried (kind 3 is not idempotent):
+its spend is missing from the budget counter, not from the usage ledger. A worker that dies
+leaves its allotments counted until their window passes or their lease ends.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine, Hashable, Sequence
@@ -57,7 +59,9 @@ log = logging.getLogger("proxy.limits")
 LIFE_MS = 1000
 SWEEP_S = 0.1
 _FACTOR_PER_REPLICA = 4
-_CLOSE = 1  # ``Release.bucket`` of an allotment release: release all of it and delete it
+_CLOSE = 1  # ``Release.bucket`` of a hold allotment release: release all of it and delete it
+_RETURN_ATTEMPTS = 3
+_MAX_KEYS = 10_000
 
 
 @dataclass(slots=True, eq=False)
@@ -65,7 +69,7 @@ class _Allotment:
     """One key's allotment in this worker. Amounts in the counter's unit; times Unix ms."""
 
     key: str
-    aid: str  # a hold's member id (without ``r:``); "" for a window
+    aid: str  # the grant's id: a hold's member ``r:<aid>``, a window's record ``a:<aid>``
     window: bool
     bucket: int  # a window's bucket holding the grant
     granted: int
@@ -96,8 +100,9 @@ class LeasedBackend:
     """A ``Backend`` admitting from allotments of ``inner``'s counters (see the module doc).
 
     ``replicas``: worker processes sharing the store (``limits.replicas``); ``retry_s``:
-    when to release the allotment holds of a grant call that failed. Counters:
-    ``local_admissions``, ``grants`` (allotments received), ``return_failures``.
+    when to take back what a failed grant call may have granted. Counters:
+    ``local_admissions`` (also reported to ``on_local_admission``), ``grants`` (allotments
+    received), ``return_failures``.
     """
 
     name = "redis"
@@ -122,12 +127,15 @@ class LeasedBackend:
         self._taken: dict[str, _Taken] = {}
         self._granting: set[str] = set()
         self._peaks: dict[str, int] = {}  # the most a key's last allotment had out at once
-        self._returns: list[Release] = []
+        self._denied: dict[str, int] = {}  # key -> until when (Unix ms) no grant is asked for it
+        self._returns: list[tuple[Release, int]] = []  # (release, attempts so far)
+        self._store_down = False  # the last store call failed: admit nothing locally until one works
         self._sweeper: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.local_admissions = 0
         self.grants = 0
         self.return_failures = 0
+        self.on_local_admission: Callable[[], None] | None = None  # e.g. a Prometheus counter's ``inc``
 
     # -- admission ------------------------------------------------------------------
 
@@ -145,6 +153,8 @@ class LeasedBackend:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="limits-allotments")
         if dry:
             return await self.inner.reserve(checks, rid, now_ms, lease_ms, dry=True, shape=shape)
+        if self._store_down or not checks:  # while the store fails every request probes it
+            return await self._exact(checks, rid, now_ms, lease_ms, shape)
         live = self._live
         taken: list[_Allotment] = []
         for check in checks:
@@ -152,11 +162,7 @@ class LeasedBackend:
             if allotment is None or now_ms >= allotment.expires_ms or allotment.left < check.cost:
                 return await self._reserve_granting(checks, rid, now_ms, lease_ms, shape)
             taken.append(allotment)
-        return (
-            self._admit(checks, taken, rid, now_ms)
-            if taken
-            else await self.inner.reserve(checks, rid, now_ms, lease_ms, shape=shape)
-        )
+        return self._admit(checks, taken, rid, now_ms)
 
     def _admit(self, checks: Sequence[Check], taken: list[_Allotment], rid: str, now_ms: int) -> Decision:
         states = []
@@ -172,15 +178,35 @@ class LeasedBackend:
             states.append(CheckState(used, allotment.spent, reset, 0, allotment.bucket))
         self._taken[rid] = _Taken(tuple(taken), tuple([c.cost for c in checks]))
         self.local_admissions += 1
+        if self.on_local_admission is not None:
+            self.on_local_admission()
         return Decision(True, tuple(states))
+
+    async def _exact(
+        self, checks: Sequence[Check], rid: str, now_ms: int, lease_ms: int, shape: Hashable | None
+    ) -> Decision:
+        try:
+            decision = await self.inner.reserve(checks, rid, now_ms, lease_ms, shape=shape)
+        except StoreUnavailable:
+            self._store_down = True
+            raise
+        self._store_down = False
+        return decision
 
     async def _reserve_granting(
         self, checks: Sequence[Check], rid: str, now_ms: int, lease_ms: int, shape: Hashable | None
     ) -> Decision:
+        denied = self._denied
+        for check in checks:
+            # a request with a check that is never leased (too small a limit to grant its
+            # least), or that was just refused an allotment, cannot be admitted locally:
+            # allotments for its other checks would only sit idle
+            if not check.least or check.least * (self.factor + 1) > check.limit or now_ms < denied.get(check.key, 0):
+                return await self._exact(checks, rid, now_ms, lease_ms, shape)
         wants = []
         for check in checks:
             want = 0
-            if check.least and check.key not in self._granting:
+            if check.key not in self._granting:
                 allotment = self._live.get(check.key)
                 if allotment is None:
                     want = max(check.least, 2 * self._peaks.get(check.key, 0))
@@ -188,25 +214,36 @@ class LeasedBackend:
                     want = max(check.least, 2 * (allotment.granted - allotment.low))
             wants.append(want)
         if not any(wants):
-            return await self.inner.reserve(checks, rid, now_ms, lease_ms, shape=shape)
+            return await self._exact(checks, rid, now_ms, lease_ms, shape)
         asked = [c.key for c, w in zip(checks, wants, strict=True) if w]
         self._granting.update(asked)
         try:
             decision, grants = await self.inner.reserve_granting(
                 checks, wants, rid, now_ms, lease_ms, factor=self.factor, life_ms=self.life_ms, shape=shape
             )
-        except StoreUnavailable:
-            holds = [Release(c.key, False) for c, w in zip(checks, wants, strict=True) if w and c.window is None]
-            if holds:
-                self._later(self._release_failed_grant(holds, rid + "+"))
+        except BaseException as exc:  # failed or cancelled: take back whatever it may have granted
+            if isinstance(exc, StoreUnavailable):
+                self._store_down = True
+            aid = rid + "+"
+            undo = [
+                Release(c.key, True, 0, -1, 0, aid) if c.window is not None else Release(c.key, False)
+                for c, w in zip(checks, wants, strict=True)
+                if w
+            ]
+            self._later(self._undo_grant(undo, aid))
             raise
         finally:
             self._granting.difference_update(asked)
-        if not decision.admitted or not any(grants):
+        self._store_down = False
+        if not decision.admitted:
             return decision
         states = list(decision.states)
-        for i, (check, granted) in enumerate(zip(checks, grants, strict=True)):
+        for i, (check, want, granted) in enumerate(zip(checks, wants, grants, strict=True)):
             if granted <= 0:
+                if want:  # too little left to lease: this key stays exact for an allotment's life
+                    if len(denied) >= _MAX_KEYS:
+                        denied.clear()
+                    denied[check.key] = now_ms + self.life_ms
                 continue
             state = states[i]
             used = state.used - granted
@@ -220,7 +257,7 @@ class LeasedBackend:
                 expires = min(expires, (state.bucket + 1) * window.bucket_ms)
             self._live[check.key] = _Allotment(
                 key=check.key,
-                aid="" if window is not None else rid + "+",
+                aid=rid + "+",
                 window=window is not None,
                 bucket=state.bucket,
                 granted=granted,
@@ -259,10 +296,13 @@ class LeasedBackend:
                 else:
                     sent.append(Release(release.key, False, 0, cost, release.spend, allotment.aid))
             else:
-                allotment.left += cost - release.spend
+                # the allotment gives back at most this request's reservation, so it still
+                # covers the others in flight when the spend exceeds it (``spent`` gets all)
+                moved = min(release.spend, cost)
+                allotment.left += cost - moved
                 if not release.spend:
                     continue
-                sent.append(Release(release.key, False, 0, release.spend, release.spend, allotment.aid))
+                sent.append(Release(release.key, False, 0, moved, release.spend, allotment.aid))
             at.append(i)
         out = [0] * len(releases)
         if sent:
@@ -279,17 +319,16 @@ class LeasedBackend:
         allotment.returned = True
         if self._live.get(allotment.key) is allotment:
             del self._live[allotment.key]
-        if len(self._peaks) >= 10_000:
+        if len(self._peaks) >= _MAX_KEYS:
             self._peaks.clear()
         self._peaks[allotment.key] = allotment.granted - allotment.low
-        left, allotment.left = allotment.left, 0
-        if allotment.window:
-            if left > 0:
-                self._returns.append(Release(allotment.key, True, allotment.bucket, -left))
+        left, allotment.left = max(0, allotment.left), 0
+        if allotment.window:  # always: the return also deletes the grant's record
+            self._returns.append((Release(allotment.key, True, allotment.bucket, left, 0, allotment.aid), 0))
         elif allotment.inflight <= 0:
-            self._returns.append(Release(allotment.key, False, _CLOSE, 0, 0, allotment.aid))
+            self._returns.append((Release(allotment.key, False, _CLOSE, 0, 0, allotment.aid), 0))
         elif left > 0:
-            self._returns.append(Release(allotment.key, False, 0, left, 0, allotment.aid))
+            self._returns.append((Release(allotment.key, False, 0, left, 0, allotment.aid), 0))
 
     async def _sweep(self) -> None:
         while True:
@@ -303,23 +342,41 @@ class LeasedBackend:
                 log.exception("returning expired allotments failed")
 
     async def _send_returns(self, now_ms: int) -> None:
+        """Send the queued returns, one settlement per hash tag. A return that fails is
+        queued again (up to ``_RETURN_ATTEMPTS`` tries) when repeating it is harmless: a
+        window's, and a hold allotment's last; a hold's partial return is not (that
+        allotment then ends with its lease)."""
         if not self._returns:
             return
-        groups: dict[str, list[Release]] = {}
-        for release in self._returns:
-            groups.setdefault(_tag(release.key), []).append(release)
+        groups: dict[str, list[tuple[Release, int]]] = {}
+        for item in self._returns:
+            groups.setdefault(_tag(item[0].key), []).append(item)
         self._returns = []
-        for releases in groups.values():
-            try:
-                await self.inner.settle(releases, "-", now_ms)
-            except StoreUnavailable as exc:
-                self.return_failures += 1
-                log.debug("allotments not returned (%s): they end with their window or lease", exc)
+        pending = list(groups.values())
+        try:
+            while pending:
+                group = pending[-1]
+                try:
+                    await self.inner.settle([r for r, _ in group], "-", now_ms)
+                except StoreUnavailable as exc:
+                    self.return_failures += 1
+                    log.debug("allotments not returned (%s): retried, or they end with their window or lease", exc)
+                    again = [(r, n + 1) for r, n in group if r.window or r.bucket == _CLOSE]
+                    self._returns += [(r, n) for r, n in again if n < _RETURN_ATTEMPTS]
+                pending.pop()
+        finally:  # cancelled (shutdown): the groups not tried yet stay queued
+            self._returns += [item for group in pending[:-1] for item in group]
 
-    async def _release_failed_grant(self, holds: list[Release], aid: str) -> None:
-        await asyncio.sleep(self.retry_s)
-        with contextlib.suppress(StoreUnavailable):  # still down: they end with their lease
-            await self.inner.settle(holds, aid, int(self._clock() * 1000))
+    async def _undo_grant(self, releases: list[Release], aid: str) -> None:
+        """Take back what a failed grant call may have granted: its windows' records and its
+        hold members (idempotent, and nothing when the call never ran)."""
+        for _ in range(_RETURN_ATTEMPTS):
+            await asyncio.sleep(self.retry_s)
+            try:
+                await self.inner.settle(releases, aid, int(self._clock() * 1000))
+                return
+            except StoreUnavailable:  # still down: again later; the window or the lease ends it
+                continue
 
     def _later(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

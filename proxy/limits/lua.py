@@ -37,7 +37,9 @@ SETTLE: ``ARGV = rid, "kind,bucket,delta,spend,..." [, "aid,..."]``; kind 1 (win
 ``delta`` to ``bucket``; kind 2 (hold): release ``rid``'s hold and add ``spend``; kind 3
 (allotment ``aid``, taken in order from ``ARGV[3]``): release ``delta`` of it (all of it
 and delete it when ``bucket`` is 1) and add ``spend``, only while it exists. Returns
-``"spent,..."`` per release. Arguments and results travel as one string each: redis-py
+``"spent,..."`` per release. Kind 4 (window allotment ``aid``, recorded at the grant as field
+``a:<aid>`` = ``"bucket:amount"``): take ``delta`` of it (all when -1) out of its bucket and
+delete the field, so a repeated return does nothing. Arguments and results travel as one string each: redis-py
 parses a 20-integer array several times slower than one string.
 """
 
@@ -71,19 +73,22 @@ local function hdel(key, fields)
   for i = 1, #fields, 256 do redis.call('HDEL', key, unpack(fields, i, math.min(i + 255, #fields))) end
 end
 
-local function buckets_of(key)
+-- the buckets (sorted indexes and counts) and the allotment fields of buckets before ``cutoff``
+local function buckets_of(key, cutoff)
   local all = redis.call('HGETALL', key)
-  local idxs, counts = {}, {}
+  local idxs, counts, stale = {}, {}, {}
   for i = 1, #all, 2 do
     local f = all[i]
-    if f ~= 't' and f ~= 'o' and f ~= 'n' then
+    if string.sub(f, 1, 2) == 'a:' then
+      if cutoff and tonumber(string.match(all[i + 1], '^(%-?%d+)')) < cutoff then stale[#stale + 1] = f end
+    elseif f ~= 't' and f ~= 'o' and f ~= 'n' then
       local idx = tonumber(f)
       idxs[#idxs + 1] = idx
       counts[idx] = tonumber(all[i + 1])
     end
   end
   table.sort(idxs)
-  return idxs, counts
+  return idxs, counts, stale
 end
 
 -- returns the state and what take_window needs: {count of bucket b, oldest, newest}
@@ -93,9 +98,8 @@ local function check_window(key, limit, cost, g, nb)
   local h = redis.call('HMGET', key, 't', 'o', 'n', fmt(b))
   local t, o, newest, cur = tonumber(h[1]) or 0, tonumber(h[2]), tonumber(h[3]), tonumber(h[4]) or 0
   if o ~= nil and o < cutoff then
-    local idxs, counts = buckets_of(key)
+    local idxs, counts, dead = buckets_of(key, cutoff)
     t, o, newest = 0, nil, nil
-    local dead = {}
     for _, idx in ipairs(idxs) do
       if idx < cutoff then
         dead[#dead + 1] = fmt(idx)
@@ -132,10 +136,13 @@ local function check_window(key, limit, cost, g, nb)
   return {t, 0, reset, retry, b}, {cur, o, newest}
 end
 
-local function take_window(key, cost, g, nb, state, seen)
+local function take_window(key, cost, g, nb, state, seen, gr)
   local b, o, newest = state[5], seen[2], seen[3]
   local t = state[1] + cost
   local f = {'t', fmt(t), fmt(b), fmt(seen[1] + cost)}
+  -- an allotment (counted in ``cost``) is recorded as ``a:<rid>+`` = "bucket:amount" so that
+  -- its return is idempotent; dropped with its bucket
+  if gr > 0 then push(f, 'a:' .. rid .. '+', fmt(b) .. ':' .. fmt(gr)) end
   if o == nil or b < o then push(f, 'o', fmt(b)) end
   local opened = newest == nil or b > newest
   if opened then
@@ -270,7 +277,7 @@ if fits and not dry then
     if cost + gr > 0 or g == 0 then
       local key = KEYS[2 * i - 1]
       if g > 0 then
-        states[i] = take_window(key, cost + gr, g, p[a + 4], states[i], seen[i])
+        states[i] = take_window(key, cost + gr, g, p[a + 4], states[i], seen[i], gr)
       else
         states[i] = take_hold(key, KEYS[2 * i], cost, p[a + 5], states[i], seen[i], gr)
       end
@@ -326,6 +333,24 @@ for i = 1, #KEYS / 2 do
       redis.call('HSET', key, unpack(f))
     end
     out[i] = fmt(spent)
+  elseif p[a + 1] == 4 then
+    -- a window allotment's return: ``delta`` of it (-1: all) leaves its bucket, once
+    na = na + 1
+    local field = 'a:' .. aids[na]
+    local v = redis.call('HGET', key, field)
+    if v then
+      local b, amount = string.match(v, '^(%-?%d+):(%d+)$')
+      local r = tonumber(amount)
+      if p[a + 3] >= 0 then r = math.min(p[a + 3], r) end
+      local h = redis.call('HMGET', key, b, 't')
+      local count = tonumber(h[1])
+      redis.call('HDEL', key, field)
+      if count ~= nil and r > 0 then
+        local new = math.max(0, count - r)
+        redis.call('HSET', key, b, fmt(new), 't', fmt((tonumber(h[2]) or 0) + new - count))
+      end
+    end
+    out[i] = '0'
   elseif p[a + 1] == 1 then
     local delta = p[a + 3]
     if delta ~= 0 then

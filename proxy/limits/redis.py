@@ -31,6 +31,13 @@ __all__ = ["RedisBackend"]
 _MAX_SHAPES = 4096
 
 
+def _kind(release: Release) -> int:
+    """SETTLE's kind: 1 window, 2 hold, 3 hold allotment, 4 window allotment (``proxy.limits.lua``)."""
+    if release.window:
+        return 4 if release.allotment else 1
+    return 3 if release.allotment else 2
+
+
 class RedisBackend:
     """The shared ``Backend``; ``timeout_s`` bounds each call."""
 
@@ -133,9 +140,7 @@ class RedisBackend:
                 if len(self._settle_shapes) >= _MAX_SHAPES:
                     self._settle_shapes.clear()
                 self._settle_shapes[shape] = keys
-        params = ",".join(
-            [f"{1 if r.window else 3 if r.allotment else 2},{r.bucket},{r.delta},{r.spend}" for r in releases]
-        )
+        params = ",".join([f"{_kind(r)},{r.bucket},{r.delta},{r.spend}" for r in releases])
         args: list[Any] = [rid, params]
         allotments = [r.allotment for r in releases if r.allotment]
         if allotments:
