@@ -302,38 +302,53 @@ SETTLE = (
     + """
 local rid = ARGV[1]
 local p = numbers(ARGV[2])
-local aids, na = {}, 0  -- allotment ids, one per kind-3 release in order
+local aids, na = {}, 0  -- allotment ids, one per kind-3 or kind-4 release in order
 if ARGV[3] then for v in string.gmatch(ARGV[3], '[^,]+') do aids[#aids + 1] = v end end
+
+-- adds ``delta`` to bucket ``field`` of window ``key`` while that bucket lives (never below 0)
+local function add_to_bucket(key, field, delta)
+  local h = redis.call('HMGET', key, field, 't')
+  local count = tonumber(h[1])
+  if count ~= nil then
+    local new = math.max(0, count + delta)
+    redis.call('HSET', key, field, fmt(new), 't', fmt((tonumber(h[2]) or 0) + new - count))
+  end
+end
+
+-- releases ``release`` of hold ``id`` of ``key`` (nil: all of it, and deletes it from the hash
+-- and lease set ``z``) and adds ``spend``, only while the hold exists, so a repeated final
+-- release spends nothing; returns ``spent``
+local function release_hold(key, z, id, release, spend)
+  local member = 'r:' .. id
+  local h = redis.call('HMGET', key, member, 'held', 'spent')
+  local amount, spent = tonumber(h[1]), tonumber(h[3]) or 0
+  if amount then
+    local r = amount
+    if release then r = math.min(math.max(release, 0), amount) end
+    local f = {'held', fmt((tonumber(h[2]) or 0) - r)}
+    if spend > 0 then
+      spent = spent + spend
+      push(f, 'spent', fmt(spent))
+    end
+    if release then
+      push(f, member, fmt(amount - r))
+    else
+      redis.call('HDEL', key, member)
+      redis.call('ZREM', z, id)
+    end
+    redis.call('HSET', key, unpack(f))
+  end
+  return spent
+end
+
 local out = {}
 for i = 1, #KEYS / 2 do
   local a = (i - 1) * 4
-  local key = KEYS[2 * i - 1]
-  if p[a + 1] == 3 then
-    na = na + 1
-    local aid = aids[na]
-    local member = 'r:' .. aid
-    local h = redis.call('HMGET', key, member, 'held', 'spent')
-    local amount, spent = tonumber(h[1]), tonumber(h[3]) or 0
-    if amount then  -- spend only while the allotment exists (it ends with its lease)
-      local close = p[a + 2] == 1
-      local release = amount
-      if not close then release = math.min(math.max(p[a + 3], 0), amount) end
-      local f = {'held', fmt((tonumber(h[2]) or 0) - release)}
-      local spend = p[a + 4]
-      if spend > 0 then
-        spent = spent + spend
-        push(f, 'spent', fmt(spent))
-      end
-      if close then
-        redis.call('HDEL', key, member)
-        redis.call('ZREM', KEYS[2 * i], aid)
-      else
-        push(f, member, fmt(amount - release))
-      end
-      redis.call('HSET', key, unpack(f))
-    end
-    out[i] = fmt(spent)
-  elseif p[a + 1] == 4 then
+  local kind, key = p[a + 1], KEYS[2 * i - 1]
+  if kind == 1 then
+    if p[a + 3] ~= 0 then add_to_bucket(key, fmt(p[a + 2]), p[a + 3]) end
+    out[i] = '0'
+  elseif kind == 4 then
     -- a window allotment's return: ``delta`` of it (-1: all) leaves its bucket, once
     na = na + 1
     local field = 'a:' .. aids[na]
@@ -342,43 +357,18 @@ for i = 1, #KEYS / 2 do
       local b, amount = string.match(v, '^(%-?%d+):(%d+)$')
       local r = tonumber(amount)
       if p[a + 3] >= 0 then r = math.min(p[a + 3], r) end
-      local h = redis.call('HMGET', key, b, 't')
-      local count = tonumber(h[1])
       redis.call('HDEL', key, field)
-      if count ~= nil and r > 0 then
-        local new = math.max(0, count - r)
-        redis.call('HSET', key, b, fmt(new), 't', fmt((tonumber(h[2]) or 0) + new - count))
-      end
+      if r > 0 then add_to_bucket(key, b, -r) end
     end
     out[i] = '0'
-  elseif p[a + 1] == 1 then
-    local delta = p[a + 3]
-    if delta ~= 0 then
-      local field = fmt(p[a + 2])
-      local h = redis.call('HMGET', key, field, 't')
-      local count = tonumber(h[1])
-      if count ~= nil then
-        local new = math.max(0, count + delta)
-        redis.call('HSET', key, field, fmt(new), 't', fmt((tonumber(h[2]) or 0) + new - count))
-      end
-    end
-    out[i] = '0'
+  elseif kind == 3 then
+    -- an allotment hold: part of it, or all of it when ``bucket`` is 1 (its last release)
+    na = na + 1
+    local release = nil
+    if p[a + 2] ~= 1 then release = p[a + 3] end
+    out[i] = fmt(release_hold(key, KEYS[2 * i], aids[na], release, p[a + 4]))
   else
-    local member = 'r:' .. rid
-    local h = redis.call('HMGET', key, member, 'held', 'spent')
-    local amount, spent = tonumber(h[1]), tonumber(h[3]) or 0
-    if amount then  -- spend once: only while this request's hold exists
-      local f = {'held', fmt((tonumber(h[2]) or 0) - amount)}
-      local spend = p[a + 4]
-      if spend > 0 then
-        spent = spent + spend
-        push(f, 'spent', fmt(spent))
-      end
-      redis.call('HDEL', key, member)
-      redis.call('HSET', key, unpack(f))
-      redis.call('ZREM', KEYS[2 * i], rid)
-    end
-    out[i] = fmt(spent)
+    out[i] = fmt(release_hold(key, KEYS[2 * i], rid, nil, p[a + 4]))
   end
 end
 return table.concat(out, ',')
