@@ -90,12 +90,22 @@ def redis_cluster(nodes: int = 3) -> Iterator[str]:
             for i, client in enumerate(clients):
                 last = 16383 if i == nodes - 1 else (i + 1) * share - 1
                 client.execute_command("CLUSTER", "ADDSLOTSRANGE", i * share, last)
-            for port, bus in zip(ports[1:], buses[1:], strict=True):
-                clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", port, bus)
-            deadline = time.monotonic() + 20
+            # Every node meets every other one: a single node's MEETs leave the rest to gossip,
+            # which took up to 6 s here (and past a 20 s deadline once in CI). A handshake that
+            # failed is dropped by Redis, never retried, so the MEETs are sent again until every
+            # node knows all the others.
+            deadline = time.monotonic() + 30
+            met = 0.0
             while not all(b"cluster_state:ok" in client.execute_command("CLUSTER", "INFO") for client in clients):
                 if time.monotonic() > deadline:
                     raise RuntimeError("the Redis Cluster did not come up")
+                if time.monotonic() - met > 3:
+                    met = time.monotonic()
+                    for i, client in enumerate(clients):
+                        if f"cluster_known_nodes:{nodes}".encode() in client.execute_command("CLUSTER", "INFO"):
+                            continue
+                        for port, bus in zip(ports[i + 1 :] + ports[:i], buses[i + 1 :] + buses[:i], strict=True):
+                            client.execute_command("CLUSTER", "MEET", "127.0.0.1", port, bus)
                 time.sleep(0.05)
             for client in clients:  # every node must know every slot's owner before clients ask
                 while len(client.execute_command("CLUSTER", "SLOTS")) < nodes:
