@@ -20,6 +20,7 @@ from proxy.limits import Limiter
 from proxy.limits.leased import LeasedBackend
 from proxy.limits.pricing import NANO
 from proxy.store import Store, StoreUnavailable
+from proxy.store.redis import cluster_url
 from proxy.types import Ticket, Usage
 
 from .limits_support import FakeClock, call, limiter, open_test_store, plan, principal, record
@@ -95,7 +96,13 @@ def evalsha_calls(url: str) -> int:
 
 
 def redis_hash(url: str, key: str) -> dict[str, str]:
-    client = sync_redis.Redis.from_url(url, decode_responses=True)
+    """The hash ``key`` of the redis-server or Redis Cluster behind ``url``."""
+    plain = cluster_url(url)
+    client = (
+        sync_redis.RedisCluster.from_url(plain, decode_responses=True)
+        if plain is not None
+        else sync_redis.Redis.from_url(url, decode_responses=True)
+    )
     try:
         return client.hgetall(key)
     finally:
@@ -382,3 +389,81 @@ def test_spend_above_the_reservation_counts_at_once_and_keeps_others_covered(fre
         assert int(budget["held"]) == 0 and not [f for f in budget if f.startswith("r:")]
 
     run(fresh_redis, {"tiers": {"t": {"budget_usd_per_day": 100}}}, body, clock=clock)
+
+
+def _failing_once(backend: LeasedBackend, *, ran: bool) -> list[str]:
+    """Make ``backend``'s next store settlement fail, after Redis ran it when ``ran``; returns
+    the rids of the settlements done (the failed one included), each once it is over."""
+    settle = backend.inner.settle
+    sent: list[str] = []
+
+    async def flaky(releases: Any, rid: str, now_ms: int, **kwargs: Any) -> Any:
+        if not sent:
+            if ran:
+                await settle(releases, rid, now_ms, **kwargs)
+            sent.append(rid)
+            raise StoreUnavailable("Redis did not answer within 5000 ms")
+        result = await settle(releases, rid, now_ms, **kwargs)
+        sent.append(rid)
+        return result
+
+    backend.inner.settle = flaky  # type: ignore[method-assign]
+    return sent
+
+
+@pytest.mark.parametrize("ran", [True, False], ids=["ran-then-timed-out", "never-ran"])
+def test_a_failed_local_settlement_is_retried_and_counts_once(redis_store: str, ran: bool) -> None:
+    fresh_redis = redis_store  # the once-marker is a key the script derives: it must work on a cluster
+    clock = FakeClock(time.time())
+    day = time.strftime("%Y-%m-%d", time.gmtime(clock.now))
+
+    async def body(lims: list[Limiter], store: Store) -> None:
+        (lim,) = lims
+        backend = leased(lim)
+        tickets = [await lim.admit(ALICE, call(max_tokens=10), plan()) for _ in range(3)]
+        assert backend.local_admissions == 2
+        sent = _failing_once(backend, ran=ran)
+        await lim.settle(tickets[1], record(Usage(1, 1, 2, cost_usd=0.01)))  # locally admitted
+        assert lim.settle_failures_total == 1
+        budget = redis_hash(fresh_redis, f"{KEY}:budget_usd_per_day:{day}")
+        assert int(budget.get("spent", 0)) == (10_000_000 if ran else 0)
+        # the retry (store_retry_s later) applies what never ran, and nothing twice
+        await until(lambda: sent.count(tickets[1].state.rid) >= 2)
+        await asyncio.sleep(0.3)  # any further retry would have come by now
+        budget = redis_hash(fresh_redis, f"{KEY}:budget_usd_per_day:{day}")
+        assert int(budget["spent"]) == 10_000_000
+        for ticket in (tickets[0], tickets[2]):
+            await lim.settle(ticket, record(Usage(1, 1, 2, cost_usd=0.02)))
+        await backend.aclose()
+        budget = redis_hash(fresh_redis, f"{KEY}:budget_usd_per_day:{day}")
+        assert int(budget["spent"]) == 10_000_000 + 2 * 20_000_000
+        assert int(budget["held"]) == 0 and not [f for f in budget if f.startswith("r:")]
+        tokens = redis_hash(fresh_redis, f"{KEY}:tokens_per_minute")
+        assert int(tokens["t"]) == 3 * 2  # each request's tokens, corrected once
+
+    spec = {"tiers": {"t": {"budget_usd_per_day": 100, "tokens_per_minute": 10_000_000}}}
+    run(fresh_redis, spec, body, clock=clock, store_retry_s=0.2)
+
+
+def test_a_failed_return_is_sent_again_and_counts_once(fresh_redis: str) -> None:
+    """A hold allotment's partial return (requests still in flight) ran, then timed out."""
+
+    async def body(lims: list[Limiter], store: Store) -> None:
+        (lim,) = lims
+        backend = leased(lim)
+        tickets = [await lim.admit(ALICE, call(), plan()) for _ in range(3)]
+        assert backend.local_admissions == 2
+        granted = backend._live[f"{KEY}:concurrent_requests"].granted
+        sent = _failing_once(backend, ran=True)
+        backend._retire(backend._live[f"{KEY}:concurrent_requests"])  # shrinks to the 2 in flight
+        await until(lambda: len(sent) >= 2)
+        slots = redis_hash(fresh_redis, f"{KEY}:concurrent_requests")
+        assert sent[0] == sent[1]  # the same batch, under its once id
+        assert int(slots["held"]) == 1 + 2  # the exact request's slot and the 2 in flight
+        assert granted > 2
+        for ticket in tickets:
+            await lim.settle(ticket, record(Usage(1, 1, 2)))
+        slots = await until(lambda: (h := redis_hash(fresh_redis, f"{KEY}:concurrent_requests"))["held"] == "0" and h)
+        assert slots and not [f for f in slots if f.startswith("r:")]
+
+    run(fresh_redis, {"tiers": {"t": {"concurrent_requests": 1000}}}, body)

@@ -31,18 +31,20 @@ same call for new allotments for the checks that lack one. Design and trade-offs
 Failures: while the store fails, nothing is admitted locally (every request reaches the
 store, so the failover sees the outage and its probe is real). A grant call that fails or
 is cancelled raises like ``reserve`` and what it may have granted is taken back later
-(``retry_s``; idempotent, so harmless when it never ran). A return that fails is retried
-when repeating it is harmless (a window's, a hold allotment's last); a hold's partial
-return is not, and that allotment then ends with its lease. A failed settlement of a locally
-admitted request is counted by the failover and not retried (kind 3 is not idempotent):
-its spend is missing from the budget counter, not from the usage ledger. A worker that dies
-leaves its allotments counted until their window passes or their lease ends.
+(``retry_s``; idempotent, so harmless when it never ran). The settlement of a locally
+admitted request and each batch of returns is sent with a once-marker (SETTLE's
+``once_ms``, ``proxy.limits.lua``), so one that failed, perhaps after Redis ran it, is
+retried (``retry_s``, up to ``_RETRY_ATTEMPTS`` times) and still counts once; a failed
+settlement is also counted by the failover. A return given up on ends with its window or
+lease. A worker that dies leaves its allotments counted until their window passes or their
+lease ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Callable, Coroutine, Hashable, Sequence
 from dataclasses import dataclass
@@ -60,7 +62,7 @@ LIFE_MS = 1000
 SWEEP_S = 0.1
 _FACTOR_PER_REPLICA = 4
 _CLOSE = 1  # ``Release.bucket`` of a hold allotment release: release all of it and delete it
-_RETURN_ATTEMPTS = 3
+_RETRY_ATTEMPTS = 3
 _MAX_KEYS = 10_000
 
 
@@ -128,7 +130,12 @@ class LeasedBackend:
         self._granting: set[str] = set()
         self._peaks: dict[str, int] = {}  # the most a key's last allotment had out at once
         self._denied: dict[str, int] = {}  # key -> until when (Unix ms) no grant is asked for it
-        self._returns: list[tuple[Release, int]] = []  # (release, attempts so far)
+        self._returns: list[Release] = []  # queued, not sent yet
+        self._resend: list[tuple[list[Release], str, int]] = []  # failed: (group, once id, tries)
+        self.wid = secrets.token_hex(6)  # this worker, in its batches' once ids
+        self._batches = 0  # numbers each batch of returns: its once id
+        # a once-marker outlives every retry of its settlement
+        self._once_ms = int(1000 * (_RETRY_ATTEMPTS + 1) * (retry_s + inner.timeout_s)) + 5000
         self._store_down = False  # the last store call failed: admit nothing locally until one works
         self._sweeper: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -306,9 +313,24 @@ class LeasedBackend:
             at.append(i)
         out = [0] * len(releases)
         if sent:
-            for i, spent in zip(at, await self.inner.settle(sent, rid, now_ms), strict=True):
+            try:
+                spents = await self.inner.settle(sent, rid, now_ms, once_ms=self._once_ms)
+            except StoreUnavailable:  # it may have run: only the once-marker makes a retry safe
+                self._later(self._settle_again(sent, rid))
+                raise
+            for i, spent in zip(at, spents, strict=True):
                 out[i] = spent
         return out
+
+    async def _settle_again(self, sent: list[Release], rid: str) -> None:
+        """Retry a local request's settlement that failed (it applies at most once)."""
+        for _ in range(_RETRY_ATTEMPTS):
+            await asyncio.sleep(self.retry_s)
+            try:
+                await self.inner.settle(sent, rid, int(self._clock() * 1000), once_ms=self._once_ms)
+                return
+            except StoreUnavailable:  # still down: again later; given up, the lease ends the hold
+                continue
 
     # -- returning --------------------------------------------------------------------
 
@@ -324,11 +346,11 @@ class LeasedBackend:
         self._peaks[allotment.key] = allotment.granted - allotment.low
         left, allotment.left = max(0, allotment.left), 0
         if allotment.window:  # always: the return also deletes the grant's record
-            self._returns.append((Release(allotment.key, True, allotment.bucket, left, 0, allotment.aid), 0))
+            self._returns.append(Release(allotment.key, True, allotment.bucket, left, 0, allotment.aid))
         elif allotment.inflight <= 0:
-            self._returns.append((Release(allotment.key, False, _CLOSE, 0, 0, allotment.aid), 0))
+            self._returns.append(Release(allotment.key, False, _CLOSE, 0, 0, allotment.aid))
         elif left > 0:
-            self._returns.append((Release(allotment.key, False, 0, left, 0, allotment.aid), 0))
+            self._returns.append(Release(allotment.key, False, 0, left, 0, allotment.aid))
 
     async def _sweep(self) -> None:
         while True:
@@ -342,35 +364,39 @@ class LeasedBackend:
                 log.exception("returning expired allotments failed")
 
     async def _send_returns(self, now_ms: int) -> None:
-        """Send the queued returns, one settlement per hash tag. A return that fails is
-        queued again (up to ``_RETURN_ATTEMPTS`` tries) when repeating it is harmless: a
-        window's, and a hold allotment's last; a hold's partial return is not (that
-        allotment then ends with its lease)."""
-        if not self._returns:
+        """Send the queued returns, one settlement per hash tag, each with a once-marker: a
+        batch that fails is sent again as it was (up to ``_RETRY_ATTEMPTS`` tries), and
+        counts once even when the failed try ran; one given up on ends with its window or
+        lease."""
+        if not self._returns and not self._resend:
             return
-        groups: dict[str, list[tuple[Release, int]]] = {}
-        for item in self._returns:
-            groups.setdefault(_tag(item[0].key), []).append(item)
+        groups: dict[str, list[Release]] = {}
+        for release in self._returns:
+            groups.setdefault(_tag(release.key), []).append(release)
         self._returns = []
-        pending = list(groups.values())
+        pending = self._resend
+        self._resend = []
+        for group in groups.values():
+            self._batches += 1
+            pending.append((group, f"{self.wid}:{self._batches}", 0))
         try:
             while pending:
-                group = pending[-1]
+                group, once, tries = pending[-1]
                 try:
-                    await self.inner.settle([r for r, _ in group], "-", now_ms)
+                    await self.inner.settle(group, once, now_ms, once_ms=self._once_ms)
                 except StoreUnavailable as exc:
                     self.return_failures += 1
                     log.debug("allotments not returned (%s): retried, or they end with their window or lease", exc)
-                    again = [(r, n + 1) for r, n in group if r.window or r.bucket == _CLOSE]
-                    self._returns += [(r, n) for r, n in again if n < _RETURN_ATTEMPTS]
+                    if tries + 1 < _RETRY_ATTEMPTS:
+                        self._resend.append((group, once, tries + 1))
                 pending.pop()
-        finally:  # cancelled (shutdown): the groups not tried yet stay queued
-            self._returns += [item for group in pending[:-1] for item in group]
+        finally:  # cancelled (shutdown): the batches left stay queued, the one in flight too
+            self._resend += pending
 
     async def _undo_grant(self, releases: list[Release], aid: str) -> None:
         """Take back what a failed grant call may have granted: its windows' records and its
         hold members (idempotent, and nothing when the call never ran)."""
-        for _ in range(_RETURN_ATTEMPTS):
+        for _ in range(_RETRY_ATTEMPTS):
             await asyncio.sleep(self.retry_s)
             try:
                 await self.inner.settle(releases, aid, int(self._clock() * 1000))

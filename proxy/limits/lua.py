@@ -39,8 +39,12 @@ SETTLE: ``ARGV = rid, "kind,bucket,delta,spend,..." [, "aid,..."]``; kind 1 (win
 and delete it when ``bucket`` is 1) and add ``spend``, only while it exists. Returns
 ``"spent,..."`` per release. Kind 4 (window allotment ``aid``, recorded at the grant as field
 ``a:<aid>`` = ``"bucket:amount"``): take ``delta`` of it (all when -1) out of its bucket and
-delete the field, so a repeated return does nothing. Arguments and results travel as one string each: redis-py
-parses a 20-integer array several times slower than one string.
+delete the field, so a repeated return does nothing. With ``ARGV[4] = once_ms`` the call
+applies at most once per ``rid``: it records ``<KEYS[1]>:once:<rid>`` (same hash tag, so same
+slot) for ``once_ms``, and a repeat while that lives changes nothing and returns ``"-1,..."``;
+a settlement whose outcome is unknown (a timeout) can then be retried. Arguments and results
+travel as one string each: redis-py parses a 20-integer array several times slower than one
+string.
 """
 
 from __future__ import annotations
@@ -302,6 +306,11 @@ SETTLE = (
     + """
 local rid = ARGV[1]
 local p = numbers(ARGV[2])
+if ARGV[4] and not redis.call('SET', KEYS[1] .. ':once:' .. rid, '1', 'NX', 'PX', ARGV[4]) then
+  local again = {}  -- this settlement ran already
+  for i = 1, #KEYS / 2 do again[i] = '-1' end
+  return table.concat(again, ',')
+end
 local aids, na = {}, 0  -- allotment ids, one per kind-3 or kind-4 release in order
 if ARGV[3] then for v in string.gmatch(ARGV[3], '[^,]+') do aids[#aids + 1] = v end end
 

@@ -46,6 +46,7 @@ class RedisBackend:
     def __init__(self, client: aioredis.Redis | aioredis.RedisCluster, timeout_s: float) -> None:
         self._client = client
         self._timeout_s = timeout_s
+        self.timeout_s = timeout_s  # bounds each call (seconds)
         self._reserve = client.register_script(RESERVE)
         self._settle = client.register_script(SETTLE)
         self._lane = ScriptLane(client) if isinstance(client, aioredis.Redis) else ClusterScripts(client)
@@ -131,8 +132,17 @@ class RedisBackend:
         return Decision(raw[0] == 1, states), tuple(raw[6::6])
 
     async def settle(
-        self, releases: Sequence[Release], rid: str, now_ms: int, *, shape: Hashable | None = None
+        self,
+        releases: Sequence[Release],
+        rid: str,
+        now_ms: int,
+        *,
+        shape: Hashable | None = None,
+        once_ms: int = 0,
     ) -> list[int]:
+        """Settle ``releases`` (see ``Backend.settle``). With ``once_ms`` the call applies at
+        most once per ``rid`` within ``once_ms`` (SETTLE's marker, ``proxy.limits.lua``), so a
+        call that timed out may be repeated; a repeat returns -1 per release."""
         keys = self._settle_shapes.get(shape) if shape is not None else None
         if keys is None:
             keys = encode_keys([k for rel in releases for k in (rel.key, rel.key + ":x")])
@@ -143,8 +153,10 @@ class RedisBackend:
         params = ",".join([f"{_kind(r)},{r.bucket},{r.delta},{r.spend}" for r in releases])
         args: list[Any] = [rid, params]
         allotments = [r.allotment for r in releases if r.allotment]
-        if allotments:
+        if allotments or once_ms:
             args.append(",".join(allotments))
+        if once_ms:
+            args.append(once_ms)
         # deferred: a settlement may wait a few ms to share the next admission's round trip
         return await self._run(self._settle, keys, args, defer=True)
 
