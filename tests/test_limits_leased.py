@@ -467,3 +467,28 @@ def test_a_failed_return_is_sent_again_and_counts_once(fresh_redis: str) -> None
         assert slots and not [f for f in slots if f.startswith("r:")]
 
     run(fresh_redis, {"tiers": {"t": {"concurrent_requests": 1000}}}, body)
+
+
+def test_a_retried_settlement_counts_its_spend_after_its_allotment_closed(fresh_redis: str) -> None:
+    clock = FakeClock(time.time())
+    day = time.strftime("%Y-%m-%d", time.gmtime(clock.now))
+
+    async def body(lims: list[Limiter], store: Store) -> None:
+        (lim,) = lims
+        backend = leased(lim)
+        tickets = [await lim.admit(ALICE, call(max_tokens=10), plan()) for _ in range(3)]
+        assert backend.local_admissions == 2
+        budget_key = f"{KEY}:budget_usd_per_day:{day}"
+        sent = _failing_once(backend, ran=False)
+        await lim.settle(tickets[1], record(Usage(1, 1, 2, cost_usd=0.01)))  # fails, retried later
+        backend._retire(backend._live[budget_key])
+        await lim.settle(tickets[2], record(Usage(1, 1, 2, cost_usd=0.02)))  # the last: closes it
+        aid = tickets[0].state.rid + "+"
+        assert f"r:{aid}" not in redis_hash(fresh_redis, budget_key)  # the allotment is gone
+        await until(lambda: sent.count(tickets[1].state.rid) >= 2)
+        await lim.settle(tickets[0], record(Usage(1, 1, 2, cost_usd=0.04)))
+        budget = redis_hash(fresh_redis, budget_key)
+        assert int(budget["spent"]) == 10_000_000 + 20_000_000 + 40_000_000
+        assert int(budget["held"]) == 0
+
+    run(fresh_redis, {"tiers": {"t": {"budget_usd_per_day": 100}}}, body, clock=clock, store_retry_s=0.2)

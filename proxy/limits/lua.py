@@ -42,7 +42,8 @@ and delete it when ``bucket`` is 1) and add ``spend``, only while it exists. Ret
 delete the field, so a repeated return does nothing. With ``ARGV[4] = once_ms`` the call
 applies at most once per ``rid``: it records ``<KEYS[1]>:once:<rid>`` (same hash tag, so same
 slot) for ``once_ms``, and a repeat while that lives changes nothing and returns ``"-1,..."``;
-a settlement whose outcome is unknown (a timeout) can then be retried. Arguments and results
+a settlement whose outcome is unknown (a timeout) can then be retried, and its kind-3 spend
+counts even when the allotment is gone by then (while the counter lives). Arguments and results
 travel as one string each: redis-py parses a 20-integer array several times slower than one
 string.
 """
@@ -326,8 +327,9 @@ end
 
 -- releases ``release`` of hold ``id`` of ``key`` (nil: all of it, and deletes it from the hash
 -- and lease set ``z``) and adds ``spend``, only while the hold exists, so a repeated final
--- release spends nothing; returns ``spent``
-local function release_hold(key, z, id, release, spend)
+-- release spends nothing; with ``late`` (a call under a once-marker, repeats excluded) the
+-- spend counts even when the hold is gone, while the counter lives; returns ``spent``
+local function release_hold(key, z, id, release, spend, late)
   local member = 'r:' .. id
   local h = redis.call('HMGET', key, member, 'held', 'spent')
   local amount, spent = tonumber(h[1]), tonumber(h[3]) or 0
@@ -346,6 +348,8 @@ local function release_hold(key, z, id, release, spend)
       redis.call('ZREM', z, id)
     end
     redis.call('HSET', key, unpack(f))
+  elseif late and spend > 0 and redis.call('EXISTS', key) == 1 then
+    spent = redis.call('HINCRBY', key, 'spent', fmt(spend))
   end
   return spent
 end
@@ -375,7 +379,7 @@ for i = 1, #KEYS / 2 do
     na = na + 1
     local release = nil
     if p[a + 2] ~= 1 then release = p[a + 3] end
-    out[i] = fmt(release_hold(key, KEYS[2 * i], aids[na], release, p[a + 4]))
+    out[i] = fmt(release_hold(key, KEYS[2 * i], aids[na], release, p[a + 4], ARGV[4] ~= nil))
   else
     out[i] = fmt(release_hold(key, KEYS[2 * i], rid, nil, p[a + 4]))
   end
