@@ -430,6 +430,7 @@ def test_a_failed_local_settlement_is_retried_and_counts_once(redis_store: str, 
         # the retry (store_retry_s later) applies what never ran, and nothing twice
         await until(lambda: sent.count(tickets[1].state.rid) >= 2)
         await asyncio.sleep(0.3)  # any further retry would have come by now
+        assert sent.count(tickets[1].state.rid) == 2  # one retry: the failover did not add its own
         budget = redis_hash(fresh_redis, f"{KEY}:budget_usd_per_day:{day}")
         assert int(budget["spent"]) == 10_000_000
         for ticket in (tickets[0], tickets[2]):
@@ -490,5 +491,85 @@ def test_a_retried_settlement_counts_its_spend_after_its_allotment_closed(fresh_
         budget = redis_hash(fresh_redis, budget_key)
         assert int(budget["spent"]) == 10_000_000 + 20_000_000 + 40_000_000
         assert int(budget["held"]) == 0
+
+    run(fresh_redis, {"tiers": {"t": {"budget_usd_per_day": 100}}}, body, clock=clock, store_retry_s=0.2)
+
+
+def test_a_return_outlasts_a_store_outage_of_several_sweeps(fresh_redis: str) -> None:
+    """Returns are sent again ``retry_s`` apart, not on every 100 ms sweep."""
+
+    async def body(lims: list[Limiter], store: Store) -> None:
+        (lim,) = lims
+        backend = leased(lim)
+        ticket = await lim.admit(ALICE, call(), plan())  # exact, and granted an allotment
+        key = f"{KEY}:concurrent_requests"
+        assert int(redis_hash(fresh_redis, key)["held"]) == 1 + backend._live[key].granted
+        settle = backend.inner.settle
+        up_at = time.monotonic() + 0.7
+        tries: list[float] = []
+
+        async def down_for_a_while(*args: Any, **kwargs: Any) -> Any:
+            tries.append(time.monotonic())
+            if time.monotonic() < up_at:
+                raise StoreUnavailable("connection refused")
+            return await settle(*args, **kwargs)
+
+        backend.inner.settle = down_for_a_while  # type: ignore[method-assign]
+        backend._retire(backend._live[key])  # nothing in flight from it: returned whole
+        held = await until(lambda: redis_hash(fresh_redis, key)["held"] == "1", seconds=3)
+        assert held, f"the allotment was not returned after the outage (tries at {tries})"
+        assert len(tries) <= 3
+        await lim.settle(ticket, record(Usage(1, 1, 2)))
+
+    run(fresh_redis, {"tiers": {"t": {"concurrent_requests": 1000}}}, body, store_retry_s=0.4)
+
+
+def test_a_failed_settlement_is_sent_once_more_at_shutdown(fresh_redis: str) -> None:
+    clock = FakeClock(time.time())
+    day = time.strftime("%Y-%m-%d", time.gmtime(clock.now))
+
+    async def body(lims: list[Limiter], store: Store) -> None:
+        (lim,) = lims
+        backend = leased(lim)
+        tickets = [await lim.admit(ALICE, call(max_tokens=10), plan()) for _ in range(2)]
+        _failing_once(backend, ran=False)
+        await lim.settle(tickets[1], record(Usage(1, 1, 2, cost_usd=0.01)))
+        await lim.settle(tickets[0], record(Usage(1, 1, 2, cost_usd=0.02)))
+        await backend.aclose()  # long before store_retry_s
+        budget = redis_hash(fresh_redis, f"{KEY}:budget_usd_per_day:{day}")
+        assert int(budget["spent"]) == 30_000_000
+        assert int(budget["held"]) == 0
+
+    run(fresh_redis, {"tiers": {"t": {"budget_usd_per_day": 100}}}, body, clock=clock, store_retry_s=30)
+
+
+def test_a_cancelled_settlement_is_sent_again(fresh_redis: str) -> None:
+    clock = FakeClock(time.time())
+    day = time.strftime("%Y-%m-%d", time.gmtime(clock.now))
+
+    async def body(lims: list[Limiter], store: Store) -> None:
+        (lim,) = lims
+        backend = leased(lim)
+        tickets = [await lim.admit(ALICE, call(max_tokens=10), plan()) for _ in range(2)]
+        settle = backend.inner.settle
+        started = asyncio.Event()
+
+        async def hangs(*args: Any, **kwargs: Any) -> Any:
+            started.set()
+            await asyncio.sleep(60)
+
+        backend.inner.settle = hangs  # type: ignore[method-assign]
+        task = asyncio.create_task(lim.settle(tickets[1], record(Usage(1, 1, 2, cost_usd=0.01))))
+        await started.wait()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        backend.inner.settle = settle  # type: ignore[method-assign]
+        day_key = f"{KEY}:budget_usd_per_day:{day}"
+        spent = await until(lambda: redis_hash(fresh_redis, day_key).get("spent") == "10000000")
+        assert spent, "the cancelled settlement was not sent again"
+        await lim.settle(tickets[0], record(Usage(1, 1, 2, cost_usd=0.02)))
+        await backend.aclose()
+        assert int(redis_hash(fresh_redis, day_key)["spent"]) == 30_000_000
 
     run(fresh_redis, {"tiers": {"t": {"budget_usd_per_day": 100}}}, body, clock=clock, store_retry_s=0.2)

@@ -33,10 +33,12 @@ store, so the failover sees the outage and its probe is real). A grant call that
 is cancelled raises like ``reserve`` and what it may have granted is taken back later
 (``retry_s``; idempotent, so harmless when it never ran). The settlement of a locally
 admitted request and each batch of returns is sent with a once-marker (SETTLE's
-``once_ms``, ``proxy.limits.lua``), so one that failed, perhaps after Redis ran it, is
-retried (``retry_s``, up to ``_RETRY_ATTEMPTS`` times) and still counts once; a failed
-settlement is also counted by the failover. A return given up on ends with its window or
-lease. A worker that dies leaves its allotments counted until their window passes or their
+``once_ms``, ``proxy.limits.lua``), so one that failed or was cancelled, perhaps after
+Redis ran it, is sent again by the sweeper (``retry_s`` later, up to ``_RETRY_ATTEMPTS``
+times, and once more at shutdown) and still counts once; a failed settlement is also
+counted by the failover, which leaves the retry to this backend. A settlement or return
+given up on ends with its window or lease; spend that a retry adds triggers no budget
+alert. A worker that dies leaves its allotments counted until their window passes or their
 lease ends.
 """
 
@@ -85,6 +87,15 @@ class _Allotment:
     returned: bool = False
 
 
+class _Resend(NamedTuple):
+    """A settlement to send again under its once id, not before ``due`` (monotonic s)."""
+
+    releases: list[Release]
+    once: str
+    tries: int  # sent this many times already by the retry queue
+    due: float
+
+
 class _Taken(NamedTuple):
     """What a locally admitted request took: one allotment and cost per check."""
 
@@ -102,9 +113,10 @@ class LeasedBackend:
     """A ``Backend`` admitting from allotments of ``inner``'s counters (see the module doc).
 
     ``replicas``: worker processes sharing the store (``limits.replicas``); ``retry_s``:
-    when to take back what a failed grant call may have granted. Counters:
-    ``local_admissions`` (also reported to ``on_local_admission``), ``grants`` (allotments
-    received), ``return_failures``.
+    how long after a failure a settlement or return is sent again, and what a failed grant
+    call may have granted is taken back. Counters: ``local_admissions`` (also reported to
+    ``on_local_admission``), ``grants`` (allotments received), ``resend_failures``
+    (settlements and returns the store did not take, each try counted).
     """
 
     name = "redis"
@@ -131,17 +143,17 @@ class LeasedBackend:
         self._peaks: dict[str, int] = {}  # the most a key's last allotment had out at once
         self._denied: dict[str, int] = {}  # key -> until when (Unix ms) no grant is asked for it
         self._returns: list[Release] = []  # queued, not sent yet
-        self._resend: list[tuple[list[Release], str, int]] = []  # failed: (group, once id, tries)
+        self._resend: list[_Resend] = []  # failed settlements and returns, to send again
         self.wid = secrets.token_hex(6)  # this worker, in its batches' once ids
         self._batches = 0  # numbers each batch of returns: its once id
         # a once-marker outlives every retry of its settlement
-        self._once_ms = int(1000 * (_RETRY_ATTEMPTS + 1) * (retry_s + inner.timeout_s)) + 5000
+        self._once_ms = int(1000 * (_RETRY_ATTEMPTS + 1) * (retry_s + sweep_s + inner.timeout_s)) + 5000
         self._store_down = False  # the last store call failed: admit nothing locally until one works
         self._sweeper: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.local_admissions = 0
         self.grants = 0
-        self.return_failures = 0
+        self.resend_failures = 0
         self.on_local_admission: Callable[[], None] | None = None  # e.g. a Prometheus counter's ``inc``
 
     # -- admission ------------------------------------------------------------------
@@ -315,22 +327,14 @@ class LeasedBackend:
         if sent:
             try:
                 spents = await self.inner.settle(sent, rid, now_ms, once_ms=self._once_ms)
-            except StoreUnavailable:  # it may have run: only the once-marker makes a retry safe
-                self._later(self._settle_again(sent, rid))
+            except BaseException as exc:  # it may have run: the once-marker makes a retry safe
+                self._resend.append(_Resend(sent, rid, 0, time.monotonic() + self.retry_s))
+                if isinstance(exc, StoreUnavailable):
+                    exc.retried = True  # the failover need not retry it too
                 raise
             for i, spent in zip(at, spents, strict=True):
-                out[i] = spent
+                out[i] = max(0, spent)  # -1: a repeat (a client's resend) applied nothing
         return out
-
-    async def _settle_again(self, sent: list[Release], rid: str) -> None:
-        """Retry a local request's settlement that failed (it applies at most once)."""
-        for _ in range(_RETRY_ATTEMPTS):
-            await asyncio.sleep(self.retry_s)
-            try:
-                await self.inner.settle(sent, rid, int(self._clock() * 1000), once_ms=self._once_ms)
-                return
-            except StoreUnavailable:  # still down: again later; given up, the lease ends the hold
-                continue
 
     # -- returning --------------------------------------------------------------------
 
@@ -363,35 +367,36 @@ class LeasedBackend:
             except Exception:  # the sweeper must outlive any one failure
                 log.exception("returning expired allotments failed")
 
-    async def _send_returns(self, now_ms: int) -> None:
-        """Send the queued returns, one settlement per hash tag, each with a once-marker: a
-        batch that fails is sent again as it was (up to ``_RETRY_ATTEMPTS`` tries), and
-        counts once even when the failed try ran; one given up on ends with its window or
-        lease."""
+    async def _send_returns(self, now_ms: int, *, all_due: bool = False) -> None:
+        """Send the queued returns, one settlement per hash tag, and the failed settlements
+        and returns that are due again (all of them with ``all_due``), each under its
+        once-marker: a failed one is queued again ``retry_s`` later, up to
+        ``_RETRY_ATTEMPTS`` times, and counts once even when a failed try ran; one given up
+        on ends with its window or lease."""
         if not self._returns and not self._resend:
             return
         groups: dict[str, list[Release]] = {}
         for release in self._returns:
             groups.setdefault(_tag(release.key), []).append(release)
         self._returns = []
-        pending = self._resend
-        self._resend = []
+        now = time.monotonic()
+        pending = [item for item in self._resend if all_due or item.due <= now]
+        self._resend = [item for item in self._resend if not (all_due or item.due <= now)]
         for group in groups.values():
             self._batches += 1
-            pending.append((group, f"{self.wid}:{self._batches}", 0))
-        try:
-            while pending:
-                group, once, tries = pending[-1]
-                try:
-                    await self.inner.settle(group, once, now_ms, once_ms=self._once_ms)
-                except StoreUnavailable as exc:
-                    self.return_failures += 1
-                    log.debug("allotments not returned (%s): retried, or they end with their window or lease", exc)
-                    if tries + 1 < _RETRY_ATTEMPTS:
-                        self._resend.append((group, once, tries + 1))
-                pending.pop()
-        finally:  # cancelled (shutdown): the batches left stay queued, the one in flight too
-            self._resend += pending
+            pending.append(_Resend(group, f"{self.wid}:{self._batches}", 0, now))
+        while pending:
+            item = pending.pop()
+            try:
+                await self.inner.settle(item.releases, item.once, now_ms, once_ms=self._once_ms)
+            except BaseException as exc:  # failed, or cancelled (shutdown): it may have run
+                self.resend_failures += 1
+                if item.tries + 1 < _RETRY_ATTEMPTS:
+                    self._resend.append(item._replace(tries=item.tries + 1, due=time.monotonic() + self.retry_s))
+                if not isinstance(exc, StoreUnavailable):
+                    self._resend += pending
+                    raise
+                log.debug("settlement not taken (%s): sent again later, or it ends with its window or lease", exc)
 
     async def _undo_grant(self, releases: list[Release], aid: str) -> None:
         """Take back what a failed grant call may have granted: its windows' records and its
@@ -426,5 +431,5 @@ class LeasedBackend:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for allotment in list(self._live.values()):
             self._retire(allotment)
-        await self._send_returns(int(self._clock() * 1000))
+        await self._send_returns(int(self._clock() * 1000), all_due=True)
         await self.inner.aclose()

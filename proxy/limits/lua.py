@@ -40,8 +40,9 @@ and delete it when ``bucket`` is 1) and add ``spend``, only while it exists. Ret
 ``"spent,..."`` per release. Kind 4 (window allotment ``aid``, recorded at the grant as field
 ``a:<aid>`` = ``"bucket:amount"``): take ``delta`` of it (all when -1) out of its bucket and
 delete the field, so a repeated return does nothing. With ``ARGV[4] = once_ms`` the call
-applies at most once per ``rid``: it records ``<KEYS[1]>:once:<rid>`` (same hash tag, so same
-slot) for ``once_ms``, and a repeat while that lives changes nothing and returns ``"-1,..."``;
+applies at most once per ``rid``: it sets its last key, a once-marker declared after the
+pairs (``<KEYS[1]>:once:<rid>``, same hash tag, so same slot), for ``once_ms``, and a repeat
+while that lives changes nothing and returns ``"-1,..."``;
 a settlement whose outcome is unknown (a timeout) can then be retried, and its kind-3 spend
 counts even when the allotment is gone by then (while the counter lives). Arguments and results
 travel as one string each: redis-py parses a 20-integer array several times slower than one
@@ -307,9 +308,10 @@ SETTLE = (
     + """
 local rid = ARGV[1]
 local p = numbers(ARGV[2])
-if ARGV[4] and not redis.call('SET', KEYS[1] .. ':once:' .. rid, '1', 'NX', 'PX', ARGV[4]) then
+local nchecks = math.floor(#KEYS / 2)  -- then the once-marker, when ARGV[4] is given
+if ARGV[4] and not redis.call('SET', KEYS[#KEYS], '1', 'NX', 'PX', ARGV[4]) then
   local again = {}  -- this settlement ran already
-  for i = 1, #KEYS / 2 do again[i] = '-1' end
+  for i = 1, nchecks do again[i] = '-1' end
   return table.concat(again, ',')
 end
 local aids, na = {}, 0  -- allotment ids, one per kind-3 or kind-4 release in order
@@ -355,7 +357,7 @@ local function release_hold(key, z, id, release, spend, late)
 end
 
 local out = {}
-for i = 1, #KEYS / 2 do
+for i = 1, nchecks do
   local a = (i - 1) * 4
   local kind, key = p[a + 1], KEYS[2 * i - 1]
   if kind == 1 then

@@ -27,7 +27,10 @@ class Reachability(NamedTuple):
 
 
 class StoreUnavailable(Exception):
-    """The store could not be reached or answered with an error."""
+    """The store could not be reached or answered with an error. ``retried``: the raiser
+    already queued the call again (callers need not retry it themselves)."""
+
+    retried = False
 
 
 def nano_usd(cost_usd: float | None) -> int:
