@@ -135,8 +135,7 @@ def test_most_admissions_skip_redis_and_the_counts_stay_exact(fresh_redis: str) 
         # one worker alone: its remaining counts are exact
         assert remaining == [100_000 - i for i in range(1, 301)]
         # settlements of budgets still go to Redis per request (money is recorded per request)
-        day = time.strftime("%Y-%m-%d", time.gmtime(clock.now))
-        budget = redis_hash(fresh_redis, f"{KEY}:budget_usd_per_day:{day}")
+        budget = redis_hash(fresh_redis, budget_of_day(clock))
         assert int(budget["spent"]) == round(300 * cost * NANO)
         calls = evalsha_calls(fresh_redis) - before
         assert calls <= 300 + 20, calls  # 300 budget settlements, ~no admissions
@@ -145,7 +144,7 @@ def test_most_admissions_skip_redis_and_the_counts_stay_exact(fresh_redis: str) 
         tokens = redis_hash(fresh_redis, f"{KEY}:tokens_per_minute")
         assert int(requests["t"]) == 300
         assert int(tokens["t"]) == 300 * 20
-        budget = redis_hash(fresh_redis, f"{KEY}:budget_usd_per_day:{day}")
+        budget = redis_hash(fresh_redis, budget_of_day(clock))
         for hold in (budget, redis_hash(fresh_redis, f"{KEY}:concurrent_requests")):
             assert int(hold["held"]) == 0, hold
             assert not [f for f in hold if f.startswith("r:")], hold
@@ -153,6 +152,11 @@ def test_most_admissions_skip_redis_and_the_counts_stay_exact(fresh_redis: str) 
 
     clock = FakeClock(time.time())  # a real clock's day, advanced by hand
     run(fresh_redis, spec, body, clock=clock)
+
+
+def budget_of_day(clock: FakeClock) -> str:
+    """ALICE's ``budget_usd_per_day`` counter key on ``clock``'s day."""
+    return f"{KEY}:budget_usd_per_day:{time.strftime('%Y-%m-%d', time.gmtime(clock.now))}"
 
 
 @pytest.fixture(params=["redis", "redis-cluster"])
@@ -235,8 +239,7 @@ def test_tickets_settled_by_the_wrong_ticket_order_still_balance(fresh_redis: st
             await lim.settle(ticket, record(Usage(1, 1, 2, cost_usd=0.00001)))
         slots = redis_hash(fresh_redis, f"{KEY}:concurrent_requests")
         assert int(slots["held"]) == 0 and not [f for f in slots if f.startswith("r:")]
-        day = time.strftime("%Y-%m-%d", time.gmtime(clock.now))
-        budget = redis_hash(fresh_redis, f"{KEY}:budget_usd_per_day:{day}")
+        budget = redis_hash(fresh_redis, budget_of_day(clock))
         assert int(budget["held"]) == 0 and int(budget["spent"]) == 20 * 10_000
 
     spec = {"tiers": {"t": {"concurrent_requests": 500, "budget_usd_per_day": 100}}}
@@ -378,13 +381,12 @@ def test_spend_above_the_reservation_counts_at_once_and_keeps_others_covered(fre
         tickets = [await lim.admit(ALICE, call(max_tokens=10), plan()) for _ in range(5)]
         assert leased(lim).local_admissions == 4
         await lim.settle(tickets[1], record(Usage(1, 1, 2, cost_usd=0.2)))  # far above its worst case
-        day = time.strftime("%Y-%m-%d", time.gmtime(clock.now))
-        budget = redis_hash(fresh_redis, f"{KEY}:budget_usd_per_day:{day}")
+        budget = redis_hash(fresh_redis, budget_of_day(clock))
         assert int(budget["spent"]) == 200_000_000  # counted when it settles
         for ticket in tickets[:1] + tickets[2:]:
             await lim.settle(ticket, record(Usage(1, 1, 2, cost_usd=0.00001)))
         await leased(lim).aclose()
-        budget = redis_hash(fresh_redis, f"{KEY}:budget_usd_per_day:{day}")
+        budget = redis_hash(fresh_redis, budget_of_day(clock))
         assert int(budget["spent"]) == 200_000_000 + 4 * 10_000
         assert int(budget["held"]) == 0 and not [f for f in budget if f.startswith("r:")]
 
@@ -413,9 +415,8 @@ def _failing_once(backend: LeasedBackend, *, ran: bool) -> list[str]:
 
 @pytest.mark.parametrize("ran", [True, False], ids=["ran-then-timed-out", "never-ran"])
 def test_a_failed_local_settlement_is_retried_and_counts_once(redis_store: str, ran: bool) -> None:
-    fresh_redis = redis_store  # the once-marker is a key the script derives: it must work on a cluster
+    fresh_redis = redis_store  # the once-marker is a key of its own: it must work on a cluster too
     clock = FakeClock(time.time())
-    day = time.strftime("%Y-%m-%d", time.gmtime(clock.now))
 
     async def body(lims: list[Limiter], store: Store) -> None:
         (lim,) = lims
@@ -425,18 +426,18 @@ def test_a_failed_local_settlement_is_retried_and_counts_once(redis_store: str, 
         sent = _failing_once(backend, ran=ran)
         await lim.settle(tickets[1], record(Usage(1, 1, 2, cost_usd=0.01)))  # locally admitted
         assert lim.settle_failures_total == 1
-        budget = redis_hash(fresh_redis, f"{KEY}:budget_usd_per_day:{day}")
+        budget = redis_hash(fresh_redis, budget_of_day(clock))
         assert int(budget.get("spent", 0)) == (10_000_000 if ran else 0)
         # the retry (store_retry_s later) applies what never ran, and nothing twice
         await until(lambda: sent.count(tickets[1].state.rid) >= 2)
         await asyncio.sleep(0.3)  # any further retry would have come by now
         assert sent.count(tickets[1].state.rid) == 2  # one retry: the failover did not add its own
-        budget = redis_hash(fresh_redis, f"{KEY}:budget_usd_per_day:{day}")
+        budget = redis_hash(fresh_redis, budget_of_day(clock))
         assert int(budget["spent"]) == 10_000_000
         for ticket in (tickets[0], tickets[2]):
             await lim.settle(ticket, record(Usage(1, 1, 2, cost_usd=0.02)))
         await backend.aclose()
-        budget = redis_hash(fresh_redis, f"{KEY}:budget_usd_per_day:{day}")
+        budget = redis_hash(fresh_redis, budget_of_day(clock))
         assert int(budget["spent"]) == 10_000_000 + 2 * 20_000_000
         assert int(budget["held"]) == 0 and not [f for f in budget if f.startswith("r:")]
         tokens = redis_hash(fresh_redis, f"{KEY}:tokens_per_minute")
@@ -472,14 +473,13 @@ def test_a_failed_return_is_sent_again_and_counts_once(fresh_redis: str) -> None
 
 def test_a_retried_settlement_counts_its_spend_after_its_allotment_closed(fresh_redis: str) -> None:
     clock = FakeClock(time.time())
-    day = time.strftime("%Y-%m-%d", time.gmtime(clock.now))
 
     async def body(lims: list[Limiter], store: Store) -> None:
         (lim,) = lims
         backend = leased(lim)
         tickets = [await lim.admit(ALICE, call(max_tokens=10), plan()) for _ in range(3)]
         assert backend.local_admissions == 2
-        budget_key = f"{KEY}:budget_usd_per_day:{day}"
+        budget_key = budget_of_day(clock)
         sent = _failing_once(backend, ran=False)
         await lim.settle(tickets[1], record(Usage(1, 1, 2, cost_usd=0.01)))  # fails, retried later
         backend._retire(backend._live[budget_key])
@@ -526,7 +526,6 @@ def test_a_return_outlasts_a_store_outage_of_several_sweeps(fresh_redis: str) ->
 
 def test_a_failed_settlement_is_sent_once_more_at_shutdown(fresh_redis: str) -> None:
     clock = FakeClock(time.time())
-    day = time.strftime("%Y-%m-%d", time.gmtime(clock.now))
 
     async def body(lims: list[Limiter], store: Store) -> None:
         (lim,) = lims
@@ -536,7 +535,7 @@ def test_a_failed_settlement_is_sent_once_more_at_shutdown(fresh_redis: str) -> 
         await lim.settle(tickets[1], record(Usage(1, 1, 2, cost_usd=0.01)))
         await lim.settle(tickets[0], record(Usage(1, 1, 2, cost_usd=0.02)))
         await backend.aclose()  # long before store_retry_s
-        budget = redis_hash(fresh_redis, f"{KEY}:budget_usd_per_day:{day}")
+        budget = redis_hash(fresh_redis, budget_of_day(clock))
         assert int(budget["spent"]) == 30_000_000
         assert int(budget["held"]) == 0
 
@@ -545,7 +544,6 @@ def test_a_failed_settlement_is_sent_once_more_at_shutdown(fresh_redis: str) -> 
 
 def test_a_cancelled_settlement_is_sent_again(fresh_redis: str) -> None:
     clock = FakeClock(time.time())
-    day = time.strftime("%Y-%m-%d", time.gmtime(clock.now))
 
     async def body(lims: list[Limiter], store: Store) -> None:
         (lim,) = lims
@@ -565,7 +563,7 @@ def test_a_cancelled_settlement_is_sent_again(fresh_redis: str) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await task
         backend.inner.settle = settle  # type: ignore[method-assign]
-        day_key = f"{KEY}:budget_usd_per_day:{day}"
+        day_key = budget_of_day(clock)
         spent = await until(lambda: redis_hash(fresh_redis, day_key).get("spent") == "10000000")
         assert spent, "the cancelled settlement was not sent again"
         await lim.settle(tickets[0], record(Usage(1, 1, 2, cost_usd=0.02)))

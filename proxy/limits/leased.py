@@ -48,9 +48,9 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable, Coroutine, Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from proxy.limits.backend import Check, CheckState, Decision, Release
 from proxy.limits.redis import RedisBackend
@@ -150,7 +150,6 @@ class LeasedBackend:
         self._once_ms = int(1000 * (_RETRY_ATTEMPTS + 1) * (retry_s + sweep_s + inner.timeout_s)) + 5000
         self._store_down = False  # the last store call failed: admit nothing locally until one works
         self._sweeper: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
         self.local_admissions = 0
         self.grants = 0
         self.resend_failures = 0
@@ -249,7 +248,8 @@ class LeasedBackend:
                 for c, w in zip(checks, wants, strict=True)
                 if w
             ]
-            self._later(self._undo_grant(undo, aid))
+            # idempotent, and nothing when the call never ran: sent with the queued retries
+            self._resend.append(_Resend(undo, aid, 0, time.monotonic() + self.retry_s))
             raise
         finally:
             self._granting.difference_update(asked)
@@ -363,13 +363,13 @@ class LeasedBackend:
                 now_ms = int(self._clock() * 1000)
                 for allotment in [a for a in self._live.values() if now_ms >= a.expires_ms]:
                     self._retire(allotment)
-                await self._send_returns(now_ms)
+                await self._send_queued(now_ms)
             except Exception:  # the sweeper must outlive any one failure
                 log.exception("returning expired allotments failed")
 
-    async def _send_returns(self, now_ms: int, *, all_due: bool = False) -> None:
-        """Send the queued returns, one settlement per hash tag, and the failed settlements
-        and returns that are due again (all of them with ``all_due``), each under its
+    async def _send_queued(self, now_ms: int, *, all_due: bool = False) -> None:
+        """Send the queued returns, one settlement per hash tag, and the failed settlements,
+        returns and grant undos that are due again (all of them with ``all_due``), each under its
         once-marker: a failed one is queued again ``retry_s`` later, up to
         ``_RETRY_ATTEMPTS`` times, and counts once even when a failed try ran; one given up
         on ends with its window or lease."""
@@ -398,22 +398,6 @@ class LeasedBackend:
                     raise
                 log.debug("settlement not taken (%s): sent again later, or it ends with its window or lease", exc)
 
-    async def _undo_grant(self, releases: list[Release], aid: str) -> None:
-        """Take back what a failed grant call may have granted: its windows' records and its
-        hold members (idempotent, and nothing when the call never ran)."""
-        for _ in range(_RETRY_ATTEMPTS):
-            await asyncio.sleep(self.retry_s)
-            try:
-                await self.inner.settle(releases, aid, int(self._clock() * 1000))
-                return
-            except StoreUnavailable:  # still down: again later; the window or the lease ends it
-                continue
-
-    def _later(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     # -- life cycle -------------------------------------------------------------------
 
     async def warm(self) -> None:
@@ -426,10 +410,7 @@ class LeasedBackend:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
             self._sweeper = None
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
         for allotment in list(self._live.values()):
             self._retire(allotment)
-        await self._send_returns(int(self._clock() * 1000), all_due=True)
+        await self._send_queued(int(self._clock() * 1000), all_due=True)
         await self.inner.aclose()

@@ -33,7 +33,7 @@ carries two more numbers, ``want,least``, and an admitted request takes for each
 current bucket, a hold as member ``r:<rid>+`` leased ``life_ms`` longer than the request;
 each check's result then has a sixth number, the amount granted.
 
-SETTLE: ``ARGV = rid, "kind,bucket,delta,spend,..." [, "aid,..."]``; kind 1 (window): add
+SETTLE: ``ARGV = rid, "kind,bucket,delta,spend,..." [, "aid,..." [, once_ms]]``; kind 1 (window): add
 ``delta`` to ``bucket``; kind 2 (hold): release ``rid``'s hold and add ``spend``; kind 3
 (allotment ``aid``, taken in order from ``ARGV[3]``): release ``delta`` of it (all of it
 and delete it when ``bucket`` is 1) and add ``spend``, only while it exists. Returns

@@ -143,12 +143,14 @@ class RedisBackend:
         """Settle ``releases`` (see ``Backend.settle``). With ``once_ms`` the call applies at
         most once per ``rid`` within ``once_ms`` (SETTLE's marker, ``proxy.limits.lua``), so a
         call that timed out may be repeated; a repeat returns -1 per release."""
-        keys = self._settle_shapes.get(shape) if shape is not None and not once_ms else None
-        if once_ms:  # the once-marker is declared, so a cluster slot in migration redirects it
+        if once_ms:  # its key list names the request: never cached by shape
+            shape = None
+        keys = self._settle_shapes.get(shape) if shape is not None else None
+        if keys is None:
             names = [k for rel in releases for k in (rel.key, rel.key + ":x")]
-            keys = encode_keys([*names, f"{releases[0].key}:once:{rid}"])
-        elif keys is None:
-            keys = encode_keys([k for rel in releases for k in (rel.key, rel.key + ":x")])
+            if once_ms:  # the once-marker is declared, so a cluster slot in migration redirects it
+                names.append(f"{releases[0].key}:once:{rid}")
+            keys = encode_keys(names)
             if shape is not None:
                 if len(self._settle_shapes) >= _MAX_SHAPES:
                     self._settle_shapes.clear()
