@@ -70,7 +70,7 @@ class RedisStore:
         return self._redis
 
     async def ping(self) -> bool:
-        return not (await self.ping_nodes())[1]
+        return not (await self.ping_nodes()).unreachable
 
     async def ping_nodes(self) -> Reachability:
         """One ``PING`` to the endpoint, or to every primary of a cluster, on the probe's
