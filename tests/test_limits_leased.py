@@ -17,7 +17,8 @@ import redis as sync_redis
 
 from proxy.errors import QuotaExceeded, RateLimited
 from proxy.limits import Limiter
-from proxy.limits.leased import LeasedBackend
+from proxy.limits.backend import Release
+from proxy.limits.leased import LeasedBackend, coalesce
 from proxy.limits.pricing import NANO
 from proxy.store import Store, StoreUnavailable
 from proxy.store.redis import cluster_url
@@ -134,11 +135,11 @@ def test_most_admissions_skip_redis_and_the_counts_stay_exact(fresh_redis: str) 
         assert backend.local_admissions >= 290
         # one worker alone: its remaining counts are exact
         assert remaining == [100_000 - i for i in range(1, 301)]
-        # settlements of budgets still go to Redis per request (money is recorded per request)
-        budget = redis_hash(fresh_redis, budget_of_day(clock))
-        assert int(budget["spent"]) == round(300 * cost * NANO)
+        # the settlements reach Redis in the sweeper's batches (every 100 ms), not one call each
+        spent = await until(lambda: int(redis_hash(fresh_redis, budget_of_day(clock))["spent"]) == 300 * cost * NANO)
+        assert spent, redis_hash(fresh_redis, budget_of_day(clock))
         calls = evalsha_calls(fresh_redis) - before
-        assert calls <= 300 + 20, calls  # 300 budget settlements, ~no admissions
+        assert calls <= 40, calls  # a few grants and batches for 300 admissions and settlements
         await backend.aclose()  # returns every allotment
         requests = redis_hash(fresh_redis, f"{KEY}:requests_per_minute")
         tokens = redis_hash(fresh_redis, f"{KEY}:tokens_per_minute")
@@ -237,8 +238,8 @@ def test_tickets_settled_by_the_wrong_ticket_order_still_balance(fresh_redis: st
         assert int(slots["held"]) == 20  # exactly the requests still in flight
         for ticket in tickets:
             await lim.settle(ticket, record(Usage(1, 1, 2, cost_usd=0.00001)))
-        slots = redis_hash(fresh_redis, f"{KEY}:concurrent_requests")
-        assert int(slots["held"]) == 0 and not [f for f in slots if f.startswith("r:")]
+        slots = await until(lambda: (h := redis_hash(fresh_redis, f"{KEY}:concurrent_requests"))["held"] == "0" and h)
+        assert slots and not [f for f in slots if f.startswith("r:")]
         budget = redis_hash(fresh_redis, budget_of_day(clock))
         assert int(budget["held"]) == 0 and int(budget["spent"]) == 20 * 10_000
 
@@ -373,7 +374,7 @@ def test_while_the_store_fails_nothing_is_admitted_locally(fresh_redis: str) -> 
     run(fresh_redis, spec, body, store_retry_s=0.2)
 
 
-def test_spend_above_the_reservation_counts_at_once_and_keeps_others_covered(fresh_redis: str) -> None:
+def test_spend_above_the_reservation_counts_within_a_sweep_and_keeps_others_covered(fresh_redis: str) -> None:
     clock = FakeClock(time.time())
 
     async def body(lims: list[Limiter], store: Store) -> None:
@@ -381,8 +382,9 @@ def test_spend_above_the_reservation_counts_at_once_and_keeps_others_covered(fre
         tickets = [await lim.admit(ALICE, call(max_tokens=10), plan()) for _ in range(5)]
         assert leased(lim).local_admissions == 4
         await lim.settle(tickets[1], record(Usage(1, 1, 2, cost_usd=0.2)))  # far above its worst case
-        budget = redis_hash(fresh_redis, budget_of_day(clock))
-        assert int(budget["spent"]) == 200_000_000  # counted when it settles
+        # counted with the sweeper's next batch (every 100 ms)
+        spent = await until(lambda: redis_hash(fresh_redis, budget_of_day(clock)).get("spent") == "200000000", 1)
+        assert spent, redis_hash(fresh_redis, budget_of_day(clock))
         for ticket in tickets[:1] + tickets[2:]:
             await lim.settle(ticket, record(Usage(1, 1, 2, cost_usd=0.00001)))
         await leased(lim).aclose()
@@ -395,7 +397,8 @@ def test_spend_above_the_reservation_counts_at_once_and_keeps_others_covered(fre
 
 def _failing_once(backend: LeasedBackend, *, ran: bool) -> list[str]:
     """Make ``backend``'s next store settlement fail, after Redis ran it when ``ran``; returns
-    the rids of the settlements done (the failed one included), each once it is over."""
+    the once ids (a batch's) or rids of the settlements done (the failed one included), each
+    once it is over."""
     settle = backend.inner.settle
     sent: list[str] = []
 
@@ -414,7 +417,7 @@ def _failing_once(backend: LeasedBackend, *, ran: bool) -> list[str]:
 
 
 @pytest.mark.parametrize("ran", [True, False], ids=["ran-then-timed-out", "never-ran"])
-def test_a_failed_local_settlement_is_retried_and_counts_once(redis_store: str, ran: bool) -> None:
+def test_a_failed_batch_of_settlements_is_retried_and_counts_once(redis_store: str, ran: bool) -> None:
     fresh_redis = redis_store  # the once-marker is a key of its own: it must work on a cluster too
     clock = FakeClock(time.time())
 
@@ -424,24 +427,30 @@ def test_a_failed_local_settlement_is_retried_and_counts_once(redis_store: str, 
         tickets = [await lim.admit(ALICE, call(max_tokens=10), plan()) for _ in range(3)]
         assert backend.local_admissions == 2
         sent = _failing_once(backend, ran=ran)
-        await lim.settle(tickets[1], record(Usage(1, 1, 2, cost_usd=0.01)))  # locally admitted
-        assert lim.settle_failures_total == 1
+        await lim.settle(tickets[1], record(Usage(1, 1, 2, cost_usd=0.01)))  # locally admitted: batched
+        assert await until(lambda: sent)  # the sweeper's batch failed
+        assert backend.resend_failures == 1
+        assert lim.settle_failures_total == 0  # nothing failed on the request's own path
         budget = redis_hash(fresh_redis, budget_of_day(clock))
         assert int(budget.get("spent", 0)) == (10_000_000 if ran else 0)
+        # until a call of its own succeeds, the worker admits nothing locally
+        ticket = await lim.admit(ALICE, call(max_tokens=10), plan())
+        assert backend.local_admissions == 2
+        await lim.settle(ticket, record(Usage(1, 1, 2, cost_usd=0.001)))
         # the retry (store_retry_s later) applies what never ran, and nothing twice
-        await until(lambda: sent.count(tickets[1].state.rid) >= 2)
+        await until(lambda: sent.count(sent[0]) >= 2)
         await asyncio.sleep(0.3)  # any further retry would have come by now
-        assert sent.count(tickets[1].state.rid) == 2  # one retry: the failover did not add its own
+        assert sent.count(sent[0]) == 2
         budget = redis_hash(fresh_redis, budget_of_day(clock))
-        assert int(budget["spent"]) == 10_000_000
+        assert int(budget["spent"]) == 10_000_000 + 1_000_000
         for ticket in (tickets[0], tickets[2]):
             await lim.settle(ticket, record(Usage(1, 1, 2, cost_usd=0.02)))
         await backend.aclose()
         budget = redis_hash(fresh_redis, budget_of_day(clock))
-        assert int(budget["spent"]) == 10_000_000 + 2 * 20_000_000
+        assert int(budget["spent"]) == 11_000_000 + 2 * 20_000_000
         assert int(budget["held"]) == 0 and not [f for f in budget if f.startswith("r:")]
         tokens = redis_hash(fresh_redis, f"{KEY}:tokens_per_minute")
-        assert int(tokens["t"]) == 3 * 2  # each request's tokens, corrected once
+        assert int(tokens["t"]) == 4 * 2  # each request's tokens, corrected once
 
     spec = {"tiers": {"t": {"budget_usd_per_day": 100, "tokens_per_minute": 10_000_000}}}
     run(fresh_redis, spec, body, clock=clock, store_retry_s=0.2)
@@ -481,18 +490,21 @@ def test_a_retried_settlement_counts_its_spend_after_its_allotment_closed(fresh_
         assert backend.local_admissions == 2
         budget_key = budget_of_day(clock)
         sent = _failing_once(backend, ran=False)
-        await lim.settle(tickets[1], record(Usage(1, 1, 2, cost_usd=0.01)))  # fails, retried later
+        await lim.settle(tickets[1], record(Usage(1, 1, 2, cost_usd=0.01)))
+        assert await until(lambda: sent)  # its batch failed: retried later
         backend._retire(backend._live[budget_key])
         await lim.settle(tickets[2], record(Usage(1, 1, 2, cost_usd=0.02)))  # the last: closes it
         aid = tickets[0].state.rid + "+"
-        assert f"r:{aid}" not in redis_hash(fresh_redis, budget_key)  # the allotment is gone
-        await until(lambda: sent.count(tickets[1].state.rid) >= 2)
+        gone = await until(lambda: f"r:{aid}" not in redis_hash(fresh_redis, budget_key))
+        assert gone  # the allotment is gone before the retry
+        assert sent.count(sent[0]) == 1
+        await until(lambda: sent.count(sent[0]) >= 2)
         await lim.settle(tickets[0], record(Usage(1, 1, 2, cost_usd=0.04)))
         budget = redis_hash(fresh_redis, budget_key)
         assert int(budget["spent"]) == 10_000_000 + 20_000_000 + 40_000_000
         assert int(budget["held"]) == 0
 
-    run(fresh_redis, {"tiers": {"t": {"budget_usd_per_day": 100}}}, body, clock=clock, store_retry_s=0.2)
+    run(fresh_redis, {"tiers": {"t": {"budget_usd_per_day": 100}}}, body, clock=clock, store_retry_s=0.5)
 
 
 def test_a_return_outlasts_a_store_outage_of_several_sweeps(fresh_redis: str) -> None:
@@ -524,15 +536,16 @@ def test_a_return_outlasts_a_store_outage_of_several_sweeps(fresh_redis: str) ->
     run(fresh_redis, {"tiers": {"t": {"concurrent_requests": 1000}}}, body, store_retry_s=0.4)
 
 
-def test_a_failed_settlement_is_sent_once_more_at_shutdown(fresh_redis: str) -> None:
+def test_a_failed_batch_is_sent_once_more_at_shutdown(fresh_redis: str) -> None:
     clock = FakeClock(time.time())
 
     async def body(lims: list[Limiter], store: Store) -> None:
         (lim,) = lims
         backend = leased(lim)
         tickets = [await lim.admit(ALICE, call(max_tokens=10), plan()) for _ in range(2)]
-        _failing_once(backend, ran=False)
+        sent = _failing_once(backend, ran=False)
         await lim.settle(tickets[1], record(Usage(1, 1, 2, cost_usd=0.01)))
+        assert await until(lambda: sent)
         await lim.settle(tickets[0], record(Usage(1, 1, 2, cost_usd=0.02)))
         await backend.aclose()  # long before store_retry_s
         budget = redis_hash(fresh_redis, budget_of_day(clock))
@@ -542,13 +555,14 @@ def test_a_failed_settlement_is_sent_once_more_at_shutdown(fresh_redis: str) -> 
     run(fresh_redis, {"tiers": {"t": {"budget_usd_per_day": 100}}}, body, clock=clock, store_retry_s=30)
 
 
-def test_a_cancelled_settlement_is_sent_again(fresh_redis: str) -> None:
+def test_settlements_waiting_in_the_outbox_are_sent_at_shutdown(fresh_redis: str) -> None:
     clock = FakeClock(time.time())
 
     async def body(lims: list[Limiter], store: Store) -> None:
         (lim,) = lims
         backend = leased(lim)
         tickets = [await lim.admit(ALICE, call(max_tokens=10), plan()) for _ in range(2)]
+        await lim.settle(tickets[0], record(Usage(1, 1, 2, cost_usd=0.02)))  # exact: sent at once
         settle = backend.inner.settle
         started = asyncio.Event()
 
@@ -557,17 +571,50 @@ def test_a_cancelled_settlement_is_sent_again(fresh_redis: str) -> None:
             await asyncio.sleep(60)
 
         backend.inner.settle = hangs  # type: ignore[method-assign]
-        task = asyncio.create_task(lim.settle(tickets[1], record(Usage(1, 1, 2, cost_usd=0.01))))
-        await started.wait()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await lim.settle(tickets[1], record(Usage(1, 1, 2, cost_usd=0.01)))
+        await started.wait()  # the sweeper's batch hangs
         backend.inner.settle = settle  # type: ignore[method-assign]
-        day_key = budget_of_day(clock)
-        spent = await until(lambda: redis_hash(fresh_redis, day_key).get("spent") == "10000000")
-        assert spent, "the cancelled settlement was not sent again"
-        await lim.settle(tickets[0], record(Usage(1, 1, 2, cost_usd=0.02)))
-        await backend.aclose()
-        assert int(redis_hash(fresh_redis, day_key)["spent"]) == 30_000_000
+        await backend.aclose()  # cancels it: sent again, with the allotments' returns
+        budget = redis_hash(fresh_redis, budget_of_day(clock))
+        assert int(budget["spent"]) == 30_000_000
+        assert int(budget["held"]) == 0 and not [f for f in budget if f.startswith("r:")]
 
-    run(fresh_redis, {"tiers": {"t": {"budget_usd_per_day": 100}}}, body, clock=clock, store_retry_s=0.2)
+    run(fresh_redis, {"tiers": {"t": {"budget_usd_per_day": 100}}}, body, clock=clock, store_retry_s=30)
+
+
+def test_a_budget_threshold_fires_once_across_workers_settling_in_batches(fresh_redis: str) -> None:
+    clock = FakeClock(time.time())
+
+    async def body(lims: list[Limiter], store: Store) -> None:
+        for i in range(80):  # $1 each, far above the reservation: the 50% mark is $50
+            ticket = await lims[i % 2].admit(ALICE, call(max_tokens=10), plan())
+            await settle(lims, ticket, record(Usage(1, 1, 2, cost_usd=1.0)))
+            if i % 10 == 9:
+                await asyncio.sleep(0.12)  # let a sweep send the batches
+        assert sum(leased(lim).local_admissions for lim in lims) >= 60
+        for lim in lims:
+            await leased(lim).aclose()
+        assert int(redis_hash(fresh_redis, budget_of_day(clock))["spent"]) == 80 * NANO
+        assert sum(lim.alerts.fired_total for lim in lims) == 1
+
+    spec = {"tiers": {"t": {"budget_usd_per_day": 100}}}
+    run(fresh_redis, spec, body, workers=2, clock=clock, alert_thresholds=[0.5])
+
+
+def test_coalesce_sums_per_bucket_and_per_allotment_and_closing_wins() -> None:
+    releases = [
+        Release("w", True, 7, -40),  # token corrections in bucket 7, then 8
+        Release("h", False, 0, 5, 100, "a1"),  # budget moves of allotment a1
+        Release("w", True, 7, -10),
+        Release("h", False, 0, 3, 30, "a2"),
+        Release("w", True, 8, 5),
+        Release("h", False, 1, 0, 7, "a1"),  # a1's last request: closes it
+        Release("w", True, 7, 20, 0, "a9"),  # window allotment a9's return, kept as is
+    ]
+    assert coalesce(releases) == [
+        Release("w", True, 7, -50),
+        Release("h", False, 1, 5, 107, "a1"),
+        Release("h", False, 0, 3, 30, "a2"),
+        Release("w", True, 8, 5),
+        Release("w", True, 7, 20, 0, "a9"),
+    ]

@@ -106,4 +106,6 @@ class Backend(Protocol):
     ) -> list[int]:
         """Apply ``releases`` of request ``rid``; returns each hold's ``spent`` afterwards (0 for windows).
 
-        ``shape``: calls with the same shape release the same keys the same way."""
+        An empty list: the backend applies them later, in a batch, and reports each budget's
+        spend then (``LeasedBackend.on_spent``). ``shape``: calls with the same shape release
+        the same keys the same way."""

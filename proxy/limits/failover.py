@@ -132,7 +132,7 @@ class Failover:
             self._failed(str(exc))
             self._log_degraded()
             holds = [r for r in releases if not r.window]
-            if holds and backend is self.backend and not exc.retried:
+            if holds and backend is self.backend:
                 # A hold (slot, budget) settles at most once (the script spends only while the
                 # request's hold exists), so retrying is safe even if the first try ran.
                 task = asyncio.get_running_loop().create_task(self._settle_later(holds, rid))

@@ -22,24 +22,27 @@ same call for new allotments for the checks that lack one. Design and trade-offs
   bucket (100 ms buckets for per-second windows). Then it is **returned**, in the
   background (``SWEEP_S``): a window's unused part is subtracted from its bucket; a hold
   shrinks to what its requests in flight still hold, and goes when the last settles.
-* **Settling** stays per request, so money is recorded per request: a token window is
-  corrected in the allotment's bucket; a budget's actual spend moves from the allotment to
-  ``spent``; a slot goes back to the allotment with no Redis call while it lives.
+* **Settling** a locally admitted request needs no Redis call of its own: its token window
+  correction (in the allotment's bucket) and budget spend (moved from the allotment to
+  ``spent``) join an outbox that the sweeper sends with the returns, coalesced per counter
+  (``coalesce``) into one ``SETTLE`` per hash tag, every ``SWEEP_S``; a slot goes back to the
+  allotment. Until then Redis still counts the request's reservation, so the counters lag
+  actual use only where it exceeded the reservation, by at most a sweep. Budget alerts come
+  from the batch's result (``on_spent``): each threshold is still seen by one batch.
 * **Headers.** ``x-ratelimit-remaining-*`` of a locally admitted request is what Redis
   reported at the grant minus this worker's use since; limits and resets are exact.
 
 Failures: while the store fails, nothing is admitted locally (every request reaches the
-store, so the failover sees the outage and its probe is real). A grant call that fails or
-is cancelled raises like ``reserve`` and what it may have granted is taken back later
-(``retry_s``; idempotent, so harmless when it never ran). The settlement of a locally
-admitted request and each batch of returns is sent with a once-marker (SETTLE's
-``once_ms``, ``proxy.limits.lua``), so one that failed or was cancelled, perhaps after
-Redis ran it, is sent again by the sweeper (``retry_s`` later, up to ``_RETRY_ATTEMPTS``
-times, and once more at shutdown) and still counts once; a failed settlement is also
-counted by the failover, which leaves the retry to this backend. A settlement or return
-given up on ends with its window or lease; spend that a retry adds triggers no budget
-alert. A worker that dies leaves its allotments counted until their window passes or their
-lease ends.
+store, so the failover sees the outage and its probe is real); a batch the store did not
+take also stops local admission until a request's own call succeeds. A grant call that
+fails or is cancelled raises like ``reserve`` and what it may have granted is taken back
+later (``retry_s``; idempotent, so harmless when it never ran). Each batch is sent with a
+once-marker (SETTLE's ``once_ms``, ``proxy.limits.lua``), so one that failed or was
+cancelled, perhaps after Redis ran it, is sent again (``retry_s`` later, up to
+``_RETRY_ATTEMPTS`` times, and once more at shutdown) and still counts once. A batch given
+up on ends with its windows or leases; spend that a retry adds triggers no budget alert. A worker
+that dies leaves its allotments, and its outbox's corrections, counted until their window
+passes or their lease ends.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ from proxy.limits.backend import Check, CheckState, Decision, Release
 from proxy.limits.redis import RedisBackend
 from proxy.store import StoreUnavailable
 
-__all__ = ["LIFE_MS", "SWEEP_S", "LeasedBackend"]
+__all__ = ["LIFE_MS", "SWEEP_S", "LeasedBackend", "coalesce"]
 
 log = logging.getLogger("proxy.limits")
 
@@ -109,6 +112,29 @@ def _tag(key: str) -> str:
     return key[start : key.find("}", start) + 1] if start >= 0 else key
 
 
+def coalesce(releases: Sequence[Release]) -> list[Release]:
+    """``releases`` as one release per window bucket and per allotment, in that order of
+    first appearance: window deltas summed (SETTLE's kind 1), an allotment's amounts and
+    spends summed, and closing when any of them closes it (kind 3: closing releases all of it,
+    so the amounts no longer matter); a window allotment's return (kind 4) is kept as is."""
+    merged: dict[tuple[str, int | str], Release] = {}
+    for release in releases:
+        if release.window and release.allotment:
+            merged[(release.key, "a:" + release.allotment)] = release
+            continue
+        slot = (release.key, release.bucket if release.window else release.allotment)
+        prev = merged.get(slot)
+        if prev is None:
+            merged[slot] = release
+        else:
+            merged[slot] = prev._replace(
+                bucket=max(prev.bucket, release.bucket) if not release.window else prev.bucket,
+                delta=prev.delta + release.delta,
+                spend=prev.spend + release.spend,
+            )
+    return list(merged.values())
+
+
 class LeasedBackend:
     """A ``Backend`` admitting from allotments of ``inner``'s counters (see the module doc).
 
@@ -142,7 +168,7 @@ class LeasedBackend:
         self._granting: set[str] = set()
         self._peaks: dict[str, int] = {}  # the most a key's last allotment had out at once
         self._denied: dict[str, int] = {}  # key -> until when (Unix ms) no grant is asked for it
-        self._returns: list[Release] = []  # queued, not sent yet
+        self._outbox: list[Release] = []  # local settlements and returns, sent by the next sweep
         self._resend: list[_Resend] = []  # failed settlements and returns, to send again
         self.wid = secrets.token_hex(6)  # this worker, in its batches' once ids
         self._batches = 0  # numbers each batch of returns: its once id
@@ -154,6 +180,8 @@ class LeasedBackend:
         self.grants = 0
         self.resend_failures = 0
         self.on_local_admission: Callable[[], None] | None = None  # e.g. a Prometheus counter's ``inc``
+        # (budget key, spent before, spent after) in nano-USD, for each budget spend a batch applied
+        self.on_spent: Callable[[str, int, int], None] | None = None
 
     # -- admission ------------------------------------------------------------------
 
@@ -299,42 +327,27 @@ class LeasedBackend:
         if taken is None:
             return await self.inner.settle(releases, rid, now_ms, shape=shape)
         of_key = {a.key: (a, cost) for a, cost in zip(taken.allotments, taken.costs, strict=True)}
-        sent: list[Release] = []
-        at: list[int] = []  # the index in ``releases`` of each one sent
-        for i, release in enumerate(releases):
+        outbox = self._outbox
+        for release in releases:
             if release.window:
                 if release.delta:
-                    sent.append(release)
-                    at.append(i)
+                    outbox.append(release)
                 continue
             allotment, cost = of_key[release.key]
             allotment.inflight -= 1
             if allotment.returned:  # shrunk to its requests in flight: this one's part goes
                 if allotment.inflight <= 0:
-                    sent.append(Release(release.key, False, _CLOSE, 0, release.spend, allotment.aid))
+                    outbox.append(Release(release.key, False, _CLOSE, 0, release.spend, allotment.aid))
                 else:
-                    sent.append(Release(release.key, False, 0, cost, release.spend, allotment.aid))
+                    outbox.append(Release(release.key, False, 0, cost, release.spend, allotment.aid))
             else:
                 # the allotment gives back at most this request's reservation, so it still
                 # covers the others in flight when the spend exceeds it (``spent`` gets all)
                 moved = min(release.spend, cost)
                 allotment.left += cost - moved
-                if not release.spend:
-                    continue
-                sent.append(Release(release.key, False, 0, moved, release.spend, allotment.aid))
-            at.append(i)
-        out = [0] * len(releases)
-        if sent:
-            try:
-                spents = await self.inner.settle(sent, rid, now_ms, once_ms=self._once_ms)
-            except BaseException as exc:  # it may have run: the once-marker makes a retry safe
-                self._resend.append(_Resend(sent, rid, 0, time.monotonic() + self.retry_s))
-                if isinstance(exc, StoreUnavailable):
-                    exc.retried = True  # the failover need not retry it too
-                raise
-            for i, spent in zip(at, spents, strict=True):
-                out[i] = max(0, spent)  # -1: a repeat (a client's resend) applied nothing
-        return out
+                if release.spend:
+                    outbox.append(Release(release.key, False, 0, moved, release.spend, allotment.aid))
+        return []
 
     # -- returning --------------------------------------------------------------------
 
@@ -350,11 +363,11 @@ class LeasedBackend:
         self._peaks[allotment.key] = allotment.granted - allotment.low
         left, allotment.left = max(0, allotment.left), 0
         if allotment.window:  # always: the return also deletes the grant's record
-            self._returns.append(Release(allotment.key, True, allotment.bucket, left, 0, allotment.aid))
+            self._outbox.append(Release(allotment.key, True, allotment.bucket, left, 0, allotment.aid))
         elif allotment.inflight <= 0:
-            self._returns.append(Release(allotment.key, False, _CLOSE, 0, 0, allotment.aid))
+            self._outbox.append(Release(allotment.key, False, _CLOSE, 0, 0, allotment.aid))
         elif left > 0:
-            self._returns.append(Release(allotment.key, False, 0, left, 0, allotment.aid))
+            self._outbox.append(Release(allotment.key, False, 0, left, 0, allotment.aid))
 
     async def _sweep(self) -> None:
         while True:
@@ -368,27 +381,28 @@ class LeasedBackend:
                 log.exception("returning expired allotments failed")
 
     async def _send_queued(self, now_ms: int, *, all_due: bool = False) -> None:
-        """Send the queued returns, one settlement per hash tag, and the failed settlements,
-        returns and grant undos that are due again (all of them with ``all_due``), each under its
-        once-marker: a failed one is queued again ``retry_s`` later, up to
+        """Send the outbox (local settlements and returns), coalesced into one settlement per
+        hash tag, and the failed ones that are due again (all of them with ``all_due``), each
+        under its once-marker: a failed one is queued again ``retry_s`` later, up to
         ``_RETRY_ATTEMPTS`` times, and counts once even when a failed try ran; one given up
-        on ends with its window or lease."""
-        if not self._returns and not self._resend:
+        on ends with its window or lease. Each budget spend applied is reported to
+        ``on_spent``."""
+        if not self._outbox and not self._resend:
             return
         groups: dict[str, list[Release]] = {}
-        for release in self._returns:
+        for release in self._outbox:
             groups.setdefault(_tag(release.key), []).append(release)
-        self._returns = []
+        self._outbox = []
         now = time.monotonic()
         pending = [item for item in self._resend if all_due or item.due <= now]
         self._resend = [item for item in self._resend if not (all_due or item.due <= now)]
         for group in groups.values():
             self._batches += 1
-            pending.append(_Resend(group, f"{self.wid}:{self._batches}", 0, now))
+            pending.append(_Resend(coalesce(group), f"{self.wid}:{self._batches}", 0, now))
         while pending:
             item = pending.pop()
             try:
-                await self.inner.settle(item.releases, item.once, now_ms, once_ms=self._once_ms)
+                spents = await self.inner.settle(item.releases, item.once, now_ms, once_ms=self._once_ms)
             except BaseException as exc:  # failed, or cancelled (shutdown): it may have run
                 self.resend_failures += 1
                 if item.tries + 1 < _RETRY_ATTEMPTS:
@@ -396,7 +410,14 @@ class LeasedBackend:
                 if not isinstance(exc, StoreUnavailable):
                     self._resend += pending
                     raise
+                self._store_down = True  # admit nothing locally until a request's call succeeds
                 log.debug("settlement not taken (%s): sent again later, or it ends with its window or lease", exc)
+                continue
+            on_spent = self.on_spent
+            if on_spent is not None:
+                for release, spent in zip(item.releases, spents, strict=True):
+                    if release.spend > 0 and spent >= 0 and not release.window:  # -1: a repeat
+                        on_spent(release.key, spent - release.spend, spent)
 
     # -- life cycle -------------------------------------------------------------------
 

@@ -194,6 +194,10 @@ class Limiter:
         self._bound_cache: dict[tuple[Principal, str | None, KeyBudgets | None], tuple[Bound, ...]] = {}
         self._bindings: dict[tuple[Principal, str | None, KeyBudgets | None], _Binding | None] = {}
         self.rejected_total: Counter[str] = Counter()
+        # budget key -> its bound and period, for spend a backend settles later (``_spent``)
+        self._alerting: dict[str, tuple[Bound, str]] = {}
+        if hasattr(backend, "on_spent"):
+            backend.on_spent = self._spent
 
     async def start(self) -> None:
         await self.failover.start()
@@ -308,17 +312,32 @@ class Limiter:
         spent = await self.failover.settle(state.backend, releases, state.rid, now_ms, shape=binding)
         if spent is None or state.degraded or not cost or not self.alerts.thresholds:
             return
+        if not spent:  # deferred (leased admission): the backend reports the batch's spend to _spent
+            alerting = self._alerting
+            if len(alerting) >= 10_000:
+                alerting.clear()
+            for at, bound, period in binding.budget_releases:
+                alerting[releases[at].key] = (bound, period)
+            return
         for at, bound, period in binding.budget_releases:
-            after = spent[at]
-            self.alerts.crossed(
-                scope=bound.scope,
-                subject=bound.subject,
-                budget=bound.rule.name,
-                period=period,
-                limit=bound.rule.limit,
-                before=after - cost,
-                after=after,
-            )
+            self._crossed(bound, period, spent[at] - cost, spent[at])
+
+    def _spent(self, key: str, before: int, after: int) -> None:
+        """A deferred settlement moved budget ``key``'s spend from ``before`` to ``after`` (nano-USD)."""
+        found = self._alerting.get(key)
+        if found is not None:
+            self._crossed(*found, before, after)
+
+    def _crossed(self, bound: Bound, period: str, before: int, after: int) -> None:
+        self.alerts.crossed(
+            scope=bound.scope,
+            subject=bound.subject,
+            budget=bound.rule.name,
+            period=period,
+            limit=bound.rule.limit,
+            before=before,
+            after=after,
+        )
 
     # -- state reporting --------------------------------------------------------------
 

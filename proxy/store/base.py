@@ -27,10 +27,7 @@ class Reachability(NamedTuple):
 
 
 class StoreUnavailable(Exception):
-    """The store could not be reached or answered with an error. ``retried``: the raiser
-    already queued the call again (callers need not retry it themselves)."""
-
-    retried = False
+    """The store could not be reached or answered with an error."""
 
 
 def nano_usd(cost_usd: float | None) -> int:
