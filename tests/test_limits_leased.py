@@ -271,6 +271,31 @@ def test_a_dead_worker_s_allotments_end_with_their_lease(fresh_redis: str) -> No
     run(fresh_redis, {"tiers": {"t": {"concurrent_requests": 100}}}, body, workers=2, clock=clock, lease_s=120)
 
 
+def test_requests_wait_for_a_grant_in_flight_instead_of_going_exact(fresh_redis: str) -> None:
+    async def body(lims: list[Limiter], store: Store) -> None:
+        (lim,) = lims
+        backend = leased(lim)
+        granting = backend.inner.reserve_granting
+
+        async def slow(*args: Any, **kwargs: Any) -> Any:
+            await asyncio.sleep(0.2)
+            return await granting(*args, **kwargs)
+
+        backend.inner.reserve_granting = slow  # type: ignore[method-assign]
+        before = evalsha_calls(fresh_redis)
+        tickets = await asyncio.gather(*(lim.admit(ALICE, call(), plan()) for _ in range(5)))
+        assert (backend.grants, backend.local_admissions) == (1, 4)
+        assert evalsha_calls(fresh_redis) - before == 1  # the one grant call
+        assert backend.grants == 1 and backend.local_admissions == 4
+        for ticket in tickets:
+            await lim.settle(ticket, record())
+        await backend.aclose()
+        assert int(redis_hash(fresh_redis, f"{KEY}:requests_per_minute")["t"]) == 5
+
+    clock = FakeClock(time.time())  # stopped: the allotment's bucket does not end while it waits
+    run(fresh_redis, {"tiers": {"t": {"requests_per_minute": 100_000}}}, body, clock=clock)
+
+
 def test_small_limits_keep_the_exact_path(fresh_redis: str) -> None:
     async def body(lims: list[Limiter], store: Store) -> None:
         (lim,) = lims

@@ -4,7 +4,8 @@ Each worker keeps, per counter key, an **allotment**: an amount already reserved
 that it may hand out locally. A request whose every check fits in this worker's live
 allotments is admitted with no Redis round trip. Any other request takes the exact path
 (one ``EVALSHA`` reserving its own costs, ``RedisBackend.reserve_granting``) and asks in the
-same call for new allotments for the checks that lack one. Design and trade-offs:
+same call for new allotments for the checks that lack one; a request lacking an allotment
+whose grant is in flight waits for that call and looks again. Design and trade-offs:
 ``docs/proposals/leased-admission.md``.
 
 * **Granting** (in the script): a check is granted ``min(want, (limit - used - cost) /
@@ -165,7 +166,7 @@ class LeasedBackend:
         self._clock = clock
         self._live: dict[str, _Allotment] = {}
         self._taken: dict[str, _Taken] = {}
-        self._granting: set[str] = set()
+        self._granting: dict[str, asyncio.Future[None]] = {}  # key -> done when its grant call is over
         self._peaks: dict[str, int] = {}  # the most a key's last allotment had out at once
         self._denied: dict[str, int] = {}  # key -> until when (Unix ms) no grant is asked for it
         self._outbox: list[Release] = []  # local settlements and returns, sent by the next sweep
@@ -202,13 +203,23 @@ class LeasedBackend:
         if self._store_down or not checks:  # while the store fails every request probes it
             return await self._exact(checks, rid, now_ms, lease_ms, shape)
         live = self._live
-        taken: list[_Allotment] = []
-        for check in checks:
-            allotment = live.get(check.key)
-            if allotment is None or now_ms >= allotment.expires_ms or allotment.left < check.cost:
-                return await self._reserve_granting(checks, rid, now_ms, lease_ms, shape)
-            taken.append(allotment)
-        return self._admit(checks, taken, rid, now_ms)
+        for waited in (False, True):
+            taken: list[_Allotment] = []
+            for check in checks:
+                allotment = live.get(check.key)
+                if allotment is None or now_ms >= allotment.expires_ms or allotment.left < check.cost:
+                    break
+                taken.append(allotment)
+            else:
+                return self._admit(checks, taken, rid, now_ms)
+            # an allotment for this key is being granted: wait for it rather than take the
+            # exact path (at a per-second window's bucket change every request in flight would)
+            grant = self._granting.get(check.key)
+            if grant is None or waited:
+                break
+            await asyncio.shield(grant)
+            now_ms = int(self._clock() * 1000)
+        return await self._reserve_granting(checks, rid, now_ms, lease_ms, shape)
 
     def _admit(self, checks: Sequence[Check], taken: list[_Allotment], rid: str, now_ms: int) -> Decision:
         states = []
@@ -262,7 +273,9 @@ class LeasedBackend:
         if not any(wants):
             return await self._exact(checks, rid, now_ms, lease_ms, shape)
         asked = [c.key for c, w in zip(checks, wants, strict=True) if w]
-        self._granting.update(asked)
+        granting = asyncio.get_running_loop().create_future()
+        for key in asked:
+            self._granting[key] = granting
         try:
             decision, grants = await self.inner.reserve_granting(
                 checks, wants, rid, now_ms, lease_ms, factor=self.factor, life_ms=self.life_ms, shape=shape
@@ -280,7 +293,9 @@ class LeasedBackend:
             self._resend.append(_Resend(undo, aid, 0, time.monotonic() + self.retry_s))
             raise
         finally:
-            self._granting.difference_update(asked)
+            for key in asked:
+                del self._granting[key]
+            granting.set_result(None)
         self._store_down = False
         if not decision.admitted:
             return decision
