@@ -33,8 +33,9 @@ name                                         labels                             
 
 ``limits_degraded_total``: admissions decided without the shared store (``fail_open``'s
 local limits, or ``fail_closed``'s 503s); ``limits_settle_failures_total``: settlements the
-store did not take; ``limits_local_admissions_total``: admissions decided from the worker's
-allotments without a store round trip (``limits.admission: leased``) (``watch_limits``).
+store did not take (with leased admission, each failed try of a batch);
+``limits_local_admissions_total``: admissions decided from the worker's allotments without
+a store round trip (``limits.admission: leased``) (``watch_limits``).
 
 ``model`` is the model sent upstream (``routed_model``, else the requested one). Costs are
 as known when the request ended; reconciled costs are in the ledger, not here. Label
@@ -60,6 +61,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client import multiprocess as prom_multiprocess
 
 from proxy.accounting import LedgerEntry
+from proxy.limits.leased import LeasedBackend
 from proxy.sinks import Activity
 
 if TYPE_CHECKING:
@@ -250,8 +252,10 @@ class Metrics:
         """Count ``failover``'s degraded admissions and failed settlements as they happen."""
         failover.on_degraded = self.limits_degraded.inc
         failover.on_settle_failure = self.limits_settle_failures.inc
-        if hasattr(failover.backend, "on_local_admission"):
-            failover.backend.on_local_admission = self.limits_local_admissions.inc
+        backend = failover.backend
+        if isinstance(backend, LeasedBackend):
+            backend.on_local_admission = self.limits_local_admissions.inc
+            backend.on_settle_failure = self.limits_settle_failures.inc
 
     def retry(self, model: str, reason: str) -> None:
         """The pipeline retries an attempt on ``model`` because of ``reason`` (an error code)."""

@@ -643,3 +643,135 @@ def test_coalesce_sums_per_bucket_and_per_allotment_and_closing_wins() -> None:
         Release("w", True, 8, 5),
         Release("w", True, 7, 20, 0, "a9"),
     ]
+
+
+@pytest.mark.parametrize("ran", [True, False], ids=["ran-then-timed-out", "never-ran"])
+def test_a_retried_batch_still_fires_its_budget_alert_once(fresh_redis: str, ran: bool) -> None:
+    """The once-marker keeps the first try's result, so the retry reports the spend it applied."""
+    clock = FakeClock(time.time())
+
+    async def body(lims: list[Limiter], store: Store) -> None:
+        (lim,) = lims
+        backend = leased(lim)
+        tickets = [await lim.admit(ALICE, call(max_tokens=10), plan()) for _ in range(2)]
+        assert backend.local_admissions == 1
+        sent = _failing_once(backend, ran=ran)
+        await lim.settle(tickets[1], record(Usage(1, 1, 2, cost_usd=60.0)))  # crosses 50% of $100
+        assert await until(lambda: len(sent) >= 2)  # failed, then retried
+        assert lim.alerts.fired_total == 1
+        await lim.settle(tickets[0], record(Usage(1, 1, 2, cost_usd=0.001)))
+        await backend.aclose()
+        assert int(redis_hash(fresh_redis, budget_of_day(clock))["spent"]) == 60_001_000_000
+        assert lim.alerts.fired_total == 1
+
+    spec = {"tiers": {"t": {"budget_usd_per_day": 100}}}
+    run(fresh_redis, spec, body, clock=clock, store_retry_s=0.2, alert_thresholds=[0.5])
+
+
+def test_old_budget_keys_make_room_without_losing_a_pending_alert(fresh_redis: str) -> None:
+    clock = FakeClock(time.time())
+    bob = principal("bob")
+
+    async def body(lims: list[Limiter], store: Store) -> None:
+        (lim,) = lims
+        alice_tickets = [await lim.admit(ALICE, call(max_tokens=10), plan()) for _ in range(2)]
+        bob_tickets = [await lim.admit(bob, call(max_tokens=10), plan()) for _ in range(2)]
+        assert leased(lim).local_admissions == 2
+        known = next(iter(lim._alerting.values()), None)
+        for i in range(9_999):  # budget keys of past periods
+            lim._alerting[f"orp:{{k:old}}:k:old:budget_usd_per_day:{i}"] = known  # type: ignore[assignment]
+        await lim.settle(alice_tickets[1], record(Usage(1, 1, 2, cost_usd=60.0)))  # crosses 50%
+        await lim.settle(bob_tickets[1], record(Usage(1, 1, 2, cost_usd=0.001)))  # past 10,000 keys
+        assert len(lim._alerting) <= 10_000
+        assert await until(lambda: lim.alerts.fired_total == 1)
+        for ticket in (alice_tickets[0], bob_tickets[0]):
+            await lim.settle(ticket, record(Usage(1, 1, 2, cost_usd=0.001)))
+
+    spec = {"tiers": {"t": {"budget_usd_per_day": 100}}}
+    run(fresh_redis, spec, body, clock=clock, alert_thresholds=[0.5])
+
+
+def test_a_sweep_sends_its_batches_at_once(fresh_redis: str) -> None:
+    """One batch per hash tag, all in flight together: a sweep takes one round trip."""
+    clock = FakeClock(time.time())
+
+    async def body(lims: list[Limiter], store: Store) -> None:
+        (lim,) = lims
+        backend = leased(lim)
+        who = [principal(f"p{i}") for i in range(10)]  # no team: a hash tag each
+        tickets = [await lim.admit(p, call(max_tokens=10), plan()) for p in who for _ in range(2)]
+        assert backend.local_admissions == 10
+        settle = backend.inner.settle
+        in_flight, most = 0, 0
+
+        async def counting(*args: Any, **kwargs: Any) -> Any:
+            nonlocal in_flight, most
+            in_flight += 1
+            most = max(most, in_flight)
+            try:
+                await asyncio.sleep(0.05)
+                return await settle(*args, **kwargs)
+            finally:
+                in_flight -= 1
+
+        backend.inner.settle = counting  # type: ignore[method-assign]
+        for ticket in tickets[1::2]:  # the locally admitted ones
+            await lim.settle(ticket, record(Usage(1, 1, 2, cost_usd=0.01)))
+        assert await until(lambda: not backend._outbox and most)
+        assert await until(lambda: in_flight == 0)
+        assert most == 10
+        for ticket in tickets[::2]:
+            await lim.settle(ticket, record(Usage(1, 1, 2, cost_usd=0.01)))
+
+    run(fresh_redis, {"tiers": {"t": {"budget_usd_per_day": 100}}}, body, clock=clock)
+
+
+def test_a_settlement_during_shutdown_is_sent_and_one_after_it_is_counted(
+    fresh_redis: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = FakeClock(time.time())
+
+    async def body(lims: list[Limiter], store: Store) -> None:
+        (lim,) = lims
+        backend = leased(lim)
+        tickets = [await lim.admit(ALICE, call(max_tokens=10), plan()) for _ in range(3)]
+        assert backend.local_admissions == 2
+        settle = backend.inner.settle
+
+        async def slow(*args: Any, **kwargs: Any) -> Any:
+            await asyncio.sleep(0.2)
+            return await settle(*args, **kwargs)
+
+        await lim.settle(tickets[0], record(Usage(1, 1, 2, cost_usd=0.02)))
+        backend.inner.settle = slow  # type: ignore[method-assign]
+        closing = asyncio.create_task(backend.aclose())
+        await asyncio.sleep(0.05)  # aclose is sending the returns
+        await lim.settle(tickets[1], record(Usage(1, 1, 2, cost_usd=0.01)))  # a request ending now
+        await closing
+        assert int(redis_hash(fresh_redis, budget_of_day(clock))["spent"]) == 30_000_000
+        await lim.settle(tickets[2], record(Usage(1, 1, 2, cost_usd=0.04)))  # too late: counted, logged
+        assert backend.resend_failures == 1
+        assert "after the limits store closed" in caplog.text
+
+    run(fresh_redis, {"tiers": {"t": {"budget_usd_per_day": 100}}}, body, clock=clock)
+
+
+def test_a_batch_too_old_for_its_marker_is_not_sent_again(fresh_redis: str) -> None:
+    clock = FakeClock(time.time())
+
+    async def body(lims: list[Limiter], store: Store) -> None:
+        (lim,) = lims
+        backend = leased(lim)
+        tickets = [await lim.admit(ALICE, call(max_tokens=10), plan()) for _ in range(2)]
+        sent = _failing_once(backend, ran=True)
+        await lim.settle(tickets[1], record(Usage(1, 1, 2, cost_usd=0.01)))
+        assert await until(lambda: sent)
+        (item,) = backend._resend
+        backend._resend = [item._replace(first=item.first - backend._once_ms / 1000)]  # first sent long ago
+        await asyncio.sleep(0.5)  # past its retry time
+        assert sent == [item.once] and not backend._resend  # given up, never sent twice
+        await lim.settle(tickets[0], record(Usage(1, 1, 2, cost_usd=0.02)))
+        await backend.aclose()
+        assert int(redis_hash(fresh_redis, budget_of_day(clock))["spent"]) == 30_000_000
+
+    run(fresh_redis, {"tiers": {"t": {"budget_usd_per_day": 100}}}, body, clock=clock, store_retry_s=0.2)

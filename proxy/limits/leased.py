@@ -40,10 +40,10 @@ fails or is cancelled raises like ``reserve`` and what it may have granted is ta
 later (``retry_s``; idempotent, so harmless when it never ran). Each batch is sent with a
 once-marker (SETTLE's ``once_ms``, ``proxy.limits.lua``), so one that failed or was
 cancelled, perhaps after Redis ran it, is sent again (``retry_s`` later, up to
-``_RETRY_ATTEMPTS`` times, and once more at shutdown) and still counts once. A batch given
-up on ends with its windows or leases; spend that a retry adds triggers no budget alert. A worker
-that dies leaves its allotments, and its outbox's corrections, counted until their window
-passes or their lease ends.
+``_RETRY_ATTEMPTS`` times, and once more at shutdown) and still counts once; a repeat
+returns the first try's result, so its budget alerts still fire once. A batch given up on
+ends with its windows or leases. A worker that dies leaves its allotments, and its
+outbox's corrections, counted until their window passes or their lease ends.
 """
 
 from __future__ import annotations
@@ -92,12 +92,13 @@ class _Allotment:
 
 
 class _Resend(NamedTuple):
-    """A settlement to send again under its once id, not before ``due`` (monotonic s)."""
+    """A settlement to send (again) under its once id, not before ``due`` (monotonic s)."""
 
     releases: list[Release]
     once: str
-    tries: int  # sent this many times already by the retry queue
+    tries: int  # failed this many times already
     due: float
+    first: float  # when it was first sent (monotonic s): its marker lives ``once_ms`` from then
 
 
 class _Taken(NamedTuple):
@@ -143,7 +144,8 @@ class LeasedBackend:
     how long after a failure a settlement or return is sent again, and what a failed grant
     call may have granted is taken back. Counters: ``local_admissions`` (also reported to
     ``on_local_admission``), ``grants`` (allotments received), ``resend_failures``
-    (settlements and returns the store did not take, each try counted).
+    (tries of batches the store did not take, and settlements after ``aclose``; also
+    reported to ``on_settle_failure``).
     """
 
     name = "redis"
@@ -176,6 +178,7 @@ class LeasedBackend:
         # a once-marker outlives every retry of its settlement
         self._once_ms = int(1000 * (_RETRY_ATTEMPTS + 1) * (retry_s + sweep_s + inner.timeout_s)) + 5000
         self._store_down = False  # the last store call failed: admit nothing locally until one works
+        self._closed = False  # aclose sent the last batch
         self._sweeper: asyncio.Task[None] | None = None
         self.local_admissions = 0
         self.grants = 0
@@ -183,6 +186,7 @@ class LeasedBackend:
         self.on_local_admission: Callable[[], None] | None = None  # e.g. a Prometheus counter's ``inc``
         # (budget key, spent before, spent after) in nano-USD, for each budget spend a batch applied
         self.on_spent: Callable[[str, int, int], None] | None = None
+        self.on_settle_failure: Callable[[], None] | None = None  # each batch try the store did not take
 
     # -- admission ------------------------------------------------------------------
 
@@ -215,11 +219,21 @@ class LeasedBackend:
             # an allotment for this key is being granted: wait for it rather than take the
             # exact path (at a per-second window's bucket change every request in flight would)
             grant = self._granting.get(check.key)
-            if grant is None or waited:
+            if grant is None or waited or not self._leasable(checks, now_ms):
                 break
             await asyncio.shield(grant)
+            if self._store_down:  # that call failed: this request probes the store itself
+                break
             now_ms = int(self._clock() * 1000)
         return await self._reserve_granting(checks, rid, now_ms, lease_ms, shape)
+
+    def _leasable(self, checks: Sequence[Check], now_ms: int) -> bool:
+        """Whether every check may be leased now: none is too small a limit to grant its
+        least, nor was just refused an allotment (else allotments for the others would only
+        sit idle)."""
+        denied = self._denied
+        factor = self.factor + 1
+        return all(c.least and c.least * factor <= c.limit and now_ms >= denied.get(c.key, 0) for c in checks)
 
     def _admit(self, checks: Sequence[Check], taken: list[_Allotment], rid: str, now_ms: int) -> Decision:
         states = []
@@ -253,13 +267,9 @@ class LeasedBackend:
     async def _reserve_granting(
         self, checks: Sequence[Check], rid: str, now_ms: int, lease_ms: int, shape: Hashable | None
     ) -> Decision:
+        if self._store_down or not self._leasable(checks, now_ms):
+            return await self._exact(checks, rid, now_ms, lease_ms, shape)
         denied = self._denied
-        for check in checks:
-            # a request with a check that is never leased (too small a limit to grant its
-            # least), or that was just refused an allotment, cannot be admitted locally:
-            # allotments for its other checks would only sit idle
-            if not check.least or check.least * (self.factor + 1) > check.limit or now_ms < denied.get(check.key, 0):
-                return await self._exact(checks, rid, now_ms, lease_ms, shape)
         wants = []
         for check in checks:
             want = 0
@@ -290,7 +300,8 @@ class LeasedBackend:
                 if w
             ]
             # idempotent, and nothing when the call never ran: sent with the queued retries
-            self._resend.append(_Resend(undo, aid, 0, time.monotonic() + self.retry_s))
+            now = time.monotonic()
+            self._resend.append(_Resend(undo, aid, 0, now + self.retry_s, now))
             raise
         finally:
             for key in asked:
@@ -341,6 +352,12 @@ class LeasedBackend:
         taken = self._taken.pop(rid, None)
         if taken is None:
             return await self.inner.settle(releases, rid, now_ms, shape=shape)
+        if self._closed:  # after shutdown's last batch: nothing would send it
+            self.resend_failures += 1
+            if self.on_settle_failure is not None:
+                self.on_settle_failure()
+            log.warning("request %s settled after the limits store closed: its reservation ends with its lease", rid)
+            return []
         of_key = {a.key: (a, cost) for a, cost in zip(taken.allotments, taken.costs, strict=True)}
         outbox = self._outbox
         for release in releases:
@@ -396,12 +413,12 @@ class LeasedBackend:
                 log.exception("returning expired allotments failed")
 
     async def _send_queued(self, now_ms: int, *, all_due: bool = False) -> None:
-        """Send the outbox (local settlements and returns), coalesced into one settlement per
-        hash tag, and the failed ones that are due again (all of them with ``all_due``), each
-        under its once-marker: a failed one is queued again ``retry_s`` later, up to
-        ``_RETRY_ATTEMPTS`` times, and counts once even when a failed try ran; one given up
-        on ends with its window or lease. Each budget spend applied is reported to
-        ``on_spent``."""
+        """Send the outbox (local settlements and returns), coalesced into one batch per hash
+        tag, and the failed batches that are due again (all of them with ``all_due``), all at
+        once, each under its once id: a failed one is queued again ``retry_s`` later, up to
+        ``_RETRY_ATTEMPTS`` tries (a cancelled one always: shutdown sends it), and counts once
+        even when a failed try ran; one given up on, or too old to be sent safely again
+        (its marker may be gone), ends with its windows or leases."""
         if not self._outbox and not self._resend:
             return
         groups: dict[str, list[Release]] = {}
@@ -409,30 +426,52 @@ class LeasedBackend:
             groups.setdefault(_tag(release.key), []).append(release)
         self._outbox = []
         now = time.monotonic()
-        pending = [item for item in self._resend if all_due or item.due <= now]
-        self._resend = [item for item in self._resend if not (all_due or item.due <= now)]
+        # a try that could still run after its first try's marker ends must not be sent
+        stale = now + self.inner.timeout_s + 1.0 - self._once_ms / 1000
+        pending, waiting = [], []
+        for item in self._resend:
+            if item.first < stale:
+                log.warning("a limits settlement was not taken in time: given up, it ends with its window or lease")
+            elif all_due or item.due <= now:
+                pending.append(item)
+            else:
+                waiting.append(item)
+        self._resend = waiting
         for group in groups.values():
             self._batches += 1
-            pending.append(_Resend(coalesce(group), f"{self.wid}:{self._batches}", 0, now))
-        while pending:
-            item = pending.pop()
-            try:
-                spents = await self.inner.settle(item.releases, item.once, now_ms, once_ms=self._once_ms)
-            except BaseException as exc:  # failed, or cancelled (shutdown): it may have run
-                self.resend_failures += 1
-                if item.tries + 1 < _RETRY_ATTEMPTS:
-                    self._resend.append(item._replace(tries=item.tries + 1, due=time.monotonic() + self.retry_s))
-                if not isinstance(exc, StoreUnavailable):
-                    self._resend += pending
-                    raise
-                self._store_down = True  # admit nothing locally until a request's call succeeds
-                log.debug("settlement not taken (%s): sent again later, or it ends with its window or lease", exc)
-                continue
-            on_spent = self.on_spent
-            if on_spent is not None:
-                for release, spent in zip(item.releases, spents, strict=True):
-                    if release.spend > 0 and spent >= 0 and not release.window:  # -1: a repeat
-                        on_spent(release.key, spent - release.spend, spent)
+            pending.append(_Resend(coalesce(group), f"{self.wid}:{self._batches}", 0, now, now))
+        if pending:
+            await asyncio.gather(*[self._send(item, now_ms) for item in pending])
+
+    async def _send(self, item: _Resend, now_ms: int) -> None:
+        """One try of a queued settlement; a spend it applied goes to ``on_spent``."""
+        try:
+            spents = await self.inner.settle(item.releases, item.once, now_ms, once_ms=self._once_ms, defer=False)
+        except BaseException as exc:  # failed, or cancelled (shutdown): it may have run
+            self.resend_failures += 1
+            if self.on_settle_failure is not None:
+                self.on_settle_failure()
+            failed = isinstance(exc, StoreUnavailable)
+            if not failed or item.tries + 1 < _RETRY_ATTEMPTS:
+                self._resend.append(item._replace(tries=item.tries + 1, due=time.monotonic() + self.retry_s))
+            else:
+                log.warning(
+                    "a limits settlement failed %d times: given up, it ends with its window or lease", item.tries + 1
+                )
+            if not failed:
+                raise
+            self._store_down = True  # admit nothing locally until a request's own call succeeds
+            log.debug("settlement not taken (%s): sent again later", exc)
+            return
+        on_spent = self.on_spent
+        if on_spent is None:
+            return
+        for release, spent in zip(item.releases, spents, strict=True):
+            if release.spend > 0 and spent >= 0 and not release.window:  # -1: not applied
+                try:
+                    on_spent(release.key, spent - release.spend, spent)
+                except Exception:
+                    log.exception("reporting a budget's spend failed")
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -448,5 +487,9 @@ class LeasedBackend:
             self._sweeper = None
         for allotment in list(self._live.values()):
             self._retire(allotment)
-        await self._send_queued(int(self._clock() * 1000), all_due=True)
+        for _ in range(3):  # settlements that come in meanwhile go too
+            await self._send_queued(int(self._clock() * 1000), all_due=True)
+            if not self._outbox:
+                break
+        self._closed = True
         await self.inner.aclose()

@@ -314,10 +314,13 @@ class Limiter:
             return
         if not spent:  # deferred (leased admission): the backend reports the batch's spend to _spent
             alerting = self._alerting
-            if len(alerting) >= 10_000:
-                alerting.clear()
             for at, bound, period in binding.budget_releases:
-                alerting[releases[at].key] = (bound, period)
+                key = releases[at].key
+                alerting.pop(key, None)  # to the end: the oldest keys go first
+                alerting[key] = (bound, period)
+            if len(alerting) > 10_000:  # past periods' keys, long settled
+                for key in list(itertools.islice(alerting, 1000)):
+                    del alerting[key]
             return
         for at, bound, period in binding.budget_releases:
             self._crossed(bound, period, spent[at] - cost, spent[at])

@@ -40,9 +40,10 @@ and delete it when ``bucket`` is 1) and add ``spend``, only while it exists. Ret
 ``"spent,..."`` per release. Kind 4 (window allotment ``aid``, recorded at the grant as field
 ``a:<aid>`` = ``"bucket:amount"``): take ``delta`` of it (all when -1) out of its bucket and
 delete the field, so a repeated return does nothing. With ``ARGV[4] = once_ms`` the call
-applies at most once per ``rid``: it sets its last key, a once-marker declared after the
-pairs (``<KEYS[1]>:once:<rid>``, same hash tag, so same slot), for ``once_ms``, and a repeat
-while that lives changes nothing and returns ``"-1,..."``;
+applies at most once per ``rid``: it keeps its result in its last key, a once-marker declared
+after the pairs (``<KEYS[1]>:once:<rid>``, same hash tag, so same slot), for ``once_ms``, and
+a repeat while that lives changes nothing and returns that first result (``"-1,..."`` if
+the first call stopped part way);
 a settlement whose outcome is unknown (a timeout) can then be retried, and its kind-3 spend
 counts even when the allotment is gone by then (while the counter lives). Arguments and results
 travel as one string each: redis-py parses a 20-integer array several times slower than one
@@ -309,10 +310,15 @@ SETTLE = (
 local rid = ARGV[1]
 local p = numbers(ARGV[2])
 local nchecks = math.floor(#KEYS / 2)  -- then the once-marker, when ARGV[4] is given
-if ARGV[4] and not redis.call('SET', KEYS[#KEYS], '1', 'NX', 'PX', ARGV[4]) then
-  local again = {}  -- this settlement ran already
-  for i = 1, nchecks do again[i] = '-1' end
-  return table.concat(again, ',')
+if ARGV[4] then
+  local first = redis.call('GET', KEYS[#KEYS])
+  if first and first ~= '' then return first end  -- this settlement ran already: its result
+  if first then  -- it began and failed part way (it never does): apply nothing twice
+    local again = {}
+    for i = 1, nchecks do again[i] = '-1' end
+    return table.concat(again, ',')
+  end
+  redis.call('SET', KEYS[#KEYS], '', 'PX', ARGV[4])  -- the result replaces it at the end
 end
 local aids, na = {}, 0  -- allotment ids, one per kind-3 or kind-4 release in order
 if ARGV[3] then for v in string.gmatch(ARGV[3], '[^,]+') do aids[#aids + 1] = v end end
@@ -386,6 +392,8 @@ for i = 1, nchecks do
     out[i] = fmt(release_hold(key, KEYS[2 * i], rid, nil, p[a + 4]))
   end
 end
-return table.concat(out, ',')
+local result = table.concat(out, ',')
+if ARGV[4] then redis.call('SET', KEYS[#KEYS], result, 'PX', ARGV[4]) end
+return result
 """
 )

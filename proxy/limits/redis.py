@@ -139,10 +139,13 @@ class RedisBackend:
         *,
         shape: Hashable | None = None,
         once_ms: int = 0,
+        defer: bool = True,
     ) -> list[int]:
         """Settle ``releases`` (see ``Backend.settle``). With ``once_ms`` the call applies at
         most once per ``rid`` within ``once_ms`` (SETTLE's marker, ``proxy.limits.lua``), so a
-        call that timed out may be repeated; a repeat returns -1 per release."""
+        call that timed out may be repeated; a repeat returns the first call's result (-1 per
+        release if that one stopped part way). ``defer``: the call may wait a few ms to share
+        the next admission's round trip."""
         if once_ms:  # its key list names the request: never cached by shape
             shape = None
         keys = self._settle_shapes.get(shape) if shape is not None else None
@@ -162,8 +165,7 @@ class RedisBackend:
             args.append(",".join(allotments))
         if once_ms:
             args.append(once_ms)
-        # deferred: a settlement may wait a few ms to share the next admission's round trip
-        return await self._run(self._settle, keys, args, defer=True)
+        return await self._run(self._settle, keys, args, defer=defer)
 
     async def warm(self) -> None:
         """Load both scripts and open a connection now, not on the first requests (never raises)."""
