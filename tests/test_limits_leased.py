@@ -28,6 +28,7 @@ from .limits_support import FakeClock, call, limiter, open_test_store, plan, pri
 
 ALICE = principal("alice")
 KEY = f"orp:{{k:{ALICE.key_id}}}:k:{ALICE.key_id}"
+BUDGET_100 = {"tiers": {"t": {"budget_usd_per_day": 100}}}  # $100 a day: room to lease
 
 
 def leased(lim: Limiter) -> LeasedBackend:
@@ -66,6 +67,11 @@ async def admit(lim: Limiter, **kw: Any) -> Ticket | RateLimited:
         return await lim.admit(kw.pop("who", ALICE), call(**kw), plan())
     except RateLimited as exc:
         return exc
+
+
+async def admit_alice(lim: Limiter, n: int) -> list[Ticket]:
+    """``n`` of ALICE's requests (10 output tokens each), admitted one after the other."""
+    return [await lim.admit(ALICE, call(max_tokens=10), plan()) for _ in range(n)]
 
 
 async def settle(lims: list[Limiter], ticket: Ticket, rec: Any) -> None:
@@ -231,7 +237,7 @@ def test_tickets_settled_by_the_wrong_ticket_order_still_balance(fresh_redis: st
 
     async def body(lims: list[Limiter], store: Store) -> None:
         (lim,) = lims
-        tickets = [await lim.admit(ALICE, call(max_tokens=10), plan()) for _ in range(20)]
+        tickets = await admit_alice(lim, 20)
         assert leased(lim).local_admissions >= 18
         clock.advance(1.5)  # the allotment expires; the sweeper returns its unused part
         slots = await until(lambda: (h := redis_hash(fresh_redis, f"{KEY}:concurrent_requests"))["held"] == "20" and h)
@@ -404,7 +410,7 @@ def test_spend_above_the_reservation_counts_within_a_sweep_and_keeps_others_cove
 
     async def body(lims: list[Limiter], store: Store) -> None:
         (lim,) = lims
-        tickets = [await lim.admit(ALICE, call(max_tokens=10), plan()) for _ in range(5)]
+        tickets = await admit_alice(lim, 5)
         assert leased(lim).local_admissions == 4
         await lim.settle(tickets[1], record(Usage(1, 1, 2, cost_usd=0.2)))  # far above its worst case
         # counted with the sweeper's next batch (every 100 ms)
@@ -417,7 +423,7 @@ def test_spend_above_the_reservation_counts_within_a_sweep_and_keeps_others_cove
         assert int(budget["spent"]) == 200_000_000 + 4 * 10_000
         assert int(budget["held"]) == 0 and not [f for f in budget if f.startswith("r:")]
 
-    run(fresh_redis, {"tiers": {"t": {"budget_usd_per_day": 100}}}, body, clock=clock)
+    run(fresh_redis, BUDGET_100, body, clock=clock)
 
 
 def _failing_once(backend: LeasedBackend, *, ran: bool) -> list[str]:
@@ -441,6 +447,15 @@ def _failing_once(backend: LeasedBackend, *, ran: bool) -> list[str]:
     return sent
 
 
+async def settle_in_a_failed_batch(lim: Limiter, ticket: Ticket, cost_usd: float, *, ran: bool) -> list[str]:
+    """Settle locally admitted ``ticket`` and wait until the sweeper's batch carrying it
+    failed (after Redis ran it when ``ran``); returns ``_failing_once``'s list."""
+    sent = _failing_once(leased(lim), ran=ran)
+    await lim.settle(ticket, record(Usage(1, 1, 2, cost_usd=cost_usd)))
+    assert await until(lambda: sent)
+    return sent
+
+
 @pytest.mark.parametrize("ran", [True, False], ids=["ran-then-timed-out", "never-ran"])
 def test_a_failed_batch_of_settlements_is_retried_and_counts_once(redis_store: str, ran: bool) -> None:
     fresh_redis = redis_store  # the once-marker is a key of its own: it must work on a cluster too
@@ -449,11 +464,9 @@ def test_a_failed_batch_of_settlements_is_retried_and_counts_once(redis_store: s
     async def body(lims: list[Limiter], store: Store) -> None:
         (lim,) = lims
         backend = leased(lim)
-        tickets = [await lim.admit(ALICE, call(max_tokens=10), plan()) for _ in range(3)]
+        tickets = await admit_alice(lim, 3)
         assert backend.local_admissions == 2
-        sent = _failing_once(backend, ran=ran)
-        await lim.settle(tickets[1], record(Usage(1, 1, 2, cost_usd=0.01)))  # locally admitted: batched
-        assert await until(lambda: sent)  # the sweeper's batch failed
+        sent = await settle_in_a_failed_batch(lim, tickets[1], 0.01, ran=ran)
         assert backend.resend_failures == 1
         assert lim.settle_failures_total == 0  # nothing failed on the request's own path
         budget = redis_hash(fresh_redis, budget_of_day(clock))
@@ -511,12 +524,10 @@ def test_a_retried_settlement_counts_its_spend_after_its_allotment_closed(fresh_
     async def body(lims: list[Limiter], store: Store) -> None:
         (lim,) = lims
         backend = leased(lim)
-        tickets = [await lim.admit(ALICE, call(max_tokens=10), plan()) for _ in range(3)]
+        tickets = await admit_alice(lim, 3)
         assert backend.local_admissions == 2
         budget_key = budget_of_day(clock)
-        sent = _failing_once(backend, ran=False)
-        await lim.settle(tickets[1], record(Usage(1, 1, 2, cost_usd=0.01)))
-        assert await until(lambda: sent)  # its batch failed: retried later
+        sent = await settle_in_a_failed_batch(lim, tickets[1], 0.01, ran=False)
         backend._retire(backend._live[budget_key])
         await lim.settle(tickets[2], record(Usage(1, 1, 2, cost_usd=0.02)))  # the last: closes it
         aid = tickets[0].state.rid + "+"
@@ -529,7 +540,7 @@ def test_a_retried_settlement_counts_its_spend_after_its_allotment_closed(fresh_
         assert int(budget["spent"]) == 10_000_000 + 20_000_000 + 40_000_000
         assert int(budget["held"]) == 0
 
-    run(fresh_redis, {"tiers": {"t": {"budget_usd_per_day": 100}}}, body, clock=clock, store_retry_s=0.5)
+    run(fresh_redis, BUDGET_100, body, clock=clock, store_retry_s=0.5)
 
 
 def test_a_return_outlasts_a_store_outage_of_several_sweeps(fresh_redis: str) -> None:
@@ -567,17 +578,15 @@ def test_a_failed_batch_is_sent_once_more_at_shutdown(fresh_redis: str) -> None:
     async def body(lims: list[Limiter], store: Store) -> None:
         (lim,) = lims
         backend = leased(lim)
-        tickets = [await lim.admit(ALICE, call(max_tokens=10), plan()) for _ in range(2)]
-        sent = _failing_once(backend, ran=False)
-        await lim.settle(tickets[1], record(Usage(1, 1, 2, cost_usd=0.01)))
-        assert await until(lambda: sent)
+        tickets = await admit_alice(lim, 2)
+        await settle_in_a_failed_batch(lim, tickets[1], 0.01, ran=False)
         await lim.settle(tickets[0], record(Usage(1, 1, 2, cost_usd=0.02)))
         await backend.aclose()  # long before store_retry_s
         budget = redis_hash(fresh_redis, budget_of_day(clock))
         assert int(budget["spent"]) == 30_000_000
         assert int(budget["held"]) == 0
 
-    run(fresh_redis, {"tiers": {"t": {"budget_usd_per_day": 100}}}, body, clock=clock, store_retry_s=30)
+    run(fresh_redis, BUDGET_100, body, clock=clock, store_retry_s=30)
 
 
 def test_settlements_waiting_in_the_outbox_are_sent_at_shutdown(fresh_redis: str) -> None:
@@ -586,7 +595,7 @@ def test_settlements_waiting_in_the_outbox_are_sent_at_shutdown(fresh_redis: str
     async def body(lims: list[Limiter], store: Store) -> None:
         (lim,) = lims
         backend = leased(lim)
-        tickets = [await lim.admit(ALICE, call(max_tokens=10), plan()) for _ in range(2)]
+        tickets = await admit_alice(lim, 2)
         await lim.settle(tickets[0], record(Usage(1, 1, 2, cost_usd=0.02)))  # exact: sent at once
         settle = backend.inner.settle
         started = asyncio.Event()
@@ -604,7 +613,7 @@ def test_settlements_waiting_in_the_outbox_are_sent_at_shutdown(fresh_redis: str
         assert int(budget["spent"]) == 30_000_000
         assert int(budget["held"]) == 0 and not [f for f in budget if f.startswith("r:")]
 
-    run(fresh_redis, {"tiers": {"t": {"budget_usd_per_day": 100}}}, body, clock=clock, store_retry_s=30)
+    run(fresh_redis, BUDGET_100, body, clock=clock, store_retry_s=30)
 
 
 def test_a_budget_threshold_fires_once_across_workers_settling_in_batches(fresh_redis: str) -> None:
@@ -622,8 +631,7 @@ def test_a_budget_threshold_fires_once_across_workers_settling_in_batches(fresh_
         assert int(redis_hash(fresh_redis, budget_of_day(clock))["spent"]) == 80 * NANO
         assert sum(lim.alerts.fired_total for lim in lims) == 1
 
-    spec = {"tiers": {"t": {"budget_usd_per_day": 100}}}
-    run(fresh_redis, spec, body, workers=2, clock=clock, alert_thresholds=[0.5])
+    run(fresh_redis, BUDGET_100, body, workers=2, clock=clock, alert_thresholds=[0.5])
 
 
 def test_coalesce_sums_per_bucket_and_per_allotment_and_closing_wins() -> None:
@@ -653,7 +661,7 @@ def test_a_retried_batch_still_fires_its_budget_alert_once(fresh_redis: str, ran
     async def body(lims: list[Limiter], store: Store) -> None:
         (lim,) = lims
         backend = leased(lim)
-        tickets = [await lim.admit(ALICE, call(max_tokens=10), plan()) for _ in range(2)]
+        tickets = await admit_alice(lim, 2)
         assert backend.local_admissions == 1
         sent = _failing_once(backend, ran=ran)
         await lim.settle(tickets[1], record(Usage(1, 1, 2, cost_usd=60.0)))  # crosses 50% of $100
@@ -664,8 +672,7 @@ def test_a_retried_batch_still_fires_its_budget_alert_once(fresh_redis: str, ran
         assert int(redis_hash(fresh_redis, budget_of_day(clock))["spent"]) == 60_001_000_000
         assert lim.alerts.fired_total == 1
 
-    spec = {"tiers": {"t": {"budget_usd_per_day": 100}}}
-    run(fresh_redis, spec, body, clock=clock, store_retry_s=0.2, alert_thresholds=[0.5])
+    run(fresh_redis, BUDGET_100, body, clock=clock, store_retry_s=0.2, alert_thresholds=[0.5])
 
 
 def test_old_budget_keys_make_room_without_losing_a_pending_alert(fresh_redis: str) -> None:
@@ -674,7 +681,7 @@ def test_old_budget_keys_make_room_without_losing_a_pending_alert(fresh_redis: s
 
     async def body(lims: list[Limiter], store: Store) -> None:
         (lim,) = lims
-        alice_tickets = [await lim.admit(ALICE, call(max_tokens=10), plan()) for _ in range(2)]
+        alice_tickets = await admit_alice(lim, 2)
         bob_tickets = [await lim.admit(bob, call(max_tokens=10), plan()) for _ in range(2)]
         assert leased(lim).local_admissions == 2
         known = next(iter(lim._alerting.values()), None)
@@ -687,8 +694,7 @@ def test_old_budget_keys_make_room_without_losing_a_pending_alert(fresh_redis: s
         for ticket in (alice_tickets[0], bob_tickets[0]):
             await lim.settle(ticket, record(Usage(1, 1, 2, cost_usd=0.001)))
 
-    spec = {"tiers": {"t": {"budget_usd_per_day": 100}}}
-    run(fresh_redis, spec, body, clock=clock, alert_thresholds=[0.5])
+    run(fresh_redis, BUDGET_100, body, clock=clock, alert_thresholds=[0.5])
 
 
 def test_a_sweep_sends_its_batches_at_once(fresh_redis: str) -> None:
@@ -723,7 +729,7 @@ def test_a_sweep_sends_its_batches_at_once(fresh_redis: str) -> None:
         for ticket in tickets[::2]:
             await lim.settle(ticket, record(Usage(1, 1, 2, cost_usd=0.01)))
 
-    run(fresh_redis, {"tiers": {"t": {"budget_usd_per_day": 100}}}, body, clock=clock)
+    run(fresh_redis, BUDGET_100, body, clock=clock)
 
 
 def test_a_settlement_during_shutdown_is_sent_and_one_after_it_is_counted(
@@ -734,7 +740,7 @@ def test_a_settlement_during_shutdown_is_sent_and_one_after_it_is_counted(
     async def body(lims: list[Limiter], store: Store) -> None:
         (lim,) = lims
         backend = leased(lim)
-        tickets = [await lim.admit(ALICE, call(max_tokens=10), plan()) for _ in range(3)]
+        tickets = await admit_alice(lim, 3)
         assert backend.local_admissions == 2
         settle = backend.inner.settle
 
@@ -753,7 +759,7 @@ def test_a_settlement_during_shutdown_is_sent_and_one_after_it_is_counted(
         assert backend.resend_failures == 1
         assert "after the limits store closed" in caplog.text
 
-    run(fresh_redis, {"tiers": {"t": {"budget_usd_per_day": 100}}}, body, clock=clock)
+    run(fresh_redis, BUDGET_100, body, clock=clock)
 
 
 def test_a_batch_too_old_for_its_marker_is_not_sent_again(fresh_redis: str) -> None:
@@ -762,10 +768,8 @@ def test_a_batch_too_old_for_its_marker_is_not_sent_again(fresh_redis: str) -> N
     async def body(lims: list[Limiter], store: Store) -> None:
         (lim,) = lims
         backend = leased(lim)
-        tickets = [await lim.admit(ALICE, call(max_tokens=10), plan()) for _ in range(2)]
-        sent = _failing_once(backend, ran=True)
-        await lim.settle(tickets[1], record(Usage(1, 1, 2, cost_usd=0.01)))
-        assert await until(lambda: sent)
+        tickets = await admit_alice(lim, 2)
+        sent = await settle_in_a_failed_batch(lim, tickets[1], 0.01, ran=True)
         (item,) = backend._resend
         backend._resend = [item._replace(first=item.first - backend._once_ms / 1000)]  # first sent long ago
         await asyncio.sleep(0.5)  # past its retry time
@@ -774,4 +778,4 @@ def test_a_batch_too_old_for_its_marker_is_not_sent_again(fresh_redis: str) -> N
         await backend.aclose()
         assert int(redis_hash(fresh_redis, budget_of_day(clock))["spent"]) == 30_000_000
 
-    run(fresh_redis, {"tiers": {"t": {"budget_usd_per_day": 100}}}, body, clock=clock, store_retry_s=0.2)
+    run(fresh_redis, BUDGET_100, body, clock=clock, store_retry_s=0.2)
