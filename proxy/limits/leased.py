@@ -353,9 +353,7 @@ class LeasedBackend:
         if taken is None:
             return await self.inner.settle(releases, rid, now_ms, shape=shape)
         if self._closed:  # after shutdown's last batch: nothing would send it
-            self.resend_failures += 1
-            if self.on_settle_failure is not None:
-                self.on_settle_failure()
+            self._count_failure()
             log.warning("request %s settled after the limits store closed: its reservation ends with its lease", rid)
             return []
         of_key = {a.key: (a, cost) for a, cost in zip(taken.allotments, taken.costs, strict=True)}
@@ -448,9 +446,7 @@ class LeasedBackend:
         try:
             spents = await self.inner.settle(item.releases, item.once, now_ms, once_ms=self._once_ms, defer=False)
         except BaseException as exc:  # failed, or cancelled (shutdown): it may have run
-            self.resend_failures += 1
-            if self.on_settle_failure is not None:
-                self.on_settle_failure()
+            self._count_failure()
             failed = isinstance(exc, StoreUnavailable)
             if not failed or item.tries + 1 < _RETRY_ATTEMPTS:
                 self._resend.append(item._replace(tries=item.tries + 1, due=time.monotonic() + self.retry_s))
@@ -472,6 +468,11 @@ class LeasedBackend:
                     on_spent(release.key, spent - release.spend, spent)
                 except Exception:
                     log.exception("reporting a budget's spend failed")
+
+    def _count_failure(self) -> None:
+        self.resend_failures += 1
+        if self.on_settle_failure is not None:
+            self.on_settle_failure()
 
     # -- life cycle -------------------------------------------------------------------
 

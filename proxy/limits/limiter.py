@@ -38,6 +38,7 @@ from proxy.limits.alerts import BudgetAlerts
 from proxy.limits.backend import Backend, Check, CheckState, Decision, Release
 from proxy.limits.failover import Failover
 from proxy.limits.headers import binding_check, header_plan, limit_error, ratelimit_headers
+from proxy.limits.leased import LeasedBackend
 from proxy.limits.policy import Bound, KeyBudgets, LimitsPolicy, Period, Rule
 from proxy.limits.pricing import Pricer, actual_cost_nusd, max_output_tokens
 from proxy.pricing import Price
@@ -196,7 +197,7 @@ class Limiter:
         self.rejected_total: Counter[str] = Counter()
         # budget key -> its bound and period, for spend a backend settles later (``_spent``)
         self._alerting: dict[str, tuple[Bound, str]] = {}
-        if hasattr(backend, "on_spent"):
+        if isinstance(backend, LeasedBackend):
             backend.on_spent = self._spent
 
     async def start(self) -> None:
