@@ -8,6 +8,7 @@ request, measured the same way as the benchmark (process-tree CPU / requests)::
     .venv/bin/python loadtests/features.py                     # every variant, ~2 min
     .venv/bin/python loadtests/features.py --variants all,no-request-log --repeat 2
     .venv/bin/python loadtests/features.py --variants all,redis-cluster --connections 1 --repeat 2
+    .venv/bin/python loadtests/features.py --admission leased --connections 1 --repeat 2
 
 ``redis-cluster`` runs the same proxy on a three-node Redis Cluster (the one the test suite
 starts, ``tests/redis_server.py``) instead of one redis-server: what the cluster costs.
@@ -91,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--repeat", type=int, default=1, help="rounds over all variants; least CPU and median req/s reported"
     )
+    parser.add_argument(
+        "--admission", choices=("exact", "leased"), default="exact", help="limits.admission in every variant"
+    )
     parser.add_argument("--proxy-cpus", default="0")
     parser.add_argument("--load-cpus", default="1")
     args = parser.parse_args(argv)
@@ -121,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     variant = VARIANTS[name]
                     folder = work / f"{name}-{round_}"
                     policies = _policies(folder / "src", variant.policies)
-                    config, keys = stack.write_config(folder, stack.BENCH_KEYS, variant.overrides, policies)
+                    overrides = {"limits": {"admission": args.admission}, **variant.overrides}
+                    config, keys = stack.write_config(folder, stack.BENCH_KEYS, overrides, policies)
                     env = stack.proxy_env(upstream, stores[variant.store])
                     luas = _luas(folder, [k.secret for k in keys])
                     with stack.proxy(args.proxy_cpus, config, env) as proc:

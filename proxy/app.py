@@ -30,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from proxy import gc_tuning
 from proxy.admin import AdminAPI, admin_routes
 from proxy.admission import Admission
 from proxy.asgi import Receive, Scope, Send, send_error
@@ -90,8 +91,10 @@ class ProxyApp:
         *,
         emulator: bool = False,
         limits: LimitsPolicy | None = None,
+        tune_gc: bool = False,
     ) -> None:
         self.settings = settings
+        self.tune_gc = tune_gc
         self.keyring = keyring
         self.router = router
         self.limits = limits or LimitsPolicy()
@@ -172,6 +175,8 @@ class ProxyApp:
         self.runtime = Runtime(
             client, store, usage_log, obs, admission, activity, catalog, chat, emulator, breakers, admin
         )
+        if self.tune_gc:
+            log.debug("garbage collector tuned: %d startup objects frozen", gc_tuning.tune_gc())
         try:
             yield
         finally:
@@ -243,12 +248,16 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     return await _proxy_error(request, error)
 
 
-def create_app(settings: Settings, *, dev_key_sha256: str | None = None, emulator: bool = False) -> ProxyApp:
+def create_app(
+    settings: Settings, *, dev_key_sha256: str | None = None, emulator: bool = False, tune_gc: bool = False
+) -> ProxyApp:
     """Build the app from validated settings (policies are loaded and compiled here, and
     reloaded on change while the app runs: ``proxy.routing.ReloadingRouter``).
 
     ``dev_key_sha256`` adds the one-time development key printed by ``serve`` when no
-    keys are configured. Raises ``ConfigError`` for an invalid policy file.
+    keys are configured. ``tune_gc``: at the end of startup, freeze the startup heap and
+    raise the collector's young threshold (``proxy.gc_tuning``; for a served worker, which
+    owns its process). Raises ``ConfigError`` for an invalid policy file.
     """
     entries = [(k.sha256, k.name, k.team, k.tier) for k in settings.keys]
     if dev_key_sha256:
@@ -258,7 +267,7 @@ def create_app(settings: Settings, *, dev_key_sha256: str | None = None, emulato
     if problems:
         raise ConfigError(problems)
     router = ReloadingRouter(settings.policies_dir)
-    return ProxyApp(settings, Keyring(entries), router, emulator=emulator, limits=limits)
+    return ProxyApp(settings, Keyring(entries), router, emulator=emulator, limits=limits, tune_gc=tune_gc)
 
 
 def app_from_env() -> ProxyApp:
@@ -269,4 +278,5 @@ def app_from_env() -> ProxyApp:
         settings,
         dev_key_sha256=os.environ.get(ENV_DEV_KEY) or None,
         emulator=os.environ.get(ENV_UPSTREAM) == "emulator",
+        tune_gc=True,
     )
