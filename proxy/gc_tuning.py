@@ -5,9 +5,11 @@ every so often, a full pass over every object the process holds. A proxy worker 
 large, unchanging heap after startup (pydantic models, redis-py, prometheus-client, the
 compiled policies: about 80,000 objects) and, under load, hundreds of short-lived
 containers per request in flight. With the defaults a worker at 16 connections ran a young
-pass every 16 requests and a 40 to 50 ms full pass every 2,000, and spent 200 to 300 µs of CPU
-per request more than with the tuning below (``loadtests/features.py``-style A/B on the
-benchmark's traffic, non-streamed, 16 and 64 connections; no difference at 1 connection).
+pass every 16 requests and a 40 to 50 ms full pass every 2,000, and spent 200 to 400 µs of CPU
+per request more than with the tuning below (an A/B on the benchmark's traffic, one worker,
+10 s of wrk per run: 16 and 64 connections, streamed and not; within the noise at 1
+connection). Benchmark run l (``docs/measurements/bench-2026-11-22l-leased-full.md``) is
+the first with it.
 
 ``tune_gc`` is called once, at the end of a served worker's startup:
 
