@@ -42,7 +42,11 @@ def test_tune_gc_freezes_the_heap_and_raises_the_young_threshold(restored_gc: No
 
 
 def test_the_served_app_tunes_the_collector_at_startup(
-    tmp_path: Path, emulator: ServerThread, monkeypatch: pytest.MonkeyPatch, restored_gc: None
+    tmp_path: Path,
+    serve: Callable[..., ServerThread],
+    emulator: ServerThread,
+    monkeypatch: pytest.MonkeyPatch,
+    restored_gc: None,
 ) -> None:
     path = write_config(tmp_path, f"{emulator.url}/api/v1")
     monkeypatch.setenv("PROXY_CONFIG", str(path))
@@ -52,15 +56,12 @@ def test_the_served_app_tunes_the_collector_at_startup(
     app = app_from_env()
     assert gc.get_threshold()[0] == 700  # building the app is not startup
 
-    server = ServerThread(app).start()
-    try:
-        assert gc.get_threshold()[0] == YOUNG_THRESHOLD
-        assert gc.get_freeze_count() > 0
-        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=ALICE_KEY, max_retries=0)
-        answer = client.chat.completions.create(model="fast", messages=[{"role": "user", "content": "hi"}])
-        assert answer.choices[0].message.content
-    finally:
-        server.stop()
+    server = serve(app)
+    assert gc.get_threshold()[0] == YOUNG_THRESHOLD
+    assert gc.get_freeze_count() > 0
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=ALICE_KEY, max_retries=0)
+    answer = client.chat.completions.create(model="fast", messages=[{"role": "user", "content": "hi"}])
+    assert answer.choices[0].message.content
 
 
 def test_an_app_built_in_process_leaves_the_collector_alone(
