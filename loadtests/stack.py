@@ -185,10 +185,10 @@ def child(
 
 
 @contextmanager
-def emulator(cpus: str | None, log: Path | None = None) -> Iterator[Process]:
+def emulator(cpus: str | None, log: Path | None = None, env: Mapping[str, str] | None = None) -> Iterator[Process]:
     port = free_port()
     argv = pinned(cpus, [*CLI, "emulate", "--host", "127.0.0.1", "--port", str(port)])
-    with child(argv, port, "/api/v1/models", log=log) as proc:
+    with child(argv, port, "/api/v1/models", env, log) as proc:
         yield proc
 
 
@@ -223,13 +223,18 @@ def redis(cpus: str | None) -> Iterator[Process]:
 
 @contextmanager
 def passthrough(
-    cpus: str | None, upstream: str, client: str = "aiohttp", log: Path | None = None, app: str = "asgi"
+    cpus: str | None,
+    upstream: str,
+    client: str = "aiohttp",
+    log: Path | None = None,
+    app: str = "asgi",
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[Process]:
     """``passthrough.py`` (``app``: ``asgi``, the raw callable, or ``starlette``)."""
     port = free_port()
     script = [PYTHON, str(HERE / "passthrough.py"), "--client", client, "--app", app]
     argv = pinned(cpus, [*script, "--port", str(port), "--upstream", upstream])
-    with child(argv, port, "/healthz", log=log) as proc:
+    with child(argv, port, "/healthz", env, log) as proc:
         yield proc
 
 
