@@ -30,6 +30,7 @@ Load goes only to 127.0.0.1; every run is bounded in time.
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import socket
@@ -121,14 +122,8 @@ class Probe:
 
 def _at_or_before(times: list[int], t: int) -> int | None:
     """The latest of the sorted ``times`` at or before ``t``."""
-    lo, hi = 0, len(times)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if times[mid] <= t:
-            lo = mid + 1
-        else:
-            hi = mid
-    return times[lo - 1] if lo else None
+    i = bisect.bisect_right(times, t)
+    return times[i - 1] if i else None
 
 
 def phases(marks: dict[str, list[int]]) -> dict[str, float]:
