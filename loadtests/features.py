@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             runner = bench.Bench(args, [], emulator.pid, redis.pid)
             for round_ in range(args.repeat):
                 with stack.passthrough(args.proxy_cpus, upstream) as floor:
-                    luas = _luas(work / "floor", [])
+                    luas = wrk_scripts(work / "floor", [])
                     target = bench.Target("floor", f"{floor.url}/v1/chat/completions", [floor.pid], luas)
                     _collect(runner, target, "floor (aiohttp)", args, cpu, rps)
                 for name in names:
@@ -128,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     overrides = {"limits": {"admission": args.admission}, **variant.overrides}
                     config, keys = stack.write_config(folder, stack.BENCH_KEYS, overrides, policies)
                     env = stack.proxy_env(upstream, stores[variant.store])
-                    luas = _luas(folder, [k.secret for k in keys])
+                    luas = wrk_scripts(folder, [k.secret for k in keys])
                     with stack.proxy(args.proxy_cpus, config, env) as proc:
                         target = bench.Target(name, f"{proc.url}/v1/chat/completions", [proc.pid], luas)
                         _collect(runner, target, name, args, cpu, rps)
@@ -149,7 +149,9 @@ def _cluster(wanted: bool) -> Iterator[str | None]:
         yield url
 
 
-def _luas(folder: Path, keys: list[str]) -> dict[str, Path]:
+def wrk_scripts(folder: Path, keys: list[str]) -> dict[str, Path]:
+    """One wrk script per benchmark mode (``bench.MODES``), in ``folder``: the benchmark's
+    bodies, cycled over ``keys`` (none given: a placeholder key, for targets without auth)."""
     folder.mkdir(parents=True, exist_ok=True)
     keys = keys or ["none"]
     return {

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import json
 import os
 import socket
@@ -178,12 +179,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             config, keys = stack.write_config(
                 work / "proxy", stack.BENCH_KEYS, {"limits": {"admission": args.admission}}
             )
-            proxy_luas = features._luas(work / "proxy", [k.secret for k in keys])
-            plain_luas = features._luas(work / "plain", [])
+            proxy_luas = features.wrk_scripts(work / "proxy", [k.secret for k in keys])
+            plain_luas = features.wrk_scripts(work / "plain", [])
             env = {**stack.proxy_env(upstream, redis.url), **probe.env}
             emulator_pids = measure.tree(emulator.pid)
             targets = [
-                ("emulator", lambda: _Direct(emulator.url), plain_luas),
+                ("emulator", lambda: contextlib.nullcontext(emulator), plain_luas),
                 ("floor (aiohttp)", lambda: stack.passthrough(proxy_cpu, upstream, env=probe.env), plain_luas),
                 ("proxy (all features)", lambda: stack.proxy(proxy_cpu, config, env), proxy_luas),
             ]
@@ -194,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         if name == "emulator"
                         else f"{proc.url}/v1/chat/completions"
                     )
-                    pids = measure.tree(proc.pid) if proc.pid else []
+                    pids = [] if name == "emulator" else measure.tree(proc.pid)
                     for mode in bench.MODES:
                         measure.run_wrk(url, luas[mode], 1, 1.5, load_cpu)
                         probe.reset([*pids, *emulator_pids])
@@ -208,20 +209,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(report + "\n")
     return 0
-
-
-class _Direct:
-    """The emulator, already running, as a context manager like the others."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.pid = 0  # no process of its own to probe: the emulator's marks are read apart
-
-    def __enter__(self) -> _Direct:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _report(

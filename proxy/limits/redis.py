@@ -45,7 +45,6 @@ class RedisBackend:
 
     def __init__(self, client: aioredis.Redis | aioredis.RedisCluster, timeout_s: float) -> None:
         self._client = client
-        self._timeout_s = timeout_s
         self.timeout_s = timeout_s  # bounds each call (seconds)
         self._reserve = client.register_script(RESERVE)
         self._settle = client.register_script(SETTLE)
@@ -58,9 +57,9 @@ class RedisBackend:
         self, script: Any, keys: list[str] | EncodedKeys, args: list[Any], *, defer: bool = False
     ) -> list[int]:
         try:
-            result = await self._lane.evalsha(script, keys, args, self._timeout_s, defer=defer)
+            result = await self._lane.evalsha(script, keys, args, self.timeout_s, defer=defer)
         except TimeoutError:
-            raise StoreUnavailable(f"Redis did not answer within {self._timeout_s * 1000:.0f} ms") from None
+            raise StoreUnavailable(f"Redis did not answer within {self.timeout_s * 1000:.0f} ms") from None
         except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
         if not isinstance(result, bytes):
@@ -170,7 +169,7 @@ class RedisBackend:
     async def warm(self) -> None:
         """Load both scripts and open a connection now, not on the first requests (never raises)."""
         try:
-            async with asyncio.timeout(max(1.0, self._timeout_s)):
+            async with asyncio.timeout(max(1.0, self.timeout_s)):
                 for script in (self._reserve, self._settle):
                     script.sha = await self._client.script_load(script.script)
         except REDIS_ERRORS:
