@@ -1,0 +1,262 @@
+"""Instructions per request: the proxy's and the floor's CPU work counted, not timed.
+
+CPU time per request on a shared 2-CPU VM moves by 15-30% from run to run (other tenants,
+cold caches, frequency), so a 3% change in the hot path cannot be seen in ``bench.py``.
+This tool runs the served process under ``valgrind --tool=callgrind``, which counts the
+machine instructions the process executes: the same code on the same requests gives the
+same count to within about 0.5%, whatever else the machine is doing.
+
+For each target (the proxy with every feature on, as ``bench.py`` configures it, and the
+raw ASGI + aiohttp floor, ``passthrough.py``) and mode (streamed or not):
+
+1. start it under callgrind with instrumentation off (startup runs about 10x slower,
+   not 50x), Redis and the emulator beside it, uninstrumented;
+2. send ``--warmup`` requests, one at a time on one keep-alive connection (caches,
+   allotments and connection pools filled);
+3. switch instrumentation on, zero the counters, send ``--requests`` more, dump the
+   counters (``callgrind_control``);
+4. report the dump's instructions divided by the requests, and what the process spends
+   per second when idle right after (its timers), scaled to the same time.
+
+Under callgrind the process runs about 50x slower, while timers keep wall-clock time: a
+periodic task (the leased-admission sweeper every 0.1 s, the ledger and request log
+flushes every 0.2 s) runs about 50x more often per request than at full speed, so its
+share is overstated. The figure is for comparing one commit with another, and the proxy
+with the floor; ``bench.py`` stays the measure of CPU time. Only 127.0.0.1 is used.
+
+Usage: ``python loadtests/instructions.py [--modes non-stream,stream] [--out FILE]``
+(about 3 minutes per target and mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import stack  # noqa: E402
+from bench import MODES, bodies  # noqa: E402
+
+__all__ = ["Count", "count_requests", "instructions_of", "main"]
+
+_TOTALS = re.compile(rb"^(?:summary|totals):\s*(\d+)", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Count:
+    """One measured row: instructions over ``requests`` requests that took ``seconds``, and
+    the process's instructions per second when idle (its timers), measured right after."""
+
+    target: str
+    mode: str
+    requests: int
+    instructions: int
+    seconds: float
+    idle_per_s: float
+
+    @property
+    def idle_share(self) -> float:
+        """Instructions per request that an idle process would have spent in the same time."""
+        return self.idle_per_s * self.seconds / self.requests
+
+    @property
+    def per_request(self) -> float:
+        return self.instructions / self.requests
+
+
+def instructions_of(dump: bytes) -> int:
+    """The instruction total of a callgrind dump (its ``summary:`` or ``totals:`` line)."""
+    found = _TOTALS.search(dump)
+    if found is None:
+        raise ValueError("not a callgrind dump: no summary or totals line")
+    return int(found.group(1))
+
+
+def send_requests(url: str, path: str, bodies_: Sequence[bytes], keys: Sequence[str], count: int) -> None:
+    """``count`` requests, one at a time on one keep-alive connection, rotating bodies and
+    keys; raises ``RuntimeError`` on any status but 200 (each response is read to its end)."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=600)
+    try:
+        for i in range(count):
+            body = bodies_[i % len(bodies_)]
+            headers = {"content-type": "application/json", "authorization": f"Bearer {keys[i % len(keys)]}"}
+            conn.request("POST", path, body=body, headers=headers)
+            response = conn.getresponse()
+            data = response.read()
+            if response.status != 200:
+                raise RuntimeError(f"{path} answered {response.status}: {data[:300]!r}")
+    finally:
+        conn.close()
+
+
+@contextmanager
+def under_callgrind(
+    argv: Sequence[str], port: int, ready_path: str, env: dict[str, str], workdir: Path
+) -> Iterator[tuple[int, str]]:
+    """``argv`` served under callgrind, instrumentation off; yields ``(pid, base url)``."""
+    out = workdir / "callgrind.%p"
+    cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", *argv]
+    log = workdir / "served.log"
+    with log.open("ab") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=sink, env={**os.environ, **env}, cwd=stack.ROOT)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            stack.wait_http(base + ready_path, proc, log, timeout=600)
+            yield proc.pid, base
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _control(flag: str, pid: int) -> None:
+    subprocess.run(["callgrind_control", flag, str(pid)], check=True, capture_output=True, timeout=300)
+
+
+def _dump(pid: int, workdir: Path) -> int:
+    """Dump ``pid``'s counters and return the dump's instruction total."""
+    before = set(workdir.glob("callgrind.*"))
+    _control("--dump", pid)  # returns once the dump is written
+    dumps = set(workdir.glob("callgrind.*")) - before
+    if not dumps:
+        raise RuntimeError("callgrind wrote no dump")
+    total = sum(instructions_of(dump.read_bytes()) for dump in dumps)
+    for dump in dumps:
+        dump.unlink()
+    return total
+
+
+def count_requests(
+    pid: int,
+    url: str,
+    path: str,
+    bodies_: Sequence[bytes],
+    keys: Sequence[str],
+    warmup: int,
+    requests: int,
+    workdir: Path,
+    idle_s: float = 3.0,
+) -> tuple[int, float, float]:
+    """``(instructions, seconds)`` the process ``pid`` took for ``requests`` requests after
+    ``warmup``, and its instructions per second when idle for ``idle_s`` right after."""
+    send_requests(url, path, bodies_, keys, warmup)
+    _control("--instr=on", pid)
+    _control("--zero", pid)
+    started = time.monotonic()
+    send_requests(url, path, bodies_, keys, requests)
+    seconds = time.monotonic() - started
+    total = _dump(pid, workdir)
+    _control("--zero", pid)
+    time.sleep(idle_s)
+    idle = _dump(pid, workdir)
+    _control("--instr=off", pid)
+    return total, seconds, idle / idle_s
+
+
+def run(args: argparse.Namespace) -> list[Count]:
+    for tool in ("valgrind", "callgrind_control", "redis-server"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} not found (apt-get install -y valgrind redis-server)")
+    counts: list[Count] = []
+    with tempfile.TemporaryDirectory(prefix="proxy-instructions-") as tmp, ExitStack() as stack_:
+        workdir = Path(tmp)
+        config, vkeys = stack.write_config(workdir, stack.BENCH_KEYS, {"limits": {"admission": args.admission}})
+        keys = [k.secret for k in vkeys]
+        redis = stack_.enter_context(stack.redis(None))
+        emulator = stack_.enter_context(stack.emulator(None))
+        upstream = f"{emulator.url}/api/v1"
+        env = stack.proxy_env(upstream, redis.url)
+        for target in args.targets:
+            for mode in args.modes:
+                port = stack.free_port()
+                if target == "proxy":
+                    argv = [*stack.CLI, "serve", "--config", str(config), "--port", str(port), "--workers", "1"]
+                    name = "proxy (all features)"
+                else:
+                    script = HERE / "passthrough.py"
+                    argv = [
+                        stack.PYTHON,
+                        str(script),
+                        "--client",
+                        "aiohttp",
+                        "--app",
+                        "asgi",
+                        "--port",
+                        str(port),
+                        "--upstream",
+                        upstream,
+                    ]
+                    name = "floor (aiohttp)"
+                served = workdir / f"{target}-{mode}"
+                served.mkdir()
+                with under_callgrind(argv, port, "/healthz", env, served) as (pid, url):
+                    total, seconds, idle_per_s = count_requests(
+                        pid, url, "/v1/chat/completions", bodies(mode), keys, args.warmup, args.requests, served
+                    )
+                count = Count(name, mode, args.requests, total, seconds, idle_per_s)
+                counts.append(count)
+                print(
+                    f"{name:22} {mode:10} {count.per_request / 1e6:6.3f} M instructions/request "
+                    f"({count.idle_share / 1e6:.3f} M of them idle timers)",
+                    flush=True,
+                )
+    return counts
+
+
+def render(counts: Sequence[Count], args: argparse.Namespace) -> str:
+    floors = {c.mode: c.per_request for c in counts if c.target.startswith("floor")}
+    lines = [
+        "# Instructions per request (callgrind)",
+        "",
+        f"`loadtests/instructions.py`: {args.warmup} warm-up requests, then {args.requests} counted, one at a time "
+        f"on one keep-alive connection; limits.admission: {args.admission}. Periodic tasks are overstated "
+        "(the module docstring says why); compare commits and targets, not seconds.",
+        "",
+        "| target | mode | M instructions / request | of which idle timers | vs floor |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for c in counts:
+        floor = floors.get(c.mode)
+        ratio = f"{c.per_request / floor:.2f}x" if floor and not c.target.startswith("floor") else "-"
+        lines.append(f"| {c.target} | {c.mode} | {c.per_request / 1e6:.3f} | {c.idle_share / 1e6:.3f} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--modes", default=",".join(MODES), type=lambda s: s.split(","))
+    parser.add_argument("--targets", default="floor,proxy", type=lambda s: s.split(","))
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--admission", choices=("exact", "leased"), default="leased")
+    parser.add_argument("--out", type=Path, help="also write the report to this markdown file")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    report = render(run(args), args)
+    print(report)
+    if args.out:
+        args.out.write_text(report)
+
+
+if __name__ == "__main__":
+    main()
