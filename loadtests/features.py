@@ -67,7 +67,7 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
-def _policies(directory: Path, kind: str | None) -> Path:
+def policies_for(directory: Path, kind: str | None) -> Path:
     """A policies folder for ``kind``: the load-test policies with limits and/or rules removed."""
     if kind is None:
         return stack.POLICIES
@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for name in names:
                     variant = VARIANTS[name]
                     folder = work / f"{name}-{round_}"
-                    policies = _policies(folder / "src", variant.policies)
+                    policies = policies_for(folder / "src", variant.policies)
                     overrides = {"limits": {"admission": args.admission}, **variant.overrides}
                     config, keys = stack.write_config(folder, stack.BENCH_KEYS, overrides, policies)
                     env = stack.proxy_env(upstream, stores[variant.store])

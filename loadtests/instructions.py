@@ -20,9 +20,13 @@ raw ASGI + aiohttp floor, ``passthrough.py``) and mode (streamed or not):
 
 Under callgrind the process runs about 50x slower, while timers keep wall-clock time: a
 periodic task (the leased-admission sweeper every 0.1 s, the ledger and request log
-flushes every 0.2 s) runs about 50x more often per request than at full speed, so its
-share is overstated. The figure is for comparing one commit with another, and the proxy
-with the floor; ``bench.py`` stays the measure of CPU time. Only 127.0.0.1 is used.
+flushes every 0.2 s) runs about 50x more often per request than at full speed, and work
+batched by time is shared by about 50x fewer requests (a ledger batch, an allotment that
+admits for 1 s or one 100 ms bucket). Those features' shares are overstated: the ledger's
+about twice, leased admission's more (it takes the exact path far more often). The
+figure is for comparing one commit with another on the same code path, and the proxy with
+the floor; ``bench.py`` stays the measure of CPU time. ``--variants`` takes the proxy
+configurations of ``features.py``. Only 127.0.0.1 is used.
 
 Usage: ``python loadtests/instructions.py [--modes non-stream,stream] [--out FILE]``
 (about 3 minutes per target and mode).
@@ -49,6 +53,7 @@ sys.path.insert(0, str(HERE))
 
 import stack  # noqa: E402
 from bench import MODES, bodies  # noqa: E402
+from features import VARIANTS, policies_for  # noqa: E402
 
 __all__ = ["Count", "count_requests", "instructions_of", "main"]
 
@@ -170,6 +175,26 @@ def count_requests(
     return total, seconds, idle / idle_s
 
 
+def _served(target: str, port: int, upstream: str, config: Path | None) -> list[str]:
+    """The command line of the floor (``target`` "floor") or the proxy on ``config``."""
+    if target == "floor":
+        script = str(HERE / "passthrough.py")
+        return [
+            stack.PYTHON,
+            script,
+            "--client",
+            "aiohttp",
+            "--app",
+            "asgi",
+            "--port",
+            str(port),
+            "--upstream",
+            upstream,
+        ]
+    assert config is not None
+    return [*stack.CLI, "serve", "--config", str(config), "--port", str(port), "--workers", "1"]
+
+
 def run(args: argparse.Namespace) -> list[Count]:
     for tool in ("valgrind", "callgrind_control", "redis-server"):
         if shutil.which(tool) is None:
@@ -177,34 +202,27 @@ def run(args: argparse.Namespace) -> list[Count]:
     counts: list[Count] = []
     with tempfile.TemporaryDirectory(prefix="proxy-instructions-") as tmp, ExitStack() as stack_:
         workdir = Path(tmp)
-        config, vkeys = stack.write_config(workdir, stack.BENCH_KEYS, {"limits": {"admission": args.admission}})
-        keys = [k.secret for k in vkeys]
         redis = stack_.enter_context(stack.redis(None))
         emulator = stack_.enter_context(stack.emulator(None))
         upstream = f"{emulator.url}/api/v1"
-        env = stack.proxy_env(upstream, redis.url)
-        for target in args.targets:
+        rows: list[tuple[str, Path | None, dict[str, str], list[str]]] = []  # name, config, env, keys
+        if "floor" in args.targets:
+            rows.append(("floor (aiohttp)", None, {}, ["floor"]))  # the emulator takes any key
+        if "proxy" in args.targets:
+            for variant_name in args.variants:
+                variant = VARIANTS[variant_name]
+                folder = workdir / variant_name
+                policies = policies_for(folder / "src", variant.policies)
+                overrides = {"limits": {"admission": args.admission}, **variant.overrides}
+                config, vkeys = stack.write_config(folder, stack.BENCH_KEYS, overrides, policies)
+                store = {"redis": redis.url, "memory": None}[variant.store]
+                name = "proxy (all features)" if variant_name == "all" else f"proxy: {variant_name}"
+                rows.append((name, config, stack.proxy_env(upstream, store), [k.secret for k in vkeys]))
+        for name, config, env, keys in rows:
             for mode in args.modes:
                 port = stack.free_port()
-                if target == "proxy":
-                    argv = [*stack.CLI, "serve", "--config", str(config), "--port", str(port), "--workers", "1"]
-                    name = "proxy (all features)"
-                else:
-                    script = HERE / "passthrough.py"
-                    argv = [
-                        stack.PYTHON,
-                        str(script),
-                        "--client",
-                        "aiohttp",
-                        "--app",
-                        "asgi",
-                        "--port",
-                        str(port),
-                        "--upstream",
-                        upstream,
-                    ]
-                    name = "floor (aiohttp)"
-                served = workdir / f"{target}-{mode}"
+                argv = _served("floor" if config is None else "proxy", port, upstream, config)
+                served = workdir / f"{len(counts)}-{mode}"
                 served.mkdir()
                 with under_callgrind(argv, port, "/healthz", env, served) as (pid, url):
                     total, seconds, idle_per_s = count_requests(
@@ -243,6 +261,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--modes", default=",".join(MODES), type=lambda s: s.split(","))
     parser.add_argument("--targets", default="floor,proxy", type=lambda s: s.split(","))
+    parser.add_argument(
+        "--variants",
+        default="all",
+        type=lambda s: s.split(","),
+        help="the proxy's configurations, from features.py (not redis-cluster): " + ", ".join(VARIANTS),
+    )
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--admission", choices=("exact", "leased"), default="leased")
@@ -252,6 +276,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    unknown = [v for v in args.variants if v not in VARIANTS or VARIANTS[v].store == "cluster"]
+    if unknown:
+        raise SystemExit(f"unknown or unsupported variants: {', '.join(unknown)}")
     report = render(run(args), args)
     print(report)
     if args.out:
