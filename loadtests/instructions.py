@@ -1,10 +1,10 @@
 """Instructions per request: the proxy's and the floor's CPU work counted, not timed.
 
 CPU time per request on a shared 2-CPU VM moves by 15-30% from run to run (other tenants,
-cold caches, frequency), so a 3% change in the hot path cannot be seen in ``bench.py``.
+cold caches, frequency), so a 5% change in the hot path cannot be seen in ``bench.py``.
 This tool runs the served process under ``valgrind --tool=callgrind``, which counts the
 machine instructions the process executes: the same code on the same requests gives the
-same count to within about 0.5%, whatever else the machine is doing.
+same count to within 2-3% (the timers' share varies), whatever else the machine is doing.
 
 For each target (the proxy with every feature on, as ``bench.py`` configures it, and the
 raw ASGI + aiohttp floor, ``passthrough.py``) and mode (streamed or not):
