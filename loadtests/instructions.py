@@ -14,7 +14,7 @@ raw ASGI + aiohttp floor, ``passthrough.py``) and mode (streamed or not):
 2. send ``--warmup`` requests, one at a time on one keep-alive connection (caches,
    allotments and connection pools filled);
 3. switch instrumentation on, zero the counters, send ``--requests`` more, dump the
-   counters (``callgrind_control``);
+   counters (callgrind's monitor commands, sent with ``vgdb``);
 4. report the dump's instructions divided by the requests, and what the process spends
    per second when idle right after (its timers), scaled to the same time.
 
@@ -28,15 +28,15 @@ figure is for comparing one commit with another on the same code path, and the p
 the floor; ``bench.py`` stays the measure of CPU time. ``--variants`` takes the proxy
 configurations of ``features.py``. Only 127.0.0.1 is used.
 
-Usage: ``python loadtests/instructions.py [--modes non-stream,stream] [--out FILE]``
-(about 3 minutes per target and mode).
+Usage: ``python loadtests/instructions.py [--modes non-stream,stream] [--variants all,...]
+[--out FILE]`` (about half a minute per target and mode). Needs valgrind (``vgdb``) and
+redis-server.
 """
 
 from __future__ import annotations
 
 import argparse
 import http.client
-import os
 import re
 import shutil
 import subprocess
@@ -55,7 +55,7 @@ import stack  # noqa: E402
 from bench import MODES, bodies  # noqa: E402
 from features import VARIANTS, policies_for  # noqa: E402
 
-__all__ = ["Count", "count_requests", "instructions_of", "main"]
+__all__ = ["Count", "control", "count_requests", "dump_total", "instructions_of", "main", "render", "send_requests"]
 
 _TOTALS = re.compile(rb"^(?:summary|totals):\s*(\d+)", re.MULTILINE)
 
@@ -79,6 +79,7 @@ class Count:
 
     @property
     def per_request(self) -> float:
+        """Instructions per request."""
         return self.instructions / self.requests
 
 
@@ -112,39 +113,39 @@ def send_requests(url: str, path: str, bodies_: Sequence[bytes], keys: Sequence[
 def under_callgrind(
     argv: Sequence[str], port: int, ready_path: str, env: dict[str, str], workdir: Path
 ) -> Iterator[tuple[int, str]]:
-    """``argv`` served under callgrind, instrumentation off; yields ``(pid, base url)``."""
+    """``argv`` served under callgrind, instrumentation off; yields ``(pid, base url)``.
+    Startup and shutdown run about 10x slower than without valgrind."""
     out = workdir / "callgrind.%p"
     cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", *argv]
     log = workdir / "served.log"
-    with log.open("ab") as sink:
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=sink, env={**os.environ, **env}, cwd=stack.ROOT)
-        try:
-            base = f"http://127.0.0.1:{port}"
-            stack.wait_http(base + ready_path, proc, log, timeout=600)
-            yield proc.pid, base
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with stack.child(cmd, port, ready_path, env, log, ready_timeout_s=600, stop_timeout_s=120) as proc:
+        yield proc.pid, proc.url
 
 
-def _control(flag: str, pid: int) -> None:
-    subprocess.run(["callgrind_control", flag, str(pid)], check=True, capture_output=True, timeout=300)
+def control(pid: int, *command: str) -> None:
+    """Send a callgrind monitor command (``instrumentation on``, ``zero``, ``dump``) to
+    ``pid`` through ``vgdb``; returns once it ran. Raises ``RuntimeError`` when vgdb could
+    not reach the process (``callgrind_control`` would exit 0 even then)."""
+    done = subprocess.run(["vgdb", f"--pid={pid}", *command], capture_output=True, timeout=300, check=False)
+    if done.returncode != 0:
+        output = (done.stdout + done.stderr).decode(errors="replace").strip()
+        raise RuntimeError(f"vgdb {' '.join(command)} failed for pid {pid}: {output}")
 
 
-def _dump(pid: int, workdir: Path) -> int:
-    """Dump ``pid``'s counters and return the dump's instruction total."""
+def dump_total(pid: int, workdir: Path) -> int:
+    """Dump ``pid``'s counters into ``workdir`` (``callgrind.<pid>.<n>``; the empty
+    ``callgrind.<pid>`` callgrind made at startup is left alone) and return the
+    instructions counted since the last zero or dump. The dump file is removed."""
     before = set(workdir.glob("callgrind.*"))
-    _control("--dump", pid)  # returns once the dump is written
+    control(pid, "dump")
     dumps = set(workdir.glob("callgrind.*")) - before
     if not dumps:
         raise RuntimeError("callgrind wrote no dump")
     total = sum(instructions_of(dump.read_bytes()) for dump in dumps)
     for dump in dumps:
         dump.unlink()
+    if total <= 0:
+        raise RuntimeError("the dump counted no instructions: was instrumentation on?")
     return total
 
 
@@ -159,20 +160,23 @@ def count_requests(
     workdir: Path,
     idle_s: float = 3.0,
 ) -> tuple[int, float, float]:
-    """``(instructions, seconds)`` the process ``pid`` took for ``requests`` requests after
-    ``warmup``, and its instructions per second when idle for ``idle_s`` right after."""
+    """``(instructions, seconds, idle instructions per second)``: what the process ``pid``
+    executed for ``requests`` requests sent after ``warmup`` and how long that took, then
+    what it executes per second when left idle for ``idle_s`` (its timers, and the last
+    requests' batched work). Each window runs from one counter reset to the next dump."""
     send_requests(url, path, bodies_, keys, warmup)
-    _control("--instr=on", pid)
-    _control("--zero", pid)
+    control(pid, "instrumentation", "on")
+    control(pid, "zero")
     started = time.monotonic()
     send_requests(url, path, bodies_, keys, requests)
-    seconds = time.monotonic() - started
-    total = _dump(pid, workdir)
-    _control("--zero", pid)
+    total = dump_total(pid, workdir)  # a dump also resets the counters
+    idle_from = time.monotonic()
+    seconds = idle_from - started
     time.sleep(idle_s)
-    idle = _dump(pid, workdir)
-    _control("--instr=off", pid)
-    return total, seconds, idle / idle_s
+    idle = dump_total(pid, workdir)
+    idle_per_s = idle / (time.monotonic() - idle_from)
+    control(pid, "instrumentation", "off")
+    return total, seconds, idle_per_s
 
 
 def _served(target: str, port: int, upstream: str, config: Path | None) -> list[str]:
@@ -196,9 +200,10 @@ def _served(target: str, port: int, upstream: str, config: Path | None) -> list[
 
 
 def run(args: argparse.Namespace) -> list[Count]:
-    for tool in ("valgrind", "callgrind_control", "redis-server"):
+    """Count every target, mode and variant ``args`` names; the rows in that order."""
+    for tool in ("valgrind", "vgdb"):
         if shutil.which(tool) is None:
-            raise SystemExit(f"{tool} not found (apt-get install -y valgrind redis-server)")
+            raise SystemExit(f"{tool} not found (apt-get install -y valgrind)")
     counts: list[Count] = []
     with tempfile.TemporaryDirectory(prefix="proxy-instructions-") as tmp, ExitStack() as stack_:
         workdir = Path(tmp)
@@ -239,6 +244,7 @@ def run(args: argparse.Namespace) -> list[Count]:
 
 
 def render(counts: Sequence[Count], args: argparse.Namespace) -> str:
+    """The markdown report: one row per count, with its ratio to the floor of its mode."""
     floors = {c.mode: c.per_request for c in counts if c.target.startswith("floor")}
     lines = [
         "# Instructions per request (callgrind)",
@@ -258,6 +264,7 @@ def render(counts: Sequence[Count], args: argparse.Namespace) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line (``main`` refuses unknown modes, targets and variants)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--modes", default=",".join(MODES), type=lambda s: s.split(","))
     parser.add_argument("--targets", default="floor,proxy", type=lambda s: s.split(","))
@@ -277,8 +284,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     unknown = [v for v in args.variants if v not in VARIANTS or VARIANTS[v].store == "cluster"]
+    unknown += [m for m in args.modes if m not in MODES]
+    unknown += [t for t in args.targets if t not in ("floor", "proxy")]
     if unknown:
-        raise SystemExit(f"unknown or unsupported variants: {', '.join(unknown)}")
+        raise SystemExit(f"unknown or unsupported: {', '.join(unknown)}")
     report = render(run(args), args)
     print(report)
     if args.out:

@@ -163,22 +163,30 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float
 
 @contextmanager
 def child(
-    argv: Sequence[str], port: int, ready_path: str, env: Mapping[str, str] | None = None, log: Path | None = None
+    argv: Sequence[str],
+    port: int,
+    ready_path: str,
+    env: Mapping[str, str] | None = None,
+    log: Path | None = None,
+    *,
+    ready_timeout_s: float = 30.0,
+    stop_timeout_s: float = 15.0,
 ) -> Iterator[Process]:
-    """Start ``argv`` (serving on ``port``), wait until ``ready_path`` answers, then
-    terminate it at the end (SIGTERM, then kill). Its output goes to ``log`` (a file, never
-    a pipe nobody reads: a full pipe would block the child's logging)."""
+    """Start ``argv`` (serving on ``port``), wait up to ``ready_timeout_s`` until
+    ``ready_path`` answers, then terminate it at the end (SIGTERM, then kill after
+    ``stop_timeout_s``). Its output goes to ``log`` (a file, never a pipe nobody reads: a
+    full pipe would block the child's logging)."""
     base = f"http://127.0.0.1:{port}"
     log = log or Path(os.devnull)
     with log.open("ab") as sink:
         proc = subprocess.Popen(list(argv), stdout=sink, stderr=sink, env={**os.environ, **(env or {})}, cwd=ROOT)
         try:
-            wait_http(base + ready_path, proc, log)
+            wait_http(base + ready_path, proc, log, ready_timeout_s)
             yield Process(proc.pid, base, tuple(argv))
         finally:
             proc.terminate()
             try:
-                proc.wait(timeout=15)
+                proc.wait(timeout=stop_timeout_s)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
