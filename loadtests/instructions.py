@@ -179,26 +179,6 @@ def count_requests(
     return total, seconds, idle_per_s
 
 
-def _served(target: str, port: int, upstream: str, config: Path | None) -> list[str]:
-    """The command line of the floor (``target`` "floor") or the proxy on ``config``."""
-    if target == "floor":
-        script = str(HERE / "passthrough.py")
-        return [
-            stack.PYTHON,
-            script,
-            "--client",
-            "aiohttp",
-            "--app",
-            "asgi",
-            "--port",
-            str(port),
-            "--upstream",
-            upstream,
-        ]
-    assert config is not None
-    return [*stack.CLI, "serve", "--config", str(config), "--port", str(port), "--workers", "1"]
-
-
 def run(args: argparse.Namespace) -> list[Count]:
     """Count every target, mode and variant ``args`` names; the rows in that order."""
     for tool in ("valgrind", "vgdb"):
@@ -226,7 +206,7 @@ def run(args: argparse.Namespace) -> list[Count]:
         for name, config, env, keys in rows:
             for mode in args.modes:
                 port = stack.free_port()
-                argv = _served("floor" if config is None else "proxy", port, upstream, config)
+                argv = stack.passthrough_argv(port, upstream) if config is None else stack.proxy_argv(port, config)
                 served = workdir / f"{len(counts)}-{mode}"
                 served.mkdir()
                 with under_callgrind(argv, port, "/healthz", env, served) as (pid, url):

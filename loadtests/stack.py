@@ -240,10 +240,15 @@ def passthrough(
 ) -> Iterator[Process]:
     """``passthrough.py`` (``app``: ``asgi``, the raw callable, or ``starlette``)."""
     port = free_port()
-    script = [PYTHON, str(HERE / "passthrough.py"), "--client", client, "--app", app]
-    argv = pinned(cpus, [*script, "--port", str(port), "--upstream", upstream])
+    argv = pinned(cpus, passthrough_argv(port, upstream, client, app))
     with child(argv, port, "/healthz", env, log) as proc:
         yield proc
+
+
+def passthrough_argv(port: int, upstream: str, client: str = "aiohttp", app: str = "asgi") -> list[str]:
+    """The command line of ``passthrough.py`` serving on ``port``."""
+    script = [PYTHON, str(HERE / "passthrough.py"), "--client", client, "--app", app]
+    return [*script, "--port", str(port), "--upstream", upstream]
 
 
 def proxy_env(upstream: str, redis_url: str | None) -> dict[str, str]:
@@ -260,9 +265,11 @@ def proxy(
     """``openrouter-proxy serve`` with every feature the config turns on; its log is
     ``proxy.log`` beside the config."""
     port = free_port()
-    argv = pinned(
-        cpus,
-        [*CLI, "serve", "--config", str(config), "--port", str(port), "--workers", str(workers), *extra],
-    )
+    argv = pinned(cpus, [*proxy_argv(port, config, workers), *extra])
     with child(argv, port, "/healthz", env, config.parent / "proxy.log") as proc:
         yield proc
+
+
+def proxy_argv(port: int, config: Path, workers: int = 1) -> list[str]:
+    """The command line of ``openrouter-proxy serve`` on ``config``, serving on ``port``."""
+    return [*CLI, "serve", "--config", str(config), "--port", str(port), "--workers", str(workers)]
