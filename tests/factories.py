@@ -4,6 +4,7 @@ README's serve command running in a subprocess."""
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import signal
@@ -22,12 +23,44 @@ from proxy.types import Usage, UsageRecord
 __all__ = ["ServedCli", "free_port", "served_cli", "usage_record"]
 
 
+def _ephemeral_ports() -> range:
+    """The kernel's range for outgoing connections' local ports (Linux's default when unreadable)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
+_EPHEMERAL = _ephemeral_ports()
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A loopback port free right now (released on return, then bound by the caller's server)."""
+    """A loopback port free right now (released on return, then bound by the caller's server).
+
+    Drawn below the kernel's ephemeral range when there is room, so that no outgoing connection
+    (a test's client, a Redis connection) can take it between this release and the caller's
+    bind, and never the same port twice in one test session: a server that then fails with
+    "address in use" was the cause of a cluster that did not start in CI."""
+    low = 10000
+    if _EPHEMERAL.start - low >= 2000:
+        for _ in range(1000):
+            port = random.randrange(low, _EPHEMERAL.start)
+            if port in _handed_out:
+                continue
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        chosen: int = sock.getsockname()[1]
+    _handed_out.add(chosen)
+    return chosen
 
 
 def usage_record(

@@ -10,6 +10,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -26,34 +27,63 @@ def redis_binary() -> str:
     return binary
 
 
+def _log_tail(path: Path) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-3:])
+    except OSError:
+        return "no log"
+
+
+def _start(binary: str, port: int, args: list[str], workdir: str) -> subprocess.Popen[bytes]:
+    """One ``redis-server`` on ``127.0.0.1:port`` with its output in ``workdir/redis-<port>.log``."""
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    with Path(workdir, f"redis-{port}.log").open("wb") as log:
+        return subprocess.Popen([*argv, "--dir", workdir, *args], stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], port: int, deadline: float) -> bool:
+    """Wait for ``+PONG`` on ``port``; False at once if the server exited (a port taken after all)."""
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as conn:
+                conn.sendall(b"PING\r\n")
+                if conn.recv(16).startswith(b"+PONG"):
+                    return True
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            return False
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"redis-server on port {port} did not answer within its deadline")
+        time.sleep(0.02)
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait(timeout=10)
+
+
+ATTEMPTS = 3  # fresh ports each time a server exits at start
+
+
 @contextmanager
 def redis_server() -> Iterator[str]:
     """Yield ``redis://127.0.0.1:<port>/0``; skip (or fail with REQUIRE_REDIS=1) without redis-server."""
     binary = redis_binary()
-    port = free_port()
     with tempfile.TemporaryDirectory() as workdir:
-        proc = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        for attempt in range(ATTEMPTS):
+            port = free_port()
+            proc = _start(binary, port, [], workdir)
+            if _wait_ready(proc, port, time.monotonic() + 10):
+                break
+            if attempt == ATTEMPTS - 1:
+                raise RuntimeError(f"redis-server did not start: {_log_tail(Path(workdir, f'redis-{port}.log'))}")
         try:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    with socket.create_connection(("127.0.0.1", port), timeout=0.2) as conn:
-                        conn.sendall(b"PING\r\n")
-                        if conn.recv(16).startswith(b"+PONG"):
-                            break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("redis-server did not start")
-                time.sleep(0.02)
             yield f"redis://127.0.0.1:{port}/0"
         finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+            _stop([proc])
 
 
 @contextmanager
@@ -64,28 +94,26 @@ def redis_cluster(nodes: int = 3) -> Iterator[str]:
     import redis
 
     binary = redis_binary()
-    ports = [free_port() for _ in range(nodes)]
     procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory() as workdir:
         try:
-            common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir]
-            common += ["--cluster-enabled", "yes", "--cluster-node-timeout", "15000"]
-            buses = [free_port() for _ in ports]  # the default bus port, port + 10000, may be taken or past 65535
-            for port, bus in zip(ports, buses, strict=True):
-                argv = [binary, "--port", str(port), "--cluster-port", str(bus), *common]
-                argv += ["--cluster-config-file", f"nodes-{port}.conf"]
-                procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            for attempt in range(ATTEMPTS):
+                ports = [free_port() for _ in range(nodes)]
+                buses = [free_port() for _ in ports]  # the default bus port, port + 10000, may be taken or past 65535
+                cluster = ["--cluster-enabled", "yes", "--cluster-node-timeout", "15000"]
+                for port, bus in zip(ports, buses, strict=True):
+                    args = [*cluster, "--cluster-port", str(bus), "--cluster-config-file", f"nodes-{port}.conf"]
+                    procs.append(_start(binary, port, args, workdir))
+                deadline = time.monotonic() + 10
+                if all(_wait_ready(proc, port, deadline) for proc, port in zip(procs, ports, strict=True)):
+                    break
+                exited = [port for proc, port in zip(procs, ports, strict=True) if proc.poll() is not None]
+                _stop(procs)
+                procs.clear()
+                if attempt == ATTEMPTS - 1:
+                    why = _log_tail(Path(workdir, f"redis-{exited[0]}.log"))
+                    raise RuntimeError(f"redis-server (cluster mode) did not start: {why}")
             clients = [redis.Redis(port=port, socket_timeout=2) for port in ports]
-            deadline = time.monotonic() + 10
-            for client in clients:
-                while True:
-                    try:
-                        client.ping()
-                        break
-                    except redis.ConnectionError:
-                        if time.monotonic() > deadline:
-                            raise RuntimeError("redis-server (cluster mode) did not start") from None
-                        time.sleep(0.02)
             share = 16384 // nodes
             for i, client in enumerate(clients):
                 last = 16383 if i == nodes - 1 else (i + 1) * share - 1
@@ -115,10 +143,7 @@ def redis_cluster(nodes: int = 3) -> Iterator[str]:
                 client.close()
             yield f"redis+cluster://127.0.0.1:{ports[0]}"
         finally:
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                proc.wait(timeout=10)
+            _stop(procs)
 
 
 def flush(url: str) -> None:
