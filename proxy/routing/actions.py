@@ -79,7 +79,7 @@ class Actions:
     native_fallbacks: bool
     provider: dict[str, Any] | None
     defaults: dict[str, Any]
-    caps: dict[str, float]
+    caps: dict[str, int | float]
     first_token_timeout_s: float | None
     cache_ttl_s: float | None
 
@@ -135,7 +135,7 @@ class Draft:
         self.native = False
         self.provider: dict[str, Any] = {}
         self.defaults: dict[str, Any] = {}
-        self.caps: dict[str, float] = {}
+        self.caps: dict[str, int | float] = {}
         self.ttft_s: float | None = None
         self.cache_ttl_s: float | None = None
 
