@@ -20,7 +20,7 @@ from typing import Any
 
 from proxy.types import Usage, UsageRecord
 
-__all__ = ["ServedCli", "free_port", "served_cli", "usage_record"]
+__all__ = ["ServedCli", "UpstreamChats", "free_port", "last_chat", "served_cli", "usage_record"]
 
 
 def _ephemeral_ports() -> range:
@@ -61,6 +61,34 @@ def free_port() -> int:
         chosen: int = sock.getsockname()[1]
     _handed_out.add(chosen)
     return chosen
+
+
+def _is_chat(request: Any) -> bool:
+    return str(request.path).endswith("/chat/completions")
+
+
+class UpstreamChats:
+    """The chat completions the emulator received since this object was made, oldest first.
+
+    Only chat completions: the proxy's own background calls (``GET /models`` for prices and
+    the catalog) may reach the emulator at any moment, also in the middle of a test. Counted
+    from a mark by identity, not by ``len``: the emulator keeps only its last 1000 requests."""
+
+    def __init__(self, emulator_app: Any) -> None:
+        self._app = emulator_app
+        self._mark = emulator_app.requests[-1] if emulator_app.requests else None
+
+    def sent(self) -> list[Any]:
+        items = list(self._app.requests)
+        start = 0
+        if self._mark is not None:
+            start = next((i + 1 for i in range(len(items) - 1, -1, -1) if items[i] is self._mark), 0)
+        return [r for r in items[start:] if _is_chat(r)]
+
+
+def last_chat(emulator_app: Any) -> Any:
+    """The last chat completion the emulator received."""
+    return next(r for r in reversed(list(emulator_app.requests)) if _is_chat(r))
 
 
 def usage_record(

@@ -14,6 +14,7 @@ import pytest
 from proxy.cli import main as cli_main
 
 from .conftest import ALICE_KEY, BOB_KEY, ProxyUnderTest
+from .factories import UpstreamChats, last_chat
 
 MESSAGES: Any = [{"role": "user", "content": "What is the capital of France?"}]
 Make = Callable[..., ProxyUnderTest]
@@ -69,7 +70,7 @@ def test_a_split_is_sticky_per_user_and_reported_by_rule(
     for user in [f"user-{n}" for n in range(12)] * 2:
         raw = client.chat.completions.with_raw_response.create(model="gpt", messages=MESSAGES, user=user)
         arms.setdefault(user, set()).add(raw.headers["x-proxy-model"])
-        assert emulator_app.requests[-1].model == raw.headers["x-proxy-model"]  # what OpenRouter was asked
+        assert last_chat(emulator_app).model == raw.headers["x-proxy-model"]  # what OpenRouter was asked
     assert all(len(seen) == 1 for seen in arms.values())
     assert set().union(*arms.values()) == {"openai/gpt-4o-mini", "anthropic/claude-haiku-4.5"}
     records = proxy.records(24)
@@ -99,13 +100,13 @@ def test_a_deny_rule_is_a_clear_403(sdk: SDK, proxy_server: Make, emulator_app: 
         routing="rules:\n  - name: web-no-gpt-4o\n    match: {team: web, model: openai/gpt-4o}\n"
         "    deny: The web team may not use gpt-4o.\n"
     )
-    seen = len(emulator_app.requests)
+    upstream = UpstreamChats(emulator_app)
     with pytest.raises(openai.PermissionDeniedError) as info:
         sdk(proxy, BOB_KEY).chat.completions.create(model="openai/gpt-4o", messages=MESSAGES)
     assert info.value.status_code == 403
     assert info.value.message.endswith("The web team may not use gpt-4o. (routing rule 'web-no-gpt-4o')")
     assert info.value.code == "permission_denied"
-    assert len(emulator_app.requests) == seen  # never sent upstream
+    assert upstream.sent() == []  # never sent upstream
     assert sdk(proxy, ALICE_KEY).chat.completions.create(model="openai/gpt-4o", messages=MESSAGES).choices
     record = proxy.records(2)[0]
     assert record["status"] == 403 and record["key"] == "bob"
@@ -120,10 +121,10 @@ def test_variants_and_a_native_fallback_chain_reach_openrouter(sdk: SDK, proxy_s
     )
     raw = sdk(proxy).chat.completions.with_raw_response.create(model="openai/gpt-4o-mini", messages=MESSAGES)
     assert raw.headers["x-proxy-model"] == "openai/gpt-4o-mini:nitro"
-    assert emulator_app.requests[-1].model == "openai/gpt-4o-mini:nitro"
+    assert last_chat(emulator_app).model == "openai/gpt-4o-mini:nitro"
     completion = sdk(proxy).chat.completions.create(model="flaky", messages=MESSAGES)
     assert completion.model == "openai/gpt-4o"  # OpenRouter itself moved down the models list
-    assert emulator_app.requests[-1].model == "openai/gpt-4o"
+    assert last_chat(emulator_app).model == "openai/gpt-4o"
 
 
 def test_the_proxy_falls_back_to_the_next_model_after_an_upstream_error(sdk: SDK, proxy_server: Make) -> None:
@@ -154,10 +155,10 @@ def test_a_cached_answer_is_replayed_and_costs_nothing(sdk: SDK, proxy_server: M
     client = sdk(proxy)
     for stream in (False, True):
         first = client.chat.completions.with_raw_response.create(model="faq", messages=MESSAGES, stream=stream)
-        seen = len(emulator_app.requests)
+        upstream = UpstreamChats(emulator_app)
         again = client.chat.completions.with_raw_response.create(model="faq", messages=MESSAGES, stream=stream)
         assert again.headers["x-proxy-cache"] == "hit"
-        assert len(emulator_app.requests) == seen
+        assert upstream.sent() == []
         if stream:
             assert first.http_response.read() == again.http_response.read()
         else:
@@ -178,12 +179,12 @@ def test_the_context_guard_moves_to_a_model_that_fits_or_refuses(
     )
     raw = sdk(proxy).chat.completions.with_raw_response.create(model="llama", messages=MESSAGES, max_tokens=200_000)
     assert raw.headers["x-proxy-model"] == "openai/gpt-4.1-nano"
-    assert emulator_app.requests[-1].model == "openai/gpt-4.1-nano"
-    seen = len(emulator_app.requests)
+    assert last_chat(emulator_app).model == "openai/gpt-4.1-nano"
+    upstream = UpstreamChats(emulator_app)
     with pytest.raises(openai.BadRequestError) as info:
         sdk(proxy).chat.completions.create(model="llama-short", messages=MESSAGES, max_tokens=500_000)
     assert info.value.code == "context_length_exceeded"
-    assert len(emulator_app.requests) == seen
+    assert upstream.sent() == []
 
 
 def test_a_reload_mid_traffic_fails_no_request_and_an_invalid_one_is_rejected(proxy_server: Make) -> None:

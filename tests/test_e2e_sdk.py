@@ -12,6 +12,7 @@ import pytest
 from proxy.cli import main as cli_main
 
 from .conftest import ALICE_KEY, BOB_KEY, ProxyUnderTest
+from .factories import last_chat
 
 MESSAGES: Any = [{"role": "user", "content": "What is the capital of France?"}]
 TOOLS: Any = [
@@ -120,7 +121,7 @@ def test_upstream_sees_attribution_the_upstream_key_and_no_client_key(proxy: Pro
     sdk(proxy).chat.completions.create(
         model="openai/gpt-4o-mini", messages=MESSAGES, extra_headers={"x-session-id": "s-1", "x-secret-thing": "no"}
     )
-    seen = emulator_app.requests[-1]
+    seen = last_chat(emulator_app)
     assert seen.status == 200  # the emulator accepts only the configured upstream key
     assert seen.headers["http-referer"] == "https://example.test/app"
     assert seen.headers["x-title"] == "proxy-tests"

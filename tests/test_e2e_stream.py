@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from .conftest import ALICE_KEY, SHARED_FIXTURES, ProxyUnderTest
+from .factories import last_chat
 
 AUTH = {"Authorization": f"Bearer {ALICE_KEY}"}
 FIXTURE_STREAMS = sorted(p.name for p in SHARED_FIXTURES.glob("*.sse"))
@@ -157,6 +158,6 @@ def test_client_hang_up_cancels_the_upstream_stream(proxy: ProxyUnderTest, emula
     (rec,) = proxy.records(1, timeout=5)
     assert rec["cancelled"] is True and rec["status"] == 200
     deadline = time.monotonic() + 3
-    while not emulator_app.requests[-1].cancelled and time.monotonic() < deadline:
+    while not last_chat(emulator_app).cancelled and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert emulator_app.requests[-1].cancelled is True
+    assert last_chat(emulator_app).cancelled is True
