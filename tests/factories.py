@@ -20,7 +20,7 @@ from typing import Any
 
 from proxy.types import Usage, UsageRecord
 
-__all__ = ["ServedCli", "UpstreamChats", "free_port", "last_chat", "served_cli", "usage_record"]
+__all__ = ["CHAT_PATH", "ServedCli", "UpstreamLog", "free_port", "served_cli", "usage_record"]
 
 
 def _ephemeral_ports() -> range:
@@ -56,39 +56,61 @@ def free_port() -> int:
                     continue
             _handed_out.add(port)
             return port
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        chosen: int = sock.getsockname()[1]
-    _handed_out.add(chosen)
-    return chosen
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            chosen: int = sock.getsockname()[1]
+        if chosen not in _handed_out:
+            _handed_out.add(chosen)
+            return chosen
 
 
-def _is_chat(request: Any) -> bool:
-    return str(request.path).endswith("/chat/completions")
+CHAT_PATH = "/api/v1/chat/completions"
 
 
-class UpstreamChats:
-    """The chat completions the emulator received since this object was made, oldest first.
+def _snapshot(emulator_app: Any) -> list[Any]:
+    """The emulator's request log as a list (its server thread may append while we copy)."""
+    while True:
+        try:
+            return list(emulator_app.requests)
+        except RuntimeError:  # deque mutated during iteration
+            continue
 
-    Only chat completions: the proxy's own background calls (``GET /models`` for prices and
-    the catalog) may reach the emulator at any moment, also in the middle of a test. Counted
-    from a mark by identity, not by ``len``: the emulator keeps only its last 1000 requests."""
 
-    def __init__(self, emulator_app: Any) -> None:
+class UpstreamLog:
+    """The requests to ``path`` that the emulator received since this object was made,
+    oldest first (default: chat completions).
+
+    One path only: the proxy's own background calls (``GET /models`` for prices and the
+    catalog) may reach the emulator at any moment, also in the middle of a test. Counted
+    from a mark by identity, not by ``len``: the emulator keeps only its last 1000 requests.
+    """
+
+    def __init__(self, emulator_app: Any, path: str = CHAT_PATH) -> None:
         self._app = emulator_app
-        self._mark = emulator_app.requests[-1] if emulator_app.requests else None
+        self._path = path
+        items = _snapshot(emulator_app)
+        self._mark = items[-1] if items else None
 
     def sent(self) -> list[Any]:
-        items = list(self._app.requests)
+        items = _snapshot(self._app)
         start = 0
         if self._mark is not None:
-            start = next((i + 1 for i in range(len(items) - 1, -1, -1) if items[i] is self._mark), 0)
-        return [r for r in items[start:] if _is_chat(r)]
+            start = next((i + 1 for i in range(len(items) - 1, -1, -1) if items[i] is self._mark), -1)
+            if start < 0:
+                raise AssertionError("the mark left the emulator's 1000-request log; mark closer to the request")
+        return [r for r in items[start:] if r.path == self._path]
 
-
-def last_chat(emulator_app: Any) -> Any:
-    """The last chat completion the emulator received."""
-    return next(r for r in reversed(list(emulator_app.requests)) if _is_chat(r))
+    def wait(self, count: int, timeout: float = 3.0) -> list[Any]:
+        """``sent()`` once it holds ``count`` requests, or as it is after ``timeout`` seconds:
+        the emulator records a request just after its last byte, so a client can see the
+        answer a moment before the record exists."""
+        deadline = time.monotonic() + timeout
+        while True:
+            sent = self.sent()
+            if len(sent) >= count or time.monotonic() > deadline:
+                return sent
+            time.sleep(0.005)
 
 
 def usage_record(

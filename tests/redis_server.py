@@ -48,7 +48,7 @@ def _wait_ready(proc: subprocess.Popen[bytes], port: int, deadline: float) -> bo
             with socket.create_connection(("127.0.0.1", port), timeout=0.2) as conn:
                 conn.sendall(b"PING\r\n")
                 if conn.recv(16).startswith(b"+PONG"):
-                    return True
+                    return proc.poll() is None  # not another process's server on a port ours lost
         except OSError:
             pass
         if proc.poll() is not None:
@@ -76,7 +76,12 @@ def redis_server() -> Iterator[str]:
         for attempt in range(ATTEMPTS):
             port = free_port()
             proc = _start(binary, port, [], workdir)
-            if _wait_ready(proc, port, time.monotonic() + 10):
+            try:
+                ready = _wait_ready(proc, port, time.monotonic() + 10)
+            except BaseException:
+                _stop([proc])
+                raise
+            if ready:
                 break
             if attempt == ATTEMPTS - 1:
                 raise RuntimeError(f"redis-server did not start: {_log_tail(Path(workdir, f'redis-{port}.log'))}")

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from .conftest import ALICE_KEY, UPSTREAM_KEY, ProxyUnderTest
-from .factories import UpstreamChats
+from .factories import UpstreamLog
 
 AUTH = {"Authorization": f"Bearer {ALICE_KEY}"}
 GOOD: dict[str, Any] = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -107,10 +107,10 @@ def test_upstream_errors_are_relayed_with_code_and_metadata(
     """Non-retryable errors are relayed at once; retryable ones after the proxy's 3 attempts,
     and then with ``x-should-retry: false`` so the SDK does not multiply them again."""
     for stream in (False, True):
-        upstream = UpstreamChats(emulator_app)
+        upstream = UpstreamLog(emulator_app)
         response = post(proxy, {**GOOD, "stream": stream, "emulator": {"fault": fault}})
         assert response.status_code == status
-        assert len(upstream.sent()) == attempts
+        assert len(upstream.wait(attempts)) == attempts
         error = error_of(response)
         assert error["code"] == status
         retryable_by_client = status in (408, 429, 500, 502, 503) and attempts == 1

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from .conftest import ALICE_KEY, FixedRouter, ProxyUnderTest
-from .factories import UpstreamChats
+from .factories import UpstreamLog
 
 AUTH = {"Authorization": f"Bearer {ALICE_KEY}"}
 MESSAGES: Any = [{"role": "user", "content": "hello there"}]
@@ -39,7 +39,7 @@ def stream_bytes(proxy: ProxyUnderTest, payload: dict[str, Any]) -> bytes:
 def test_fail_once_then_succeed_is_invisible_to_the_client(
     proxy: ProxyUnderTest, emulator_app: Any, stream: bool
 ) -> None:
-    upstream = UpstreamChats(emulator_app)
+    upstream = UpstreamLog(emulator_app)
     controls = {"fault": "error-502", "fail_times": 1, "fault_key": uuid.uuid4().hex}
     payload = body(emulator=controls)
     if stream:
@@ -48,7 +48,7 @@ def test_fail_once_then_succeed_is_invisible_to_the_client(
     else:
         response = post(proxy, payload)
         assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"]
-    assert [r.status for r in upstream.sent()] == [502, 200]
+    assert [r.status for r in upstream.wait(2)] == [502, 200]
     (rec,) = proxy.records(1)
     assert rec["status"] == 200 and rec["completion_tokens"] > 0
     assert [(a["status"], a.get("error")) for a in rec["extra"]["attempts"]] == [(502, "502"), (200, None)]
@@ -64,17 +64,17 @@ def test_retry_after_is_honoured(proxy: ProxyUnderTest, emulator_app: Any) -> No
 
 def test_fallback_to_the_next_model_names_the_model_that_answered(proxy_server: Any, emulator_app: Any) -> None:
     proxy = proxy_server(router=FixedRouter({"emulator/error-503": ("openai/gpt-4o-mini",)}))
-    upstream = UpstreamChats(emulator_app)
+    upstream = UpstreamLog(emulator_app)
     assert post(proxy, body("emulator/error-502")).status_code == 502  # retried, then relayed
-    assert [r.model for r in upstream.sent()] == ["emulator/error-502"] * 3
+    assert [r.model for r in upstream.wait(3)] == ["emulator/error-502"] * 3
     proxy.records(1)
-    upstream = UpstreamChats(emulator_app)
+    upstream = UpstreamLog(emulator_app)
     with openai.OpenAI(base_url=proxy.base_url, api_key=ALICE_KEY, max_retries=0) as client:
         raw = client.chat.completions.with_raw_response.create(model="emulator/error-503", messages=MESSAGES)
     completion = raw.parse()
     assert completion.model == "openai/gpt-4o-mini"
     # OpenRouter's 503 says Retry-After: 30, above retries.max_retry_after_s: fall back at once.
-    assert [r.model for r in upstream.sent()] == ["emulator/error-503", "openai/gpt-4o-mini"]
+    assert [r.model for r in upstream.wait(2)] == ["emulator/error-503", "openai/gpt-4o-mini"]
     rec = proxy.records(2)[-1]
     assert rec["routed_model"] == "openai/gpt-4o-mini" and rec["requested_model"] == "emulator/error-503"
     assert [a["model"] for a in rec["extra"]["attempts"]] == ["emulator/error-503", "openai/gpt-4o-mini"]
@@ -85,14 +85,14 @@ def test_context_length_falls_back_at_once_and_moderation_does_not(proxy_server:
     proxy = proxy_server(
         router=FixedRouter({"emulator/error-400": ("openai/gpt-4.1-nano",), "emulator/error-403": ("openai/gpt-4o",)})
     )
-    upstream = UpstreamChats(emulator_app)
+    upstream = UpstreamLog(emulator_app)
     assert post(proxy, body("emulator/error-400")).status_code == 200
-    assert [r.model for r in upstream.sent()] == ["emulator/error-400", "openai/gpt-4.1-nano"]
-    upstream = UpstreamChats(emulator_app)
+    assert [r.model for r in upstream.wait(2)] == ["emulator/error-400", "openai/gpt-4.1-nano"]
+    upstream = UpstreamLog(emulator_app)
     response = post(proxy, body("emulator/error-403"))
     assert response.status_code == 403
     assert response.json()["error"]["metadata"]["reasons"]
-    assert len(upstream.sent()) == 1
+    assert len(upstream.wait(1)) == 1
 
 
 def test_slow_first_token_falls_back_on_the_same_stream(proxy_server: Any, emulator_app: Any) -> None:
@@ -161,9 +161,9 @@ def test_breaker_opens_and_traffic_goes_straight_to_the_fallback(proxy_server: A
     proxy = proxy_server(extra=BREAKER, router=FixedRouter({"emulator/error-502": ("openai/gpt-4o-mini",)}))
     for _ in range(3):
         assert post(proxy, body("emulator/error-502")).status_code == 200
-    upstream = UpstreamChats(emulator_app)
+    upstream = UpstreamLog(emulator_app)
     assert post(proxy, body("emulator/error-502")).status_code == 200
-    assert [r.model for r in upstream.sent()] == ["openai/gpt-4o-mini"]
+    assert [r.model for r in upstream.wait(1)] == ["openai/gpt-4o-mini"]
     rec = proxy.records(4)[-1]
     assert rec["extra"]["attempts"][0] == {"model": "emulator/error-502", "error": "circuit_open"}
     snapshot = proxy.app.runtime.breakers.snapshot() if proxy.app.runtime else {}
@@ -174,7 +174,7 @@ def test_open_breaker_without_fallback_fails_fast_with_503(proxy_server: Any, em
     proxy = proxy_server(extra=BREAKER)
     for _ in range(3):
         assert post(proxy, body("emulator/error-500")).status_code == 500
-    upstream = UpstreamChats(emulator_app)
+    upstream = UpstreamLog(emulator_app)
     response = post(proxy, body("emulator/error-500"))
     assert response.status_code == 503 and response.json()["error"]["code"] == "circuit_open"
     assert upstream.sent() == []
@@ -199,15 +199,12 @@ def test_connection_reset_before_any_byte_is_retried(proxy_server: Any, emulator
 def test_a_silent_provider_is_left_for_the_next_model(proxy_server: Any, emulator_app: Any) -> None:
     router = FixedRouter({"openai/gpt-4o": ("openai/gpt-4o-mini",)})
     proxy = proxy_server(router=router, upstream_extra="  first_byte_timeout_s: 0.3")
-    upstream = UpstreamChats(emulator_app)
+    upstream = UpstreamLog(emulator_app)
     began = time.monotonic()
     response = post(proxy, body("openai/gpt-4o", emulator={"faults": {"openai/gpt-4o": {"fault": "black-hole"}}}))
     assert response.status_code == 200 and response.json()["model"] == "openai/gpt-4o-mini"
     assert time.monotonic() - began < 2
-    deadline = time.monotonic() + 2
-    while len(upstream.sent()) < 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    sent = upstream.sent()
+    sent = upstream.wait(2)
     silent = next(r for r in sent if r.requested_model == "openai/gpt-4o")
     assert silent.cancelled is True  # the abandoned attempt was hung up on, not left running
     assert proxy.records(1)[0]["extra"]["attempts"][0]["error"] == "upstream_timeout"
@@ -228,7 +225,7 @@ def test_a_model_down_for_a_while_trips_the_breaker_and_recovers(proxy_server: A
 
 
 def test_client_hang_up_stops_the_upstream_stream_within_100_ms(proxy: ProxyUnderTest, emulator_app: Any) -> None:
-    upstream = UpstreamChats(emulator_app)
+    upstream = UpstreamLog(emulator_app)
     with httpx.stream(
         "POST",
         f"{proxy.base_url}/chat/completions",
@@ -240,10 +237,7 @@ def test_client_hang_up_stops_the_upstream_stream_within_100_ms(proxy: ProxyUnde
             if b"data: {" in chunk:
                 break
         hung_up = time.monotonic()
-    deadline = time.monotonic() + 3
-    while len(upstream.sent()) < 1 and time.monotonic() < deadline:
-        time.sleep(0.005)
-    (stream,) = upstream.sent()
+    (stream,) = upstream.wait(1)
     assert stream.cancelled is True
     assert stream.ended - hung_up < 0.1
     (rec,) = proxy.records(1)
@@ -262,11 +256,11 @@ def test_upstream_pacing_queues_bursts_and_bounds_the_queue(proxy_server: Any, e
             responses = await asyncio.gather(*(client.post("/chat/completions", json=body()) for _ in range(6)))
         return sorted(r.status_code for r in responses)
 
-    upstream = UpstreamChats(emulator_app)
+    upstream = UpstreamLog(emulator_app)
     statuses = asyncio.run(main())
     # one slot at once, two queued within 0.8 s at 2/s; the rest are told to come back (503, retryable)
     assert statuses.count(200) in (2, 3) and set(statuses) <= {200, 503}
-    assert len(upstream.sent()) == statuses.count(200)
+    assert len(upstream.wait(statuses.count(200))) == statuses.count(200)
 
 
 async def _scripted_upstream(scope: Any, receive: Any, send: Any) -> None:

@@ -14,7 +14,7 @@ import pytest
 from proxy.cli import main as cli_main
 
 from .conftest import ALICE_KEY, BOB_KEY, ProxyUnderTest
-from .factories import UpstreamChats, last_chat
+from .factories import UpstreamLog
 
 MESSAGES: Any = [{"role": "user", "content": "What is the capital of France?"}]
 Make = Callable[..., ProxyUnderTest]
@@ -68,9 +68,11 @@ def test_a_split_is_sticky_per_user_and_reported_by_rule(
     client = sdk(proxy)
     arms: dict[str, set[str]] = {}
     for user in [f"user-{n}" for n in range(12)] * 2:
+        upstream = UpstreamLog(emulator_app)
         raw = client.chat.completions.with_raw_response.create(model="gpt", messages=MESSAGES, user=user)
         arms.setdefault(user, set()).add(raw.headers["x-proxy-model"])
-        assert last_chat(emulator_app).model == raw.headers["x-proxy-model"]  # what OpenRouter was asked
+        (sent,) = upstream.wait(1)
+        assert sent.model == raw.headers["x-proxy-model"]  # what OpenRouter was asked
     assert all(len(seen) == 1 for seen in arms.values())
     assert set().union(*arms.values()) == {"openai/gpt-4o-mini", "anthropic/claude-haiku-4.5"}
     records = proxy.records(24)
@@ -100,7 +102,7 @@ def test_a_deny_rule_is_a_clear_403(sdk: SDK, proxy_server: Make, emulator_app: 
         routing="rules:\n  - name: web-no-gpt-4o\n    match: {team: web, model: openai/gpt-4o}\n"
         "    deny: The web team may not use gpt-4o.\n"
     )
-    upstream = UpstreamChats(emulator_app)
+    upstream = UpstreamLog(emulator_app)
     with pytest.raises(openai.PermissionDeniedError) as info:
         sdk(proxy, BOB_KEY).chat.completions.create(model="openai/gpt-4o", messages=MESSAGES)
     assert info.value.status_code == 403
@@ -119,12 +121,15 @@ def test_variants_and_a_native_fallback_chain_reach_openrouter(sdk: SDK, proxy_s
         "  - name: chain\n    match: {model: flaky}\n    model: emulator/error-502\n"
         "    fallbacks: [openai/gpt-4o]\n    native_fallbacks: true\n"
     )
+    upstream = UpstreamLog(emulator_app)
     raw = sdk(proxy).chat.completions.with_raw_response.create(model="openai/gpt-4o-mini", messages=MESSAGES)
     assert raw.headers["x-proxy-model"] == "openai/gpt-4o-mini:nitro"
-    assert last_chat(emulator_app).model == "openai/gpt-4o-mini:nitro"
+    assert [r.model for r in upstream.wait(1)] == ["openai/gpt-4o-mini:nitro"]
+    upstream = UpstreamLog(emulator_app)
     completion = sdk(proxy).chat.completions.create(model="flaky", messages=MESSAGES)
     assert completion.model == "openai/gpt-4o"  # OpenRouter itself moved down the models list
-    assert last_chat(emulator_app).model == "openai/gpt-4o"
+    (sent,) = upstream.wait(1)  # one request: the fallback happened inside OpenRouter
+    assert sent.model == "openai/gpt-4o"
 
 
 def test_the_proxy_falls_back_to_the_next_model_after_an_upstream_error(sdk: SDK, proxy_server: Make) -> None:
@@ -155,7 +160,7 @@ def test_a_cached_answer_is_replayed_and_costs_nothing(sdk: SDK, proxy_server: M
     client = sdk(proxy)
     for stream in (False, True):
         first = client.chat.completions.with_raw_response.create(model="faq", messages=MESSAGES, stream=stream)
-        upstream = UpstreamChats(emulator_app)
+        upstream = UpstreamLog(emulator_app)
         again = client.chat.completions.with_raw_response.create(model="faq", messages=MESSAGES, stream=stream)
         assert again.headers["x-proxy-cache"] == "hit"
         assert upstream.sent() == []
@@ -177,10 +182,11 @@ def test_the_context_guard_moves_to_a_model_that_fits_or_refuses(
         "  - name: short\n    match: {model: llama-short}\n    model: meta-llama/llama-3.1-8b-instruct\n"
         "    fallbacks: [openai/gpt-4o]\n"
     )
+    upstream = UpstreamLog(emulator_app)
     raw = sdk(proxy).chat.completions.with_raw_response.create(model="llama", messages=MESSAGES, max_tokens=200_000)
     assert raw.headers["x-proxy-model"] == "openai/gpt-4.1-nano"
-    assert last_chat(emulator_app).model == "openai/gpt-4.1-nano"
-    upstream = UpstreamChats(emulator_app)
+    assert [r.model for r in upstream.wait(1)] == ["openai/gpt-4.1-nano"]
+    upstream = UpstreamLog(emulator_app)
     with pytest.raises(openai.BadRequestError) as info:
         sdk(proxy).chat.completions.create(model="llama-short", messages=MESSAGES, max_tokens=500_000)
     assert info.value.code == "context_length_exceeded"

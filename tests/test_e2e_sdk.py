@@ -12,7 +12,7 @@ import pytest
 from proxy.cli import main as cli_main
 
 from .conftest import ALICE_KEY, BOB_KEY, ProxyUnderTest
-from .factories import last_chat
+from .factories import UpstreamLog
 
 MESSAGES: Any = [{"role": "user", "content": "What is the capital of France?"}]
 TOOLS: Any = [
@@ -118,10 +118,11 @@ def test_tool_calls_streamed_and_not(proxy: ProxyUnderTest) -> None:
 
 
 def test_upstream_sees_attribution_the_upstream_key_and_no_client_key(proxy: ProxyUnderTest, emulator_app: Any) -> None:
+    upstream = UpstreamLog(emulator_app)
     sdk(proxy).chat.completions.create(
         model="openai/gpt-4o-mini", messages=MESSAGES, extra_headers={"x-session-id": "s-1", "x-secret-thing": "no"}
     )
-    seen = last_chat(emulator_app)
+    (seen,) = upstream.wait(1)
     assert seen.status == 200  # the emulator accepts only the configured upstream key
     assert seen.headers["http-referer"] == "https://example.test/app"
     assert seen.headers["x-title"] == "proxy-tests"

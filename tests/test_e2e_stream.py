@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from .conftest import ALICE_KEY, SHARED_FIXTURES, ProxyUnderTest
-from .factories import last_chat
+from .factories import UpstreamLog
 
 AUTH = {"Authorization": f"Bearer {ALICE_KEY}"}
 FIXTURE_STREAMS = sorted(p.name for p in SHARED_FIXTURES.glob("*.sse"))
@@ -145,6 +145,7 @@ def test_malformed_event_is_forwarded_and_noted(proxy: ProxyUnderTest) -> None:
 
 
 def test_client_hang_up_cancels_the_upstream_stream(proxy: ProxyUnderTest, emulator_app: Any) -> None:
+    upstream = UpstreamLog(emulator_app)
     with httpx.stream(
         "POST",
         f"{proxy.base_url}/chat/completions",
@@ -157,7 +158,5 @@ def test_client_hang_up_cancels_the_upstream_stream(proxy: ProxyUnderTest, emula
                 break
     (rec,) = proxy.records(1, timeout=5)
     assert rec["cancelled"] is True and rec["status"] == 200
-    deadline = time.monotonic() + 3
-    while not last_chat(emulator_app).cancelled and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert last_chat(emulator_app).cancelled is True
+    (sent,) = upstream.wait(1)  # recorded when the emulator's handler ends: after the hang-up
+    assert sent.cancelled is True

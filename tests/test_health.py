@@ -16,12 +16,9 @@ from proxy.store import Reachability
 from proxy.store.redis import RedisStore
 
 from .conftest import ProxyUnderTest
+from .factories import UpstreamLog
 from .redis_server import redis_server
 from .usage_fixtures import ledger_config
-
-
-def key_checks(emulator_app: Any) -> int:
-    return sum(1 for r in emulator_app.requests if r.path == "/api/v1/key")
 
 
 def test_ready_when_the_store_answers_with_breaker_states_and_no_address_when_it_does_not(
@@ -156,12 +153,12 @@ def test_upstream_health_is_checked_through_key_and_cached(
     proxy_server: Callable[..., ProxyUnderTest], emulator_app: Any
 ) -> None:
     proxy = proxy_server(extra=ledger_config())
-    before = key_checks(emulator_app)
+    key_checks = UpstreamLog(emulator_app, "/api/v1/key")
     first = httpx.get(f"{proxy.url}/health/upstream")
     second = httpx.get(f"{proxy.url}/health/upstream")
     assert first.status_code == second.status_code == 200
     assert first.json()["status"] == "ok" and first.json()["key_valid"] is True
-    assert key_checks(emulator_app) - before == 1  # the second answer came from the cache
+    assert len(key_checks.wait(1)) == 1  # the second answer came from the cache
     assert second.json()["checked_at"] == first.json()["checked_at"]
     assert "limit" not in first.text and "label" not in first.text  # nothing about the account leaks
 
