@@ -8,7 +8,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -68,27 +68,40 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
 ATTEMPTS = 3  # fresh ports each time a server exits at start
 
 
+def _start_servers(
+    binary: str, workdir: str, count: int, args_of: Callable[[int], list[str]] = lambda port: []
+) -> tuple[list[subprocess.Popen[bytes]], list[int]]:
+    """``count`` redis-servers on fresh free ports (``args_of(port)``: their extra arguments),
+    all answering PING. When one exits at start (its port was taken after all), all are
+    stopped and started again on new ports, up to ``ATTEMPTS`` times; then ``RuntimeError``
+    quoting that server's log."""
+    for attempt in range(ATTEMPTS):
+        ports = [free_port() for _ in range(count)]
+        procs = [_start(binary, port, args_of(port), workdir) for port in ports]
+        try:
+            deadline = time.monotonic() + 10
+            if all(_wait_ready(proc, port, deadline) for proc, port in zip(procs, ports, strict=True)):
+                return procs, ports
+        except BaseException:
+            _stop(procs)
+            raise
+        exited = next(port for proc, port in zip(procs, ports, strict=True) if proc.poll() is not None)
+        _stop(procs)
+        if attempt == ATTEMPTS - 1:
+            raise RuntimeError(f"redis-server did not start: {_log_tail(Path(workdir, f'redis-{exited}.log'))}")
+    raise AssertionError("unreachable")
+
+
 @contextmanager
 def redis_server() -> Iterator[str]:
     """Yield ``redis://127.0.0.1:<port>/0``; skip (or fail with REQUIRE_REDIS=1) without redis-server."""
     binary = redis_binary()
     with tempfile.TemporaryDirectory() as workdir:
-        for attempt in range(ATTEMPTS):
-            port = free_port()
-            proc = _start(binary, port, [], workdir)
-            try:
-                ready = _wait_ready(proc, port, time.monotonic() + 10)
-            except BaseException:
-                _stop([proc])
-                raise
-            if ready:
-                break
-            if attempt == ATTEMPTS - 1:
-                raise RuntimeError(f"redis-server did not start: {_log_tail(Path(workdir, f'redis-{port}.log'))}")
+        procs, (port,) = _start_servers(binary, workdir, 1)
         try:
             yield f"redis://127.0.0.1:{port}/0"
         finally:
-            _stop([proc])
+            _stop(procs)
 
 
 @contextmanager
@@ -99,25 +112,17 @@ def redis_cluster(nodes: int = 3) -> Iterator[str]:
     import redis
 
     binary = redis_binary()
-    procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory() as workdir:
+        bus_of: dict[int, int] = {}  # the default bus port, port + 10000, may be taken or past 65535
+
+        def cluster_args(port: int) -> list[str]:
+            bus_of[port] = free_port()
+            args = ["--cluster-enabled", "yes", "--cluster-node-timeout", "15000", "--cluster-port"]
+            return [*args, str(bus_of[port]), "--cluster-config-file", f"nodes-{port}.conf"]
+
+        procs, ports = _start_servers(binary, workdir, nodes, cluster_args)
+        buses = [bus_of[port] for port in ports]
         try:
-            for attempt in range(ATTEMPTS):
-                ports = [free_port() for _ in range(nodes)]
-                buses = [free_port() for _ in ports]  # the default bus port, port + 10000, may be taken or past 65535
-                cluster = ["--cluster-enabled", "yes", "--cluster-node-timeout", "15000"]
-                for port, bus in zip(ports, buses, strict=True):
-                    args = [*cluster, "--cluster-port", str(bus), "--cluster-config-file", f"nodes-{port}.conf"]
-                    procs.append(_start(binary, port, args, workdir))
-                deadline = time.monotonic() + 10
-                if all(_wait_ready(proc, port, deadline) for proc, port in zip(procs, ports, strict=True)):
-                    break
-                exited = [port for proc, port in zip(procs, ports, strict=True) if proc.poll() is not None]
-                _stop(procs)
-                procs.clear()
-                if attempt == ATTEMPTS - 1:
-                    why = _log_tail(Path(workdir, f"redis-{exited[0]}.log"))
-                    raise RuntimeError(f"redis-server (cluster mode) did not start: {why}")
             clients = [redis.Redis(port=port, socket_timeout=2) for port in ports]
             share = 16384 // nodes
             for i, client in enumerate(clients):
