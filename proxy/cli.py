@@ -43,7 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from proxy.app import ENV_DEV_KEY, ENV_UPSTREAM
-    from proxy.http_protocol import head_deadline_protocol
+    from proxy.http_protocol import head_guard_protocol
     from proxy.routing import load_router
 
     path = _config_path(args.config)
@@ -89,7 +89,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "host": host,
         "port": port,
         "loop": "uvloop",
-        "http": head_deadline_protocol(settings.server.header_timeout_s),
+        "http": head_guard_protocol(settings.server.header_timeout_s, settings.server.max_header_bytes),
         "lifespan": "on",
         "log_level": settings.server.log_level,
         "access_log": False,

@@ -75,7 +75,8 @@ class ServerSettings(_Model):
     connection the proxy is closing, and a POST that meets the close is a 502 no balancer
     retries. ``header_timeout_s``: a connection that sends no complete request head for this
     long, while no response is in progress on it, is closed (``proxy.http_protocol``:
-    slow-header defence). ``max_n`` / ``max_output_tokens`` cap ``n`` and ``max_tokens`` (larger: 400).
+    slow-header defence); one whose request head passes ``max_header_bytes`` gets 431 and is
+    closed. ``max_n`` / ``max_output_tokens`` cap ``n`` and ``max_tokens`` (larger: 400).
     """
 
     host: str = "127.0.0.1"
@@ -86,6 +87,7 @@ class ServerSettings(_Model):
     drain_timeout_s: Annotated[float, Field(ge=0)] = 30.0
     keep_alive_timeout_s: Annotated[float, Field(gt=0)] = 75.0
     header_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    max_header_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024
     max_n: Annotated[int, Field(ge=1)] = 8
     max_output_tokens: Annotated[int, Field(ge=1)] = 1_000_000
     log_level: Literal["debug", "info", "warning", "error"] = "info"

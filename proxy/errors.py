@@ -49,6 +49,7 @@ __all__ = [
     "BodyTooLarge",
     "CircuitOpen",
     "ContextLengthExceeded",
+    "HeaderTooLarge",
     "InternalError",
     "InvalidRequest",
     "LimitsUnavailable",
@@ -150,6 +151,15 @@ class BodyTooLarge(ProxyError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+    should_retry = False
+
+
+class HeaderTooLarge(ProxyError):
+    """A request head (request line and headers) over ``server.max_header_bytes``."""
+
+    status = 431
+    type = "invalid_request_error"
+    code = "request_header_fields_too_large"
     should_retry = False
 
 

@@ -1,18 +1,18 @@
-"""uvicorn's httptools protocol with a deadline for each request head (slow-header defence).
+"""uvicorn's httptools protocol with a deadline and a size limit for each request head.
 
-uvicorn closes a connection that stays idle after a response (``timeout_keep_alive``), but
-not one that sends nothing after connecting, nor one that sends a request head a byte at a
-time: each holds a socket and its buffers for as long as the client likes, so a few
-thousand such connections ("slowloris") exhaust a worker's file descriptors while costing
-the client nothing. ``HeadDeadlineProtocol`` closes a connection that holds neither a
-request the proxy is answering nor an idle keep-alive wait for ``header_timeout_s``
-seconds (``server.header_timeout_s``, 30 s; nginx's ``client_header_timeout`` plays this
-part at the edge):
+**Deadline (slow-header defence).** uvicorn closes a connection that stays idle after a
+response (``timeout_keep_alive``), but not one that sends nothing after connecting, nor one
+that sends a request head a byte at a time: each holds a socket and its buffers for as long
+as the client likes, so a few thousand such connections ("slowloris") exhaust a worker's
+file descriptors while costing the client nothing. ``HeadGuardProtocol`` closes a
+connection that holds neither a request the proxy is answering nor an idle keep-alive wait
+for ``header_timeout_s`` seconds (``server.header_timeout_s``, 30 s; nginx's
+``client_header_timeout`` plays this part at the edge):
 
 * a new connection that has not completed a request head;
 * a request head that arrives a byte at a time (the deadline runs from its first byte
   and is not moved by later bytes);
-* bytes that start no request after a response: ``\r\n`` (which the parser skips, and
+* bytes that start no request after a response: ``\\r\\n`` (which the parser skips, and
   which stops uvicorn's keep-alive timer), or the rest of a body nobody reads.
 
 While a response is in progress the deadline does not run, even if the client has sent
@@ -21,8 +21,19 @@ for it would punish the wrong side. The body of the request being answered has i
 deadline in the endpoint (``server.body_timeout_s``). In the common case (a whole request
 in one read) no timer is set at all beyond one per connection.
 
-``serve`` passes ``head_deadline_protocol(header_timeout_s)`` as uvicorn's ``http``: a
-``functools.partial`` of the class, so it pickles into spawned workers.
+**Size.** httptools sets no limit on a request head: it gathers a header (or the request
+line) of any length in memory until it ends, and uvicorn keeps every header, so one
+connection sending a never-ending header line grows the worker by as much as it sends
+(hundreds of MB within the deadline on loopback). A head still incomplete after more than
+``max_header_bytes`` (``server.max_header_bytes``, 64 KiB; nginx allows 32 KiB by default)
+is answered ``431`` in OpenAI's error envelope (``code: request_header_fields_too_large``)
+and the connection closed; if a response is in progress on it (a pipelined head), the
+connection is only closed. The count starts with the read after the one where the head
+began (the parser does not say where in a read a head begins), so a head is cut somewhere
+between ``max_header_bytes`` and that plus one read (at most 256 KiB).
+
+``serve`` passes ``head_guard_protocol(header_timeout_s, max_header_bytes)`` as uvicorn's
+``http``: a ``functools.partial`` of the class, so it pickles into spawned workers.
 """
 
 from __future__ import annotations
@@ -33,24 +44,40 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-__all__ = ["HeadDeadlineProtocol", "head_deadline_protocol"]
+from proxy.errors import HeaderTooLarge, render_error
+
+__all__ = ["HeadGuardProtocol", "head_guard_protocol"]
+
+_REASONS = {431: b"Request Header Fields Too Large"}
 
 
-class HeadDeadlineProtocol(HttpToolsProtocol):
-    """``HttpToolsProtocol`` that closes the connection when a request head is late."""
+class HeadGuardProtocol(HttpToolsProtocol):
+    """``HttpToolsProtocol`` that closes the connection when a request head is late or too
+    large (see the module docstring)."""
 
-    def __init__(self, *args: Any, header_timeout_s: float = 30.0, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, header_timeout_s: float = 30.0, max_header_bytes: int = 65536, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.header_timeout_s = header_timeout_s
+        self.max_header_bytes = max_header_bytes
         self._head_deadline: asyncio.TimerHandle | None = None
         self._in_head = False  # a request began and its head is not complete yet
+        self._heads = 0  # request heads begun on this connection
+        self._head_bytes = 0  # bytes of the current head, from the read after the one it began in
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm()
 
     def data_received(self, data: bytes) -> None:
+        head = self._heads if self._in_head else -1  # a head in progress before this read
         super().data_received(data)
+        if self._in_head and self._heads == head:  # the same head, still incomplete: all of it is head
+            self._head_bytes += len(data)
+            if self._head_bytes > self.max_header_bytes:
+                self._head_too_large()
+                return
         if self._answering():
             self._disarm()
         elif self._in_head or self.timeout_keep_alive_task is None:
@@ -59,6 +86,8 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = True
+        self._heads += 1
+        self._head_bytes = 0
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -94,7 +123,21 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
             self.logger.debug("closing a connection whose request head was late")
             self.transport.close()
 
+    def _head_too_large(self) -> None:
+        self._disarm()
+        if self.transport.is_closing():
+            return
+        self.logger.warning("closing a connection whose request head passed %d bytes", self.max_header_bytes)
+        if not self._answering():  # else a response is on the wire: no room for another one
+            error = HeaderTooLarge(f"The request head is larger than the limit of {self.max_header_bytes} bytes.")
+            status, headers, body = render_error(error)
+            head = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS[status])]
+            head += [name + b": " + value + b"\r\n" for name, value in headers]
+            self.transport.write(b"".join([*head, b"connection: close\r\n\r\n", body]))
+        self.transport.close()
 
-def head_deadline_protocol(header_timeout_s: float) -> functools.partial[HeadDeadlineProtocol]:
-    """uvicorn's ``http`` argument: the protocol with ``header_timeout_s`` (seconds)."""
-    return functools.partial(HeadDeadlineProtocol, header_timeout_s=header_timeout_s)
+
+def head_guard_protocol(header_timeout_s: float, max_header_bytes: int) -> functools.partial[HeadGuardProtocol]:
+    """uvicorn's ``http`` argument: the protocol with ``header_timeout_s`` (seconds) and
+    ``max_header_bytes`` (bytes)."""
+    return functools.partial(HeadGuardProtocol, header_timeout_s=header_timeout_s, max_header_bytes=max_header_bytes)

@@ -32,6 +32,9 @@ _NUMERIC: dict[str, tuple[bool, float | None, float | None]] = {
     "seed": (True, None, None),
     "top_logprobs": (True, 0, 20),
 }
+# JSON nesting a body may have: orjson (which re-encodes rewritten bodies, cache keys and log
+# lines) encodes at most 254 levels, and the lines that embed a body add a few of their own.
+MAX_DEPTH = 128
 _OBJECTS = ("response_format", "provider", "reasoning", "stream_options", "metadata", "logit_bias")
 _LISTS = ("tools", "plugins")
 
@@ -39,8 +42,9 @@ _LISTS = ("tools", "plugins")
 def parse_chat_request(raw: bytes) -> ChatCall:
     """Validate ``raw`` (the request body) and return the ``ChatCall``.
 
-    Raises ``InvalidRequest`` for malformed JSON, a non-object body, a missing or empty
-    ``model``/``messages``, and wrongly typed or out-of-range standard parameters.
+    Raises ``InvalidRequest`` for malformed JSON, a non-object body nested deeper than
+    ``MAX_DEPTH`` levels, a missing or empty ``model``/``messages``, and wrongly typed or
+    out-of-range standard parameters.
     """
     try:
         body = orjson.loads(raw)
@@ -48,6 +52,8 @@ def parse_chat_request(raw: bytes) -> ChatCall:
         raise InvalidRequest(f"The request body is not valid JSON: {exc.msg}.") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
+    if raw.count(b"{") + raw.count(b"[") > MAX_DEPTH:  # at most this deep: no need to look
+        _check_depth(body)
 
     model = body.get("model")
     if model is None:
@@ -80,6 +86,24 @@ def parse_chat_request(raw: bytes) -> ChatCall:
     _check_stop(body.get("stop"))
     _check_models(body.get("models"))
     return ChatCall(body=body, raw=raw, model=model, stream=stream)
+
+
+def _check_depth(body: dict[str, Any]) -> None:
+    """``InvalidRequest`` naming the top-level field nested deeper than ``MAX_DEPTH`` levels
+    (the body itself is level 1). Walks containers only, without recursion."""
+    for name, value in body.items():
+        stack = [(value, 2)]
+        while stack:
+            node, depth = stack.pop()
+            if not isinstance(node, dict | list):
+                continue
+            if depth > MAX_DEPTH:
+                raise InvalidRequest(
+                    f"The request body is nested deeper than {MAX_DEPTH} levels (in '{name}').", param=name
+                )
+            for child in node.values() if isinstance(node, dict) else node:
+                if isinstance(child, dict | list):
+                    stack.append((child, depth + 1))
 
 
 def _check_messages(messages: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import select
 import socket
 import time
 from pathlib import Path
@@ -239,3 +240,41 @@ def test_serve_closes_a_connection_whose_request_head_is_late(tmp_path: Path) ->
             streamed = _response(piped)
             assert b"data: [DONE]" in streamed and time.monotonic() - began > 1.2  # not cut
             assert 0.8 < closed_after(piped, time.monotonic()) < 4  # then the late head is
+
+
+def test_serve_answers_431_and_closes_when_a_request_head_grows_past_the_limit(tmp_path: Path) -> None:
+    """``server.max_header_bytes``: httptools keeps a header line of any length in memory
+    until it ends, so a head that keeps growing is cut with 431 in OpenAI's envelope; a head
+    under the limit passes, also when it arrives over many reads."""
+
+    def edit(text: str) -> str:
+        assert "max_header_bytes: 65536" in text
+        return text.replace("max_header_bytes: 65536", "max_header_bytes: 8192")
+
+    with served_cli(tmp_path, config=edit) as served:
+        with _connect(served.url) as fine:
+            fine.sendall(b"GET /healthz HTTP/1.1\r\nHost: proxy\r\n")
+            for _ in range(6):  # about 6 KB of headers, in separate reads
+                time.sleep(0.02)
+                fine.sendall(b"X-Pad: " + b"a" * 1000 + b"\r\n")
+            fine.sendall(b"\r\n")
+            assert _response(fine).startswith(b"HTTP/1.1 200")
+        with _connect(served.url) as endless:
+            endless.sendall(b"GET /healthz HTTP/1.1\r\nHost: proxy\r\nX-Big: ")
+            sent = 0
+            while sent < 4 * 2**20 and not select.select([endless], [], [], 0.005)[0]:
+                endless.sendall(b"a" * 16384)  # one header line that never ends
+                sent += 16384
+            assert sent < 2**20  # cut long before a MB
+            answer = b""
+            while chunk := endless.recv(65536):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 431 Request Header Fields Too Large")
+        assert b"connection: close" in head and b"content-type: application/json" in head
+        error = orjson.loads(body)["error"]
+        assert error["code"] == "request_header_fields_too_large" and error["type"] == "invalid_request_error"
+        assert "8192" in error["message"]
+        with _connect(served.url) as after:  # the worker is unharmed
+            after.sendall(HEALTHZ)
+            assert _response(after).startswith(b"HTTP/1.1 200")

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import json
+
 import orjson
 import pytest
 
 from proxy.errors import InvalidRequest
-from proxy.parse import parse_chat_request
+from proxy.parse import MAX_DEPTH, parse_chat_request
 
 GOOD = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -57,3 +59,30 @@ def test_bad_input_is_400_with_param(raw: bytes, param: str | None) -> None:
     assert info.value.status == 400
     assert info.value.param == param
     assert info.value.message
+
+
+def nested(levels: int, inner: object = 1) -> object:
+    """``levels`` containers, arrays and objects alternating, around ``inner``."""
+    value = inner
+    for i in range(levels):
+        value = [value] if i % 2 else {"k": value}
+    return value
+
+
+def test_nesting_up_to_the_limit_passes_and_deeper_is_400_naming_the_field() -> None:
+    # the body is level 1, so a field may hold MAX_DEPTH - 1 levels
+    assert parse_chat_request(body(transforms=nested(MAX_DEPTH - 1))).body["transforms"]
+    with pytest.raises(InvalidRequest) as info:
+        parse_chat_request(body(transforms=nested(MAX_DEPTH)))
+    assert info.value.status == 400 and info.value.param == "transforms"
+    assert str(MAX_DEPTH) in info.value.message
+    deep = {**GOOD, "messages": [{"role": "user", "content": "x", "x": nested(300)}]}
+    with pytest.raises(InvalidRequest) as info:  # orjson parses this deep, but cannot encode it again
+        parse_chat_request(json.dumps(deep).encode())
+    assert info.value.param == "messages"
+
+
+def test_many_shallow_containers_pass() -> None:
+    """More brackets than ``MAX_DEPTH`` (a long conversation, brackets inside strings) is not depth."""
+    messages = [{"role": "user", "content": [{"type": "text", "text": "[{" * 50}]} for _ in range(300)]
+    assert len(parse_chat_request(body(messages=messages)).body["messages"]) == 300
