@@ -1,10 +1,11 @@
 """A bounded soak: minutes of mixed traffic with random upstream faults, then two checks.
 
 Starts ``openrouter-proxy serve --upstream emulator`` (127.0.0.1, a free port, a temporary
-config without limits), drives ``--concurrency`` clients for ``--seconds`` with a mix of
-streamed and whole requests and random faults (502 then success, mid-stream errors, cut
-streams, stalls the client hangs up on, slow first tokens), samples the proxy's RSS, stops
-it with SIGTERM, and checks:
+config with the embedded store and limits no request reaches, so every request still
+reserves and settles a window, a concurrency slot and a budget), drives ``--concurrency``
+clients for ``--seconds`` with a mix of streamed and whole requests and random faults (502
+then success, mid-stream errors, cut streams, stalls the client hangs up on, slow first
+tokens), samples the proxy's RSS, stops it with SIGTERM, and checks:
 
 * **RSS flat**: the highest RSS of the last third of the run stays within ``--rss-growth``
   (default 10 %) of the highest of the middle third (the first third is warm-up: the
@@ -95,6 +96,17 @@ async def drive(base: str, key: str, seconds: float, concurrency: int, pid: int,
     return counter
 
 
+SOAK_LIMITS = """\
+default_tier: soak
+tiers:
+  soak:
+    requests_per_minute: 60000000
+    tokens_per_minute: 1000000000
+    concurrent_requests: 10000
+    budget_usd_per_day: 1000000
+"""
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=180)
@@ -109,6 +121,7 @@ def main() -> int:
         (folder / "config.yaml").write_text(config + "\nlogging:\n  request_log: null\n")
         (folder / "policies").mkdir()
         (folder / "policies" / "routing.yaml").write_text((REPO / "policies" / "routing.yaml").read_text())
+        (folder / "policies" / "limits.yaml").write_text(SOAK_LIMITS)
         port = free_port()
         env = {k: v for k, v in os.environ.items() if k not in ("OPENROUTER_API_KEY", "REDIS_URL")}
         exe = Path(sys.executable).with_name("openrouter-proxy")

@@ -11,6 +11,10 @@ Shared across replicas: ``sync`` publishes every breaker this process opens to t
 (target -> wall-clock time it closes) and adopts the open states other replicas published,
 every ``sync_interval_s`` seconds, off the request path. ``allow`` and ``record`` are plain
 in-memory operations.
+
+A closed breaker with no attempt in its window holds nothing a new one would not, so the
+same background loop forgets it (``prune``): a breaker exists per model id the clients
+name, and without this a client naming ever new models would grow the worker forever.
 """
 
 from __future__ import annotations
@@ -174,6 +178,18 @@ class Breakers:
                 breaker.published = True
                 self._set(target, breaker, OPEN)
 
+    def prune(self) -> int:
+        """Forget closed breakers without an attempt in the window; how many went."""
+        horizon = int(self._clock()) - int(self.settings.window_s)
+        idle = [
+            target
+            for target, b in self._breakers.items()
+            if b.state == CLOSED and all(second <= horizon for second in b.buckets)
+        ]
+        for target in idle:
+            del self._breakers[target]
+        return len(idle)
+
     async def start(self, store: BreakerStore) -> None:
         if self.settings.enabled:
             self._task = asyncio.create_task(self._run(store), name="breaker-sync")
@@ -181,6 +197,7 @@ class Breakers:
     async def _run(self, store: BreakerStore) -> None:
         while True:
             await asyncio.sleep(self.settings.sync_interval_s)
+            self.prune()
             try:
                 await self.sync_once(store)
             except Exception as exc:  # the store is optional for breakers: keep local state

@@ -84,3 +84,22 @@ def test_disabled_breakers_always_allow() -> None:
     for _ in range(10):
         breakers.record("m", False)
     assert breakers.allow("m")
+
+
+def test_closed_breakers_without_recent_attempts_are_forgotten() -> None:
+    """A breaker exists per model id a client names; idle closed ones must not pile up."""
+    clock = Clock()
+    breakers = Breakers(SETTINGS, clock=clock, wall=clock)
+    for i in range(1000):
+        breakers.record(f"vendor/made-up-{i}", i % 2 == 0)
+    for _ in range(4):
+        breakers.record("failing", False)
+    breakers.record("recent", False)
+    assert breakers.prune() == 0  # every one had an attempt within the window
+    clock.now += SETTINGS.window_s + 1
+    breakers.record("recent", False)
+    assert breakers.prune() == 1000
+    snapshot = breakers.snapshot()
+    assert set(snapshot) == {"failing", "recent"}
+    assert snapshot["failing"]["state"] == "open" and snapshot["recent"]["failures"] == 1
+    assert breakers.allow("vendor/made-up-1") and breakers.state("vendor/made-up-1") == "closed"

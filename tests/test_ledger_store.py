@@ -105,3 +105,30 @@ def test_the_stream_is_capped_by_length_and_by_age(store_url: str | None) -> Non
         assert row.requests == 1201  # trimming the stream never touches the rollups
 
     run(store_url, scenario)
+
+
+def test_the_memory_ledger_keeps_each_line_at_its_own_size() -> None:
+    """orjson's output bytes keep its whole growth buffer allocated (16 KiB for a ~600-byte
+    line); the embedded store, which keeps its last 10,000 lines, must not keep those."""
+    import tracemalloc
+
+    async def scenario(store: Store) -> int:
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        writes = [write(0.00001, ticket=b'{"t":1}') for _ in range(2000)]
+        ids = await store.usage.append(writes, Retention())
+        del writes  # only what the store keeps stays
+        grown = tracemalloc.get_traced_memory()[0] - base
+        tracemalloc.stop()
+        assert len(ids) == 2000
+        return grown
+
+    async def main() -> int:
+        store = open_store(None)
+        try:
+            return await scenario(store)
+        finally:
+            await store.aclose()
+
+    # a ~660-byte line and its id, ticket and share of the rollups: about 1.1 KiB (33 MB before)
+    assert asyncio.run(main()) < 2000 * 2048

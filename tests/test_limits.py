@@ -544,3 +544,36 @@ def test_a_lease_set_emptied_by_settlement_gets_an_expiry_when_recreated(redis_u
         assert await client.pttl(hold) < await client.pttl(hold + ":x") <= 3_600_000 + 120_000
 
     run_scripts(redis_url, "reset", body)
+
+
+def test_the_memory_backend_forgets_settled_holds() -> None:
+    """Settled requests leave nothing behind in the embedded store: its lease heap once kept
+    an entry for every request until its lease ran out (16 minutes by default), some 2 MB
+    per 20,000 requests on each concurrency or budget key."""
+    import tracemalloc
+
+    from proxy.limits.backend import Check, Release
+    from proxy.limits.memory import MemoryBackend
+
+    async def main() -> int:
+        backend = MemoryBackend()
+        now = 1_700_000_000_000
+        slots = Check("orp:{k:a}:concurrent_requests", 10, 1)
+        budget = Check("orp:{k:a}:budget", 10**12, 5, ttl_ms=86_400_000)
+        held = []
+        for i in range(100):  # warm up, with some requests left in flight
+            assert (await backend.reserve([slots, budget], f"w{i}", now, 960_000)).admitted
+            held.append(f"w{i}")
+            if len(held) > 3:
+                await backend.settle([Release(slots.key, False), Release(budget.key, False, spend=1)], held.pop(0), now)
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        for i in range(20_000):
+            rid = f"request-{i:08d}"
+            assert (await backend.reserve([slots, budget], rid, now + i, 960_000)).admitted
+            await backend.settle([Release(slots.key, False), Release(budget.key, False, spend=1)], rid, now + i)
+        grown = tracemalloc.get_traced_memory()[0] - base
+        tracemalloc.stop()
+        return grown
+
+    assert asyncio.run(main()) < 100_000

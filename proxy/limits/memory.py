@@ -53,6 +53,18 @@ class _Hold:
             if held is not None:
                 self.held -= held[0]
 
+    def release(self, rid: str) -> tuple[int, int] | None:
+        """Drop ``rid``'s hold (ZREM): its heap entry goes lazily, and the heap is rebuilt
+        from the live holds once most of it is settled entries, so it stays within about
+        twice the holds in flight rather than every request of the last lease period."""
+        held = self.holds.pop(rid, None)
+        if held is not None:
+            self.held -= held[0]
+            if len(self.leases) > 2 * len(self.holds) + 64:
+                self.leases = [(end, r) for r, (_, end) in self.holds.items()]
+                heapq.heapify(self.leases)
+        return held
+
     def first_lease(self) -> int | None:
         while self.leases and self.leases[0][1] not in self.holds:
             heapq.heappop(self.leases)  # settled already (ZREM)
@@ -172,9 +184,7 @@ class MemoryBackend:
                 out.append(0)
                 continue
             hold = self._hold(rel.key, now_ms)
-            held = hold.holds.pop(rid, None)
-            if held is not None:
-                hold.held -= held[0]
+            held = hold.release(rid)
             if rel.spend > 0 and held is not None:  # spend once: only while the hold exists
                 hold.spent += rel.spend  # the expiry stays: the take set it past the period's end
             out.append(hold.spent)
