@@ -29,11 +29,12 @@ its own (``proxy.store.redis_probe``, each node bounded to 0.4 s) and is never c
 and ``/readyz`` waits for it at most ``PROBE_WAIT_S`` (0.5 s, under Kubernetes' default 1 s
 probe timeout). Past that, the previous answer serves if it is at most ``PROBE_STALE_S``
 (5 s) old; otherwise every node counts as not answering. ``limits``: the limiter's view from
-the requests (``degraded`` while it decides without the store; no I/O). ``breakers``: the
-circuit breakers' ``snapshot()`` (informational: an open breaker does not make the
-instance unready, since every replica would share it). No address, key or error text is
-returned (the endpoint is unauthenticated); the names of unreachable nodes are logged
-when they change.
+the requests (``degraded`` while it decides without the store; no I/O). ``breakers``: how
+many circuit breakers are ``open`` and ``half_open`` (informational: an open breaker does
+not make the instance unready, since every replica would share it; which ones is in the
+metrics, ``breaker_state``, behind their token). No address, model name, key or error text
+is returned (the endpoint is unauthenticated: a breaker's name is a model some tenant asked
+for, or the upstream's base URL); the names of unreachable nodes are logged when they change.
 
 ``GET /health/upstream``: is OpenRouter reachable and the proxy's key valid? Checked with
 ``GET /key`` (openrouter-api.md §6.4) and cached ``ttl_s`` seconds (30), so probes never
@@ -117,7 +118,8 @@ class Health:
         elif unreachable:
             body["status"] = "degraded"
         if self.breakers is not None:
-            body["breakers"] = dict(self.breakers())
+            states = [breaker["state"] for breaker in self.breakers().values()]
+            body["breakers"] = {state: states.count(state) for state in ("open", "half_open")}
         return (503 if body["status"] == "not_ready" else 200), body
 
     async def _reachability(self) -> Reachability:

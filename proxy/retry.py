@@ -12,11 +12,16 @@ connect timeout                                retry        yes
 429 (Retry-After honoured up to a limit)       retry        no
 no response head in time (silent provider)     next model   yes
 no first token in time                         next model   yes
-404 (model or endpoints gone)                  next model   yes
+404 (no endpoint for the model and request)   next model   no
 400 context length exceeded                    next model   no
 other 4xx (400, 403 moderation, 413, 422),     stop         no
 the proxy's own key refused (401), credits
 =============================================  ===========  ==========================
+
+A 404 does not count against the breaker: OpenRouter answers it for a model gone, but also
+for what one caller asked (``provider.only`` naming no live provider, a data policy, tools
+the endpoints lack), and a breaker is shared by every tenant and replica, so one tenant
+could otherwise shut a model off for all.
 
 A retry whose wait would pass the request's deadline, or whose ``Retry-After`` exceeds
 ``max_retry_after_s``, becomes "next model". Back-off: exponential with full jitter.
@@ -88,7 +93,7 @@ def judge(error: ProxyError) -> Verdict:
         if status in _RETRY_STATUSES:
             return Verdict(Decision.RETRY, status != 429, _retry_after(error.retry_after))
         if status == 404:
-            return Verdict(Decision.NEXT_MODEL, True)
+            return Verdict(Decision.NEXT_MODEL, False)
         if status == 400 and _is_context_length(error):
             return Verdict(Decision.NEXT_MODEL, False)
     return Verdict(Decision.STOP, False)

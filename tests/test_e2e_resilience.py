@@ -180,6 +180,18 @@ def test_open_breaker_without_fallback_fails_fast_with_503(proxy_server: Any, em
     assert upstream.sent() == []
 
 
+def test_404s_one_caller_provokes_do_not_open_the_shared_breaker(proxy_server: Any, emulator_app: Any) -> None:
+    """OpenRouter answers 404 to what one caller asked (``provider.only`` naming no live
+    provider, say): those still go to the next model, but must not shut the model off for
+    every other tenant."""
+    proxy = proxy_server(extra=BREAKER)
+    for _ in range(6):
+        assert post(proxy, body(emulator={"fault": "error-404"})).status_code == 404
+    assert proxy.app.runtime is not None
+    assert proxy.app.runtime.breakers.state("openai/gpt-4o-mini") == "closed"
+    assert post(proxy, body()).status_code == 200
+
+
 def test_connection_reset_before_any_byte_is_retried(proxy_server: Any, emulator: Any) -> None:
     from .faultnet import FaultNet
 
