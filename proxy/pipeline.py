@@ -36,6 +36,7 @@ from proxy.errors import (
     MethodNotAllowed,
     ProxyError,
     RequestTimeout,
+    UpstreamCut,
     UpstreamTimeout,
 )
 from proxy.metrics import Metrics
@@ -229,11 +230,11 @@ class ChatCompletions:
             ex.error_code = ex.error_code or "client_disconnected"
             if not ex.started:
                 ex.status = 499
-            if ex.committed and ex.usage is None:
-                self._estimate_usage(call, ex)
         finally:
             total.stop()
             watch.stop()
+            if ex.committed and ex.usage is None:  # cut, stalled, failed in-band or hung up on
+                self._estimate_usage(call, ex)
 
     async def _attempts(
         self,
@@ -324,18 +325,21 @@ class ChatCompletions:
             ex.ttfb_s = time.perf_counter() - ex.t0
             ex.generation_id = response.generation_id
             headers = [*response.headers, *self._headers(model, plan, ex)]
-            content_type = next((v for n, v in response.headers if n == b"content-type"), b"")
-            if content_type.startswith(_EVENT_STREAM):
+            content_type = next((v for n, v in response.headers if n == b"content-type"), b"").lower()
+            if content_type.startswith(_EVENT_STREAM) or (ex.stream and not content_type):
                 first_token_s = plan.first_token_timeout_s or timeouts.first_token_timeout_s
                 deadline = asyncio.get_running_loop().time() + first_token_s
                 await relay_stream(response, ex, headers, send, deadline, self.activity)
+            elif ex.started:  # an earlier attempt's stream head is out: a whole body cannot follow it
+                raise UpstreamCut(f"{model} answered a stream request with a non-stream response.")
             else:
                 await relay_whole(response, ex, headers, send)
         finally:
             response.close()
 
     def _estimate_usage(self, call: ChatCall, ex: Exchange) -> None:
-        """A stream cut before its usage chunk: estimate tokens, mark the record estimated."""
+        """A stream that ended before its usage chunk (the client hung up, or the upstream cut,
+        stalled or failed in-band): estimate tokens, mark the record estimated."""
         prompt = estimate_prompt_tokens(call.body)
         completion = max(0, ex.data_events - 1)
         ex.usage = Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)

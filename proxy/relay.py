@@ -12,6 +12,11 @@
   a truncated answer. An upstream error event is forwarded byte for byte and the stream is
   ended right after it (OpenRouter's trailing ``[DONE]`` is dropped).
 * A stream that ends cleanly without ``[DONE]`` is forwarded as it came and finalised.
+* Only **whole events** leave: the unterminated tail of a chunk (an event split across
+  upstream reads) waits for the rest of its event, which costs a complete event no time.
+  So a retry before the commit point, or the error event after a cut, never lands in the
+  middle of half an event the client already has (which SDKs fail to parse). A tail over
+  ``_MAX_HELD`` bytes without a separator is sent as it is, so memory stays bounded.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from proxy.upstream import UpstreamResponse
 __all__ = ["Exchange", "end_with_error", "error_event", "relay_stream", "relay_whole", "send_cached"]
 
 _STREAM_HEADERS = ((b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"))
+_MAX_HELD = 1 << 20  # bytes of an unterminated event held back at most
 
 
 @dataclass(slots=True)
@@ -112,6 +118,7 @@ async def relay_stream(
         headers.extend(_STREAM_HEADERS)
         await _start(send, ex, response.status, headers)
     tap = SSETap()
+    out = _WholeEvents()
     chunks = response.chunks().__aiter__()
     activity.stream_open()
     try:
@@ -129,7 +136,7 @@ async def relay_stream(
                 if tap.data_events:
                     ex.committed = True
                     ex.ttft_s = time.perf_counter() - ex.t0
-                if await _forward(send, ex, tap, chunk):
+                if await _forward(send, ex, tap, out, chunk):
                     return
         except asyncio.CancelledError:
             if first_token.expired_here():
@@ -140,12 +147,11 @@ async def relay_stream(
         try:
             async for chunk in chunks:
                 tap.feed(chunk)
-                if await _forward(send, ex, tap, chunk):
+                if await _forward(send, ex, tap, out, chunk):
                     return
             tap.finish()
-            await _end(send, ex)
-        except UpstreamCut as exc:
-            tap.finish()
+            await _end(send, ex, out.rest())  # a last event without its blank line goes as it came
+        except UpstreamCut as exc:  # the tail of an event that will never end is dropped, not counted
             ex.error_code = exc.code
             if tap.error is None:
                 await _end(send, ex, error_event(tap.generation_id, tap.model, tap.provider, 502, exc.message))
@@ -164,14 +170,43 @@ async def relay_stream(
                 ex.error_code = str(tap.error.get("code", "stream_error"))
 
 
-async def _forward(send: Send, ex: Exchange, tap: SSETap, chunk: bytes) -> bool:
-    """Send ``chunk``; after an upstream error event, send up to its end and finish (True)."""
+class _WholeEvents:
+    """Splits the upstream bytes so that only whole SSE events are sent (module docstring)."""
+
+    __slots__ = ("held",)
+
+    def __init__(self) -> None:
+        self.held = b""  # the start of an event whose end has not arrived
+
+    def take(self, chunk: bytes) -> bytes:
+        """What of ``held + chunk`` may go now: up to the last event separator."""
+        data = self.held + chunk if self.held else chunk
+        if data.endswith(b"\n\n"):  # the usual chunk: whole events
+            self.held = b""
+            return data
+        lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
+        end = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+        if len(data) - end > _MAX_HELD:
+            end = len(data)
+        self.held = data[end:]
+        return data[:end]
+
+    def rest(self) -> bytes:
+        held, self.held = self.held, b""
+        return held
+
+
+async def _forward(send: Send, ex: Exchange, tap: SSETap, out: _WholeEvents, chunk: bytes) -> bool:
+    """Send the whole events ``chunk`` completes; after an upstream error event, send up to its
+    end and finish (True)."""
     if tap.error_end is None:
-        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        body = out.take(chunk)
+        if body:
+            await send({"type": "http.response.body", "body": body, "more_body": True})
         return False
-    chunk_start = tap.offset - len(chunk)
-    keep = max(0, min(len(chunk), tap.error_end - chunk_start))
-    await _end(send, ex, chunk[:keep])
+    data = out.rest() + chunk
+    keep = max(0, min(len(data), tap.error_end - (tap.offset - len(data))))
+    await _end(send, ex, data[:keep])
     return True
 
 
