@@ -66,13 +66,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
             )
             return 2
         print(f"warning: no OPENROUTER_API_KEY; calling {settings.upstream.base_url} without a key", file=sys.stderr)
+    workers = args.workers or settings.server.workers
+    if workers > 1 and settings.store.redis_url is None and settings.admin.key_sha256 is not None:
+        print(
+            "The admin API (PROXY_ADMIN_KEY) needs REDIS_URL when serving with more than one worker: "
+            "runtime keys live in the store, and without Redis each worker has a store of its own "
+            "(a key created or revoked on one worker would not be on the others).",
+            file=sys.stderr,
+        )
+        return 2
     env = os.environ
     env[ENV_CONFIG] = str(path)
     env[ENV_UPSTREAM] = upstream
     env.pop(ENV_DEV_KEY, None)
     host = args.host or settings.server.host
     port = settings.server.port if args.port is None else args.port
-    if not settings.keys:
+    if not settings.keys and settings.admin.key_sha256 is None:  # else keys come from the admin API
         key = new_key()
         env[ENV_DEV_KEY] = hash_key(key)
         print(
@@ -82,7 +91,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "  (it is valid until the proxy stops; add keys with `openrouter-proxy keys new`)\n",
             flush=True,
         )
-    workers = args.workers or settings.server.workers
     options: dict[str, object] = {
         "app": "proxy.app:app_from_env",
         "factory": True,

@@ -155,7 +155,8 @@ CLI = Path(sys.executable).with_name("openrouter-proxy")
 
 @dataclass
 class ServedCli:
-    """A running ``openrouter-proxy serve --upstream emulator``: its process, URL and dev key."""
+    """A running ``openrouter-proxy serve --upstream emulator``: its process, URL and dev key
+    (``""`` when an admin key was given: keys then come from the admin API)."""
 
     proc: subprocess.Popen[bytes]
     url: str
@@ -165,19 +166,26 @@ class ServedCli:
 
 @contextmanager
 def served_cli(
-    folder: Path, *args: str, startups: int = 1, limits: bool = True, config: Callable[[str], str] | None = None
+    folder: Path,
+    *args: str,
+    startups: int = 1,
+    limits: bool = True,
+    config: Callable[[str], str] | None = None,
+    admin_key: str | None = None,
 ) -> Iterator[ServedCli]:
     """Run the README's serve command from ``folder`` (a copy of config.yaml, edited by
-    ``config`` if given, and policies/, no virtual keys, so it prints a one-time dev key).
-    Output goes to ``folder/proxy.log``. On exit the process gets SIGTERM (if still
-    running) and is waited for."""
+    ``config`` if given, and policies/, no virtual keys, so it prints a one-time dev key,
+    unless ``admin_key`` is given as ``PROXY_ADMIN_KEY``). Output goes to ``folder/proxy.log``.
+    On exit the process gets SIGTERM (if still running) and is waited for."""
     text = (REPO / "config.yaml").read_text()
     (folder / "config.yaml").write_text(config(text) if config else text)
     shutil.copytree(REPO / "policies", folder / "policies")
     if not limits:
         (folder / "policies" / "limits.yaml").unlink()
-    drop = ("OPENROUTER_API_KEY", "REDIS_URL", "PROXY_DEV_KEY_SHA256", "PROMETHEUS_MULTIPROC_DIR")
+    drop = ("OPENROUTER_API_KEY", "REDIS_URL", "PROXY_DEV_KEY_SHA256", "PROMETHEUS_MULTIPROC_DIR", "PROXY_ADMIN_KEY")
     env = {k: v for k, v in os.environ.items() if k not in drop}
+    if admin_key is not None:
+        env["PROXY_ADMIN_KEY"] = admin_key
     port = free_port()
     log = folder / "proxy.log"
     command = [
@@ -201,8 +209,8 @@ def served_cli(
                     raise AssertionError(log.read_text(errors="replace"))
                 time.sleep(0.05)
             key = re.search(rb"sk-proxy-[A-Za-z0-9_-]+", log.read_bytes())
-            assert key is not None, log.read_text(errors="replace")
-            yield ServedCli(proc, f"http://127.0.0.1:{port}", key.group(0).decode(), log)
+            assert (key is None) == (admin_key is not None), log.read_text(errors="replace")
+            yield ServedCli(proc, f"http://127.0.0.1:{port}", key.group(0).decode() if key else "", log)
         finally:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

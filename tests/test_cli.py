@@ -8,6 +8,7 @@ import socket
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import orjson
 import pytest
@@ -106,6 +107,32 @@ def test_serve_with_the_emulator_prints_a_dev_key_that_works(tmp_path: Path) -> 
     log = tmp_path / "var" / "usage.jsonl"
     (rec,) = [orjson.loads(line) for line in log.read_bytes().splitlines()]
     assert rec["key"] == "dev" and rec["routed_model"] == "openai/gpt-4o-mini" and rec["cost_usd"] > 0
+
+
+def test_serve_with_the_admin_api_mints_no_dev_key_and_its_keys_work(tmp_path: Path) -> None:
+    """With ``PROXY_ADMIN_KEY`` keys come from the admin API: no development key, which
+    nobody could revoke, is printed into the logs."""
+    admin = "adm-" + "x" * 40
+    with served_cli(tmp_path, admin_key=admin) as served:
+        assert b"sk-proxy-" not in served.log.read_bytes()
+        created = httpx.post(
+            f"{served.url}/admin/keys", json={"name": "ci"}, headers={"Authorization": f"Bearer {admin}"}, timeout=10
+        )
+        assert created.status_code == 201
+        client = openai.OpenAI(base_url=f"{served.url}/v1", api_key=created.json()["key"], max_retries=0)
+        answer = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+        assert answer.choices[0].message.content
+
+
+def test_serve_refuses_the_admin_api_on_several_workers_without_redis(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runtime keys live in the store; each worker's embedded store is its own."""
+    monkeypatch.setenv("PROXY_ADMIN_KEY", "adm-" + "y" * 40)
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    command = ["serve", "--config", str(REPO / "config.yaml"), "--upstream", "emulator", "--workers", "2"]
+    assert main(command) == 2
+    assert "REDIS_URL" in capsys.readouterr().err
 
 
 def test_serve_refuses_to_start_without_an_upstream_key(
