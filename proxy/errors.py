@@ -40,6 +40,8 @@ module for HTTP client errors), never here.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import orjson
@@ -70,6 +72,7 @@ __all__ = [
     "UpstreamTimeout",
     "UpstreamUnreachable",
     "UsageUnavailable",
+    "redact_strings",
     "render_error",
 ]
 
@@ -176,12 +179,29 @@ _RELAYED_TYPES = {
 _NOT_RETRYABLE = frozenset({400, 403, 404, 413, 422})
 
 
+def redact_strings(obj: dict[str, Any] | list[Any], redact: Callable[[str], str]) -> None:
+    """Apply ``redact`` to every string value in ``obj``, in place (without recursion: an
+    upstream error object may be nested deep)."""
+    stack: list[Any] = [obj]
+    while stack:
+        node = stack.pop()
+        for name, value in list(node.items() if isinstance(node, dict) else enumerate(node)):
+            if isinstance(value, str):
+                node[name] = redact(value)
+            elif isinstance(value, dict | list):
+                stack.append(value)
+
+
+_RETRY_AFTER = re.compile(r"^(?:\d{1,9}(?:\.\d+)?|[A-Za-z]{3}, \d{2} [A-Za-z]{3} \d{4} \d{2}:\d{2}:\d{2} GMT)$")
+
+
 class UpstreamStatusError(ProxyError):
     """An error status from OpenRouter, relayed with its status, ``code`` and ``metadata``.
 
     ``upstream`` is OpenRouter's inner ``error`` object (§4.1: ``message``, numeric
     ``code``, optional ``metadata`` and ``availability``); ``retry_after`` is the upstream
-    ``Retry-After`` header value, passed on to the client.
+    ``Retry-After`` header value, passed on to the client when it is one (seconds, or an
+    HTTP date; anything else is dropped, so no arbitrary upstream text rides on it).
     """
 
     def __init__(self, status: int, upstream: dict[str, Any], *, retry_after: str | None = None) -> None:
@@ -189,7 +209,12 @@ class UpstreamStatusError(ProxyError):
         super().__init__(message if isinstance(message, str) else f"OpenRouter returned HTTP {status}")
         self.upstream_status = status
         self.upstream = upstream
-        self.retry_after = retry_after
+        self.retry_after = retry_after if retry_after is not None and _RETRY_AFTER.match(retry_after) else None
+
+    def redact(self, redact: Callable[[str], str]) -> None:
+        """Apply ``redact`` to the message and every string of the relayed error object."""
+        self.message = redact(self.message)
+        redact_strings(self.upstream, redact)
 
     def status_code(self) -> int:
         return self.upstream_status

@@ -37,6 +37,7 @@ from proxy.errors import (
     ProxyError,
     RequestTimeout,
     UpstreamCut,
+    UpstreamStatusError,
     UpstreamTimeout,
 )
 from proxy.metrics import Metrics
@@ -329,7 +330,11 @@ class ChatCompletions:
             if content_type.startswith(_EVENT_STREAM) or (ex.stream and not content_type):
                 first_token_s = plan.first_token_timeout_s or timeouts.first_token_timeout_s
                 deadline = asyncio.get_running_loop().time() + first_token_s
-                await relay_stream(response, ex, headers, send, deadline, self.activity)
+                try:
+                    await relay_stream(response, ex, headers, send, deadline, self.activity)
+                except UpstreamStatusError as exc:  # an error event before the first token
+                    exc.redact(self.client.redact)
+                    raise
             elif ex.started:  # an earlier attempt's stream head is out: a whole body cannot follow it
                 raise UpstreamCut(f"{model} answered a stream request with a non-stream response.")
             else:

@@ -16,7 +16,7 @@ decompress. Every aiohttp/asyncio exception is mapped to a ``proxy.errors`` clas
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -31,6 +31,7 @@ from proxy.errors import (
     UpstreamStatusError,
     UpstreamTimeout,
     UpstreamUnreachable,
+    redact_strings,
 )
 from proxy.pacing import Pacer
 
@@ -204,16 +205,20 @@ class OpenRouterClient:
         finally:
             response.close()
         raise error_from_status(
-            response.status, self.redact(raw.decode("utf-8", "replace")), response.headers.get("Retry-After")
+            response.status, raw.decode("utf-8", "replace"), response.headers.get("Retry-After"), self.redact
         )
 
 
-def error_from_status(status: int, body: str, retry_after: str | None) -> ProxyError:
+def error_from_status(
+    status: int, body: str, retry_after: str | None, redact: Callable[[str], str] | None = None
+) -> ProxyError:
     """The ``ProxyError`` for an OpenRouter error status (openrouter-api.md §4.1, §4.2).
 
     401 means the proxy's own key was refused (502, logged loudly); 402 means the proxy's
     account is out of credits (503); anything else is relayed with OpenRouter's status,
-    numeric ``code``, ``metadata`` and ``availability``.
+    numeric ``code``, ``metadata`` and ``availability``. ``redact`` is applied to every
+    string of the decoded error (so a key spelled with JSON escapes is caught too) before it
+    is logged or relayed.
     """
     inner: dict[str, Any] = {}
     try:
@@ -222,6 +227,8 @@ def error_from_status(status: int, body: str, retry_after: str | None) -> ProxyE
         parsed = None
     if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
         inner = parsed["error"]
+        if redact is not None:
+            redact_strings(inner, redact)
     if status == 401:
         log.error("OpenRouter rejected the proxy's API key (HTTP 401): %s", inner.get("message"))
         return UpstreamKeyRejected(

@@ -8,6 +8,7 @@ import socket
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from .conftest import ALICE_KEY, UPSTREAM_KEY, ProxyUnderTest
@@ -191,3 +192,52 @@ def test_the_upstream_key_never_reaches_a_client_or_a_log(
     for text in [*seen, logged]:
         assert UPSTREAM_KEY not in text
         assert ALICE_KEY not in text
+
+
+def test_an_upstream_echoing_the_key_in_any_spelling_does_not_leak_it(serve: Any, proxy_server: Any) -> None:
+    """An upstream error that quotes the proxy's key: JSON-escaped in the body, in
+    ``Retry-After``, or in a stream's error event before the first token."""
+    escaped = "".join(f"\\u{ord(c):04x}" for c in UPSTREAM_KEY)
+
+    async def upstream(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        model = orjson.loads(body)["model"] if scope["path"].endswith("/chat/completions") else ""
+        if model == "leak/escaped":
+            status, headers = 400, [(b"content-type", b"application/json")]
+            payload = (
+                '{"error": {"code": 400, "message": "bad key '
+                + escaped
+                + '", "metadata": {"raw": ["'
+                + escaped
+                + '"]}}}'
+            ).encode()
+        elif model == "leak/retry-after":
+            status, headers = 429, [(b"content-type", b"application/json"), (b"retry-after", UPSTREAM_KEY.encode())]
+            payload = b'{"error": {"code": 429, "message": "slow down"}}'
+        elif model == "leak/stream":
+            status, headers = 200, [(b"content-type", b"text/event-stream")]
+            error = {"error": {"code": 502, "message": f"provider says key {UPSTREAM_KEY}"}, "choices": []}
+            payload = b"data: " + orjson.dumps(error) + b"\n\n"
+        else:
+            status, headers, payload = 404, [], b""
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+    server = serve(upstream, lifespan="off")
+    proxy = proxy_server(upstream_url=f"{server.url}/api/v1", extra="retries:\n  max_attempts: 1\n")
+    for model in ("leak/escaped", "leak/retry-after"):
+        response = post(proxy, {**GOOD, "model": model})
+        assert response.status_code in (400, 429)
+        error = error_of(response)
+        assert UPSTREAM_KEY not in response.text and UPSTREAM_KEY not in repr(response.headers)
+        assert "[redacted]" in str(error) or model == "leak/retry-after"
+        assert "retry-after" not in response.headers  # neither seconds nor a date: dropped
+    streamed = post(proxy, {**GOOD, "model": "leak/stream", "stream": True})  # head out before the error event
+    assert UPSTREAM_KEY not in streamed.text and "[redacted]" in streamed.text
