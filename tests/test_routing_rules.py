@@ -192,6 +192,18 @@ def test_deny_is_a_403_naming_the_rule() -> None:
     assert decide(r).rule is None
 
 
+def test_deny_by_vendor_glob_covers_latest_ids_variants_and_the_client_models_list() -> None:
+    """The other spellings of a denied vendor's models: OpenRouter's ``~author/...-latest``
+    ids, variant suffixes, and entries of the client's ``models`` fallback list."""
+    r = router([{"name": "no-anthropic", "match": {"team": "web", "model": "anthropic/*"}, "deny": "No."}])
+    for model in ("anthropic/claude-sonnet-4.5", "~anthropic/claude-sonnet-latest", "anthropic/claude-haiku-4.5:nitro"):
+        with pytest.raises(PermissionDenied):
+            decide(r, model=model, principal=BOB)
+    plan = decide(r, model="openai/gpt-4o", principal=BOB, models=["~anthropic/claude-sonnet-latest", "openai/gpt-4o"])
+    assert plan.fallbacks == ()  # the denied fallback is dropped
+    assert decide(r, model="~anthropic/claude-sonnet-latest").model == "~anthropic/claude-sonnet-latest"  # not web
+
+
 def test_first_match_wins_and_continue_adds() -> None:
     r = router(
         [

@@ -116,8 +116,14 @@ class Static:
     tier: Patterns | None
 
     def admits(self, model: str, target: str | None, principal: Principal) -> bool:
-        """True when a request for ``model`` (alias ``target``) by ``principal`` passes."""
-        if self.model is not None and not (self.model(model) or self.model(target)):
+        """True when a request for ``model`` (alias ``target``) by ``principal`` passes.
+
+        OpenRouter's ``~author/family-latest`` ids (openrouter-api.md §1.4) also match as
+        ``author/family-latest``, so ``anthropic/*`` covers ``~anthropic/claude-sonnet-latest``.
+        """
+        if self.model is not None and not (
+            self.model(model) or self.model(target) or (model[:1] == "~" and self.model(model[1:]))
+        ):
             return False
         if self.key is not None and not self.key(principal.name):
             return False
