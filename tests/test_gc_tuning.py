@@ -32,7 +32,9 @@ def test_tune_gc_freezes_the_heap_and_raises_the_young_threshold(restored_gc: No
 
     frozen = tune_gc()
 
-    assert frozen == gc.get_freeze_count() > 0
+    # frozen objects still die by reference counting (here, or in another test's server
+    # thread), which lowers the count: it may only have shrunk since
+    assert 0 < gc.get_freeze_count() <= frozen
     assert gc.get_threshold() == (YOUNG_THRESHOLD, older, oldest)
     assert not any(o is kept for o in gc.get_objects())  # frozen objects are walked by no pass
     cycle: list[Any] = []
