@@ -11,6 +11,8 @@ import httpx
 import orjson
 import pytest
 
+from proxy.asgi import read_body
+
 from .conftest import ALICE_KEY, UPSTREAM_KEY, ProxyUnderTest
 from .factories import UpstreamLog
 
@@ -202,12 +204,7 @@ def test_an_upstream_echoing_the_key_in_any_spelling_does_not_leak_it(serve: Any
     async def upstream(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive, 1 << 20, None)
         model = orjson.loads(body)["model"] if scope["path"].endswith("/chat/completions") else ""
         if model == "leak/escaped":
             status, headers = 400, [(b"content-type", b"application/json")]

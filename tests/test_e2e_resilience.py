@@ -12,6 +12,8 @@ import openai
 import orjson
 import pytest
 
+from proxy.asgi import read_body
+
 from .conftest import ALICE_KEY, FixedRouter, ProxyUnderTest
 from .factories import UpstreamLog
 
@@ -280,12 +282,7 @@ async def _scripted_upstream(scope: Any, receive: Any, send: Any) -> None:
     data event (a provider failing before its first token); any other model answers."""
     if scope["type"] != "http":
         return
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            break
+    body = await read_body(receive, 1 << 20, None)
     model = orjson.loads(body)["model"]
     head = {"id": "gen-1", "object": "chat.completion.chunk", "created": 1, "model": model, "provider": "P"}
     if model == "x/fails-first":
