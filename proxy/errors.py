@@ -349,7 +349,7 @@ class LimitsUnavailable(ProxyError):
     code = "limits_unavailable"
 
     def extra_headers(self) -> list[tuple[bytes, bytes]]:
-        return _RETRY_SOON
+        return [*_RETRY_SOON, (b"x-proxy-degraded", b"store-unavailable")]
 
 
 class UsageUnavailable(ProxyError):

@@ -107,6 +107,49 @@ def test_per_model_limits_apply_to_that_model_only(store_url: str | None) -> Non
     run(store_url, spec, body)
 
 
+def test_per_model_limits_cover_the_model_s_variants(store_url: str | None) -> None:
+    """``openai/gpt-4o:floor`` is gpt-4o routed differently (a rule or the client may add
+    the suffix): it counts against gpt-4o's per-model limits, unless the tier names it."""
+    spec = {
+        "tiers": {
+            "t": {
+                "models": {
+                    "openai/gpt-4o": {"requests_per_minute": 2},
+                    "openai/gpt-4o-mini:free": {"requests_per_minute": 1},
+                }
+            }
+        }
+    }
+
+    async def body(lim: Limiter, store: Store) -> None:
+        base, _ = await admit_many(lim, 1, model="openai/gpt-4o")
+        variants, errors = await admit_many(lim, 3, model="openai/gpt-4o:floor")
+        assert len(base) + len(variants) == 2 and "on model openai/gpt-4o" in errors[0].message
+        named, _ = await admit_many(lim, 2, model="openai/gpt-4o-mini:free")
+        assert len(named) == 1  # its own rule, not the (unlimited) base model's
+        cheap, _ = await admit_many(lim, 3, model="openai/gpt-4o-mini:nitro")
+        assert len(cheap) == 3
+
+    run(store_url, spec, body)
+
+
+def test_tokens_are_reserved_for_the_request_as_routing_capped_it(store_url: str | None) -> None:
+    """A rule capped ``max_tokens`` to 4096: admission reserves that, not the client's 30000."""
+    from proxy.types import RoutePlan
+
+    spec = {"tiers": {"t": {"tokens_per_minute": 20_000}}}
+
+    async def body(lim: Limiter, store: Store) -> None:
+        asked = call(max_tokens=30_000)
+        capped = RoutePlan(model=plan().model, request={**asked.body, "max_tokens": 4096})
+        ticket = await lim.admit(principal(), asked, capped)
+        assert ticket.state is not None
+        with pytest.raises(RateLimited):  # without the cap the same request cannot fit at all
+            await lim.admit(principal(), asked, plan())
+
+    run(store_url, spec, body)
+
+
 def test_the_window_slides_and_resets(store_url: str | None) -> None:
     clock = FakeClock()
 

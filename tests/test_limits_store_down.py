@@ -137,6 +137,7 @@ def test_fail_closed_answers_503_then_recovers(make: Any, redis_proc: Restartabl
         assert time.monotonic() - began < 1.0
         error = info.value
         assert error.status_code == 503 and error.code == "limits_unavailable"
+        assert error.response.headers["x-proxy-degraded"] == "store-unavailable"
         assert "limits store is unreachable" in error.message
         assert error.response.headers["retry-after"] == "1"
         assert "x-should-retry" not in error.response.headers  # retrying later is right

@@ -220,10 +220,11 @@ class Limiter:
         tokens = budget = 0
         price = None
         if binding.needs_prompt:
-            prompt = estimate_prompt_tokens(call.body)
-            tokens = prompt + (max_output_tokens(call.body) or 0)
+            body = call.body if plan.request is None else plan.request  # as routing capped it
+            prompt = estimate_prompt_tokens(body)
+            tokens = prompt + (max_output_tokens(body) or 0)
             if _BUDGET in binding.kinds:
-                budget, price = await self.pricer.worst_case((plan.model, *plan.fallbacks), prompt, call.body)
+                budget, price = await self.pricer.worst_case((plan.model, *plan.fallbacks), prompt, body)
         checks = binding.checks(tokens, budget)
         rid = f"{self._rid_prefix}{next(self._rid_seq):x}"
         now_ms = int(now * 1000)

@@ -226,7 +226,9 @@ class LimitsPolicy:
         return name if name in self._tiers else None
 
     def rules(self, tier: str | None, model: str | None, budgets: KeyBudgets | None = None) -> tuple[Rule, ...]:
-        """Rules of ``tier`` for a request to ``model`` (``None``: every model's rules)."""
+        """Rules of ``tier`` for a request to ``model`` (``None``: every model's rules). A model
+        with a variant suffix (openrouter-api.md §1.4) gets its base model's per-model rules
+        unless the tier names the variant itself."""
         if tier is None:
             return ()
         compiled = self._tiers[tier]
@@ -235,7 +237,10 @@ class LimitsPolicy:
             base = (*(r for r in base if r.metric != "budget"), *_budget_rules(compiled.spec, budgets))
         if model is None:
             return tuple([*base, *(r for rules in compiled.model_rules.values() for r in rules)])
-        return (*base, *compiled.model_rules.get(model, ()))
+        found = compiled.model_rules.get(model)
+        if found is None and ":" in model:  # a variant (``:floor``, ``:nitro``...) of a limited model
+            found = compiled.model_rules.get(model.split(":", 1)[0])
+        return (*base, *(found or ()))
 
 
 def load_limits_policy(path: Path) -> LimitsPolicy:
