@@ -1,7 +1,8 @@
 """The admission seam: rate limits and budgets decide whether a request may go upstream.
 
-The pipeline calls ``admit`` after routing (it knows the key, the model and the request)
-and ``settle`` exactly once afterwards, in ``finally``, with the request's usage record,
+The pipeline calls ``admit`` after routing (it knows the key, the model and the request),
+``admit_fallback`` before each fallback model it moves on to, and ``settle`` exactly once
+per ticket afterwards, in ``finally``, with the request's usage record,
 whatever happened (success, upstream error, client gone). ``admit`` raises a
 ``ProxyError`` (429 for a limit or budget, 503 when the store is down and the policy is
 ``fail_closed``); everything it reserved is then already released.
@@ -20,6 +21,10 @@ class Admission(Protocol):
     async def admit(self, principal: Principal, call: ChatCall, plan: RoutePlan) -> Ticket:
         """Check and reserve every applicable limit and budget (one store round trip)."""
 
+    async def admit_fallback(self, principal: Principal, call: ChatCall, plan: RoutePlan, model: str) -> Ticket:
+        """Before trying fallback ``model``: reserve its own per-model limits (none: no store
+        call). Raises as ``admit``; the pipeline then moves on to the next model."""
+
     async def settle(self, ticket: Ticket, record: UsageRecord) -> None:
         """Correct reservations to actual usage and release concurrency slots."""
 
@@ -31,6 +36,9 @@ class NoLimits:
     """Admits everything; the default when no limits are configured."""
 
     async def admit(self, principal: Principal, call: ChatCall, plan: RoutePlan) -> Ticket:
+        return _EMPTY
+
+    async def admit_fallback(self, principal: Principal, call: ChatCall, plan: RoutePlan, model: str) -> Ticket:
         return _EMPTY
 
     async def settle(self, ticket: Ticket, record: UsageRecord) -> None:

@@ -16,6 +16,7 @@ cancels the upstream request at once. Settlement runs in ``finally``, whatever h
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import re
@@ -263,6 +264,16 @@ class ChatCompletions:
                 ex.attempts.append({"model": model, "error": "circuit_open"})
                 last = last or CircuitOpen(f"The circuit breaker for {model} is open; try again shortly.")
                 continue
+            if index and ex.principal is not None:  # a fallback's own per-model limits
+                try:
+                    ticket = await self.admission.admit_fallback(ex.principal, call, plan, model)
+                except ProxyError as exc:  # its limit is reached (or the store is down): the next model;
+                    # the answer if none is left (a 429 says when this one would take the request)
+                    ex.attempts.append({"model": model, "status": exc.status_code(), "error": exc.code or "limited"})
+                    last = exc
+                    continue
+                if ticket.state is not None:
+                    ex.fallback_tickets.append((model, ticket))
             body = _body_for(call, plan, index, model)
             retry = 0
             while True:
@@ -385,6 +396,16 @@ class ChatCompletions:
                 await self.admission.settle(ex.ticket, record)
             except Exception:
                 log.exception("settling admission for request %s failed", ex.request_id)
+        for model, ticket in ex.fallback_tickets:  # a model that did not answer used no tokens
+            try:
+                await self.admission.settle(ticket, record if model == record.routed_model else no_usage(record))
+            except Exception:
+                log.exception("settling admission of %s for request %s failed", model, ex.request_id)
+
+
+def no_usage(record: UsageRecord) -> UsageRecord:
+    """``record`` without usage: what a fallback that did not answer settles with."""
+    return dataclasses.replace(record, usage=None)
 
 
 def _body_for(call: ChatCall, plan: RoutePlan, index: int, model: str) -> bytes:

@@ -79,6 +79,7 @@ class Exchange:
     data_events: int = 0
     attempts: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    fallback_tickets: list[tuple[str, Ticket]] = field(default_factory=list)  # (model, its own limits)
 
 
 async def _start(send: Send, ex: Exchange, status: int, headers: list[tuple[bytes, bytes]]) -> None:

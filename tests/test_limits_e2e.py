@@ -88,6 +88,30 @@ def test_admitted_responses_carry_openai_rate_limit_headers(limited: MakeProxy) 
     assert (limits["requests_per_day"]["used"], limits["requests_per_day"]["remaining"]) == (1, 2)
 
 
+def test_a_fallback_model_s_own_limits_apply_when_the_request_moves_to_it(limited: MakeProxy) -> None:
+    """gpt-4o allows 2 requests a minute; reaching it as the fallback of a failing model
+    counts too (README: limits cover every model tried), and the third is a 429."""
+    proxy = limited({"default_tier": "t", "tiers": {"t": {"models": {"openai/gpt-4o": {"requests_per_minute": 2}}}}})
+    failing = {"emulator": {"faults": {MINI: {"fault": "error-404"}}}, "models": ["openai/gpt-4o"]}
+    client = sdk(proxy)
+    for _ in range(2):
+        assert (
+            client.chat.completions.create(model=MINI, messages=MESSAGES, extra_body=failing).model == "openai/gpt-4o"
+        )
+    with pytest.raises(openai.RateLimitError) as info:
+        client.chat.completions.create(model=MINI, messages=MESSAGES, extra_body=failing)
+    assert "on model openai/gpt-4o" in info.value.message
+    records = proxy.records(3)
+    assert records[-1]["extra"]["attempts"][-1] == {
+        "model": "openai/gpt-4o",
+        "status": 429,
+        "error": "rate_limit_exceeded",
+    }
+    per_model = eventually(lambda: [x for x in own_limits(proxy)["limits"] if x.get("model") == "openai/gpt-4o"])
+    assert per_model and per_model[0]["used"] == 2
+    assert client.chat.completions.create(model=MINI, messages=MESSAGES).model == MINI  # MINI itself is not limited
+
+
 def test_the_429_an_sdk_sees(limited: MakeProxy) -> None:
     proxy = limited({"default_tier": "t", "tiers": {"t": {"requests_per_day": 2}}})
     client = sdk(proxy)

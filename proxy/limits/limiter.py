@@ -192,8 +192,8 @@ class Limiter:
         self._lease_ms = int(settings.lease_s * 1000)
         self._rid_prefix = secrets.token_hex(6)
         self._rid_seq = itertools.count()
-        self._bound_cache: dict[tuple[Principal, str | None, KeyBudgets | None], tuple[Bound, ...]] = {}
-        self._bindings: dict[tuple[Principal, str | None, KeyBudgets | None], _Binding | None] = {}
+        self._bound_cache: dict[tuple[Principal, str | None, KeyBudgets | None, bool], tuple[Bound, ...]] = {}
+        self._bindings: dict[tuple[Principal, str | None, KeyBudgets | None, bool], _Binding | None] = {}
         self.rejected_total: Counter[str] = Counter()
         # budget key -> its bound and period, for spend a backend settles later (``_spent``)
         self._alerting: dict[str, tuple[Bound, str]] = {}
@@ -217,6 +217,20 @@ class Limiter:
         binding = self._binding(principal, plan.model, int(now // 60))
         if binding is None:
             return _EMPTY
+        return await self._reserve(binding, call, plan, now)
+
+    async def admit_fallback(self, principal: Principal, call: ChatCall, plan: RoutePlan, model: str) -> Ticket:
+        """Reserve the per-model limits of ``model``, a fallback the request moves on to (the
+        key's and team's own limits and the budgets were reserved by ``admit``, for the
+        dearest model of the plan). Raises as ``admit``; an empty ticket when ``model`` has
+        no limits of its own (no store call)."""
+        now = self._clock()
+        binding = self._binding(principal, model, int(now // 60), only_model=True)
+        if binding is None:
+            return _EMPTY
+        return await self._reserve(binding, call, plan, now)
+
+    async def _reserve(self, binding: _Binding, call: ChatCall, plan: RoutePlan, now: float) -> Ticket:
         tokens = budget = 0
         price = None
         if binding.needs_prompt:
@@ -250,31 +264,37 @@ class Limiter:
         state = _Reserved(rid, backend, degraded, binding, checks, decision.states, budget, price)
         return Ticket(tuple(headers), state)
 
-    def _binding(self, principal: Principal, model: str | None, minute: int) -> _Binding | None:
+    def _binding(
+        self, principal: Principal, model: str | None, minute: int, *, only_model: bool = False
+    ) -> _Binding | None:
         budgets = self._budgets_of(principal.key_id)
-        cache_key = (principal, model, budgets)
+        cache_key = (principal, model, budgets, only_model)
         if cache_key in self._bindings:
             found = self._bindings[cache_key]
             if found is None or found.minute == minute:
                 return found
-        bounds = self.bounds(principal, model)
+        bounds = self.bounds(principal, model, only_model=only_model)
         binding = _Binding(bounds, minute, self._lease_ms) if bounds else None
         if len(self._bindings) > 10_000:
             self._bindings.clear()
         self._bindings[cache_key] = binding
         return binding
 
-    def bounds(self, principal: Principal, model: str | None) -> tuple[Bound, ...]:
-        """The rules for ``principal`` calling ``model`` (``None``: all models), with keys."""
+    def bounds(self, principal: Principal, model: str | None, *, only_model: bool = False) -> tuple[Bound, ...]:
+        """The rules for ``principal`` calling ``model`` (``None``: all models), with keys;
+        ``only_model``: just ``model``'s per-model rules."""
         budgets = self._budgets_of(principal.key_id)
-        cache_key = (principal, model, budgets)
+        cache_key = (principal, model, budgets, only_model)
         found = self._bound_cache.get(cache_key)
         if found is not None:
             return found
         team = principal.team
         tag = f"t:{_safe(team)}" if team else f"k:{principal.key_id}"
-        key_rules = self.policy.rules(self.policy.key_tier(principal.tier), model, budgets)
-        team_rules = self.policy.rules(self.policy.team_tier(team), model)
+        key_tier, team_tier = self.policy.key_tier(principal.tier), self.policy.team_tier(team)
+        if only_model and model is not None:
+            key_rules, team_rules = self.policy.model_rules(key_tier, model), self.policy.model_rules(team_tier, model)
+        else:
+            key_rules, team_rules = self.policy.rules(key_tier, model, budgets), self.policy.rules(team_tier, model)
         found = tuple(
             [Bound(r, _key(tag, "k", principal.key_id, r), "key", principal.name) for r in key_rules]
             + [Bound(r, _key(tag, "t", _safe(team), r), "team", team) for r in team_rules if team]

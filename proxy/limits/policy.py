@@ -237,10 +237,18 @@ class LimitsPolicy:
             base = (*(r for r in base if r.metric != "budget"), *_budget_rules(compiled.spec, budgets))
         if model is None:
             return tuple([*base, *(r for rules in compiled.model_rules.values() for r in rules)])
-        found = compiled.model_rules.get(model)
+        return (*base, *self.model_rules(tier, model))
+
+    def model_rules(self, tier: str | None, model: str) -> tuple[Rule, ...]:
+        """Only the per-model rules of ``tier`` for ``model`` (a variant gets its base model's
+        unless the tier names the variant itself)."""
+        if tier is None:
+            return ()
+        rules = self._tiers[tier].model_rules
+        found = rules.get(model)
         if found is None and ":" in model:  # a variant (``:floor``, ``:nitro``...) of a limited model
-            found = compiled.model_rules.get(model.split(":", 1)[0])
-        return (*base, *(found or ()))
+            found = rules.get(model.split(":", 1)[0])
+        return found or ()
 
 
 def load_limits_policy(path: Path) -> LimitsPolicy:
