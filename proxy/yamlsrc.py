@@ -54,22 +54,29 @@ class Source:
         return None
 
 
-def _walk(node: yaml.Node, loc: Loc, lines: dict[Loc, int]) -> Any:
+def _walk(node: yaml.Node, loc: Loc, lines: dict[Loc, int], file: str) -> Any:
     lines.setdefault(loc, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
             key = yaml.safe_load(yaml.serialize(key_node))
-            lines[(*loc, key)] = key_node.start_mark.line + 1
-            out[key] = _walk(value_node, (*loc, key), lines)
+            line = key_node.start_mark.line + 1
+            if key in out:  # YAML would keep the last silently: a second `rules:` drops the first
+                dotted = ".".join(str(p) for p in (*loc, key))
+                first = lines[(*loc, key)]
+                raise ConfigError([Problem(file, line, f"{dotted}: duplicate key (first on line {first})")])
+            lines[(*loc, key)] = line
+            out[key] = _walk(value_node, (*loc, key), lines, file)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_walk(item, (*loc, i), lines) for i, item in enumerate(node.value)]
+        return [_walk(item, (*loc, i), lines, file) for i, item in enumerate(node.value)]
     return yaml.safe_load(yaml.serialize(node))
 
 
 def load_yaml(path: Path) -> tuple[Any, Source]:
-    """Parse ``path``; raise ``ConfigError`` (with the line) on a YAML syntax error.
+    """Parse ``path``; raise ``ConfigError`` (with the line) on a YAML syntax error, a key
+    repeated in one mapping (plain YAML keeps the last one silently), or bytes that are not
+    UTF-8.
 
     An empty file yields ``{}``. Keys are kept as strings where YAML gave scalars.
     """
@@ -78,6 +85,9 @@ def load_yaml(path: Path) -> tuple[Any, Source]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([Problem(str(path), None, f"cannot read file: {exc.strerror}")]) from None
+    except UnicodeDecodeError as exc:
+        at = exc.object[: exc.start].count(b"\n") + 1
+        raise ConfigError([Problem(str(path), at, "the file is not UTF-8 text")]) from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
@@ -85,7 +95,7 @@ def load_yaml(path: Path) -> tuple[Any, Source]:
         raise ConfigError([Problem(str(path), line, f"YAML syntax error: {exc.problem}")]) from None
     if node is None:
         return {}, source
-    return _walk(node, (), source.lines), source
+    return _walk(node, (), source.lines, source.file), source
 
 
 def problems_from_validation(exc: ValidationError, source: Source, prefix: Loc = ()) -> list[Problem]:

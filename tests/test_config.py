@@ -52,6 +52,22 @@ def test_duplicate_keys_and_forbidden_forward_headers(tmp_path: Path) -> None:
         load_settings(path, {})
 
 
+def test_a_repeated_yaml_key_and_bytes_that_are_not_utf8_are_problems_with_a_line(tmp_path: Path) -> None:
+    """Plain YAML keeps the last of two equal keys silently: a second ``server:`` section
+    would drop the first without a word."""
+    path = tmp_path / "config.yaml"
+    path.write_text("server:\n  port: 9000\nmetrics:\n  enabled: true\nserver:\n  port: 9001\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, {})
+    (problem,) = info.value.problems
+    assert problem.line == 5 and "server: duplicate key (first on line 1)" in problem.message
+    path.write_bytes(b"server:\n  port: 9000\n  host: caf\xe9\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, {})
+    (problem,) = info.value.problems
+    assert problem.line == 3 and "not UTF-8" in problem.message
+
+
 def test_a_lease_shorter_than_a_request_may_run_is_refused(tmp_path: Path) -> None:
     """A request that runs to ``total_timeout_s`` settles after a shorter lease ended, and its
     budget hold would be gone (its spend lost): such a config does not load."""

@@ -63,7 +63,18 @@ async def test_edits_apply_invalid_ones_are_rejected_and_plans_in_flight_stay(
 
         write(tmp_path, "x/four")
         await until(lambda: router.plan(CALL, ALICE).model == "x/four")
-        (tmp_path / "routing.yaml").unlink()  # a removed file means no routing
+        # a deploy deleting and rewriting the file, or truncating it first, lifts no rule meanwhile
+        (tmp_path / "routing.yaml").unlink()
+        await until(lambda: router.rejected == 2)
+        (tmp_path / "routing.yaml").write_text("")
+        await until(lambda: router.rejected == 3)
+        assert router.plan(CALL, ALICE).model == "x/four"
+        (tmp_path / "routing.yaml").write_text("aliases:\n  m: x/four\n  m: x/five\n")  # a repeated key
+        await until(lambda: router.rejected == 4)
+        (tmp_path / "routing.yaml").write_bytes(b"aliases:\n  m: x/\xff\n")  # not UTF-8
+        await until(lambda: router.rejected == 5)
+        assert router.plan(CALL, ALICE).model == "x/four"
+        (tmp_path / "routing.yaml").write_text("rules: []\n")  # clearing the policy on purpose
         await until(lambda: router.plan(CALL, ALICE).model == "m")
     finally:
         await router.stop()

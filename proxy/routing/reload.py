@@ -8,7 +8,9 @@ file too: ``proxy.workers``).
 
 A new version is parsed and compiled off the event loop, then swapped in atomically. An
 invalid version is rejected with every problem logged, and the last good policy stays in
-force until the file changes again. Requests already decided keep their ``RoutePlan``.
+force until the file changes again; so does a file that disappeared or became empty (a
+deploy that deletes and rewrites it, or truncates before writing, must not lift every
+rule meanwhile: write ``rules: []`` to clear the policy on purpose). Requests already decided keep their ``RoutePlan``.
 """
 
 from __future__ import annotations
@@ -84,6 +86,11 @@ class ReloadingRouter(Router):
         rejected (logged; the last good policy stays) or unchanged in meaning."""
         async with self._lock:
             self._seen = _signature(self.path)
+            if self._seen is None or self._seen[1] == 0:  # gone or emptied: a deploy mid-write, say
+                self.rejected += 1
+                state = "missing" if self._seen is None else "empty"
+                log.error("routing policy %s is %s; keeping policy %s", self.path, state, self.policy_hash)
+                return False
             try:
                 compiled = await asyncio.to_thread(load_policy, self.policies_dir)
             except ConfigError as exc:
