@@ -122,7 +122,9 @@ class Observability:
         )
         self.export_interval_s = conf.export_interval_s
         self.health = Health(store, lambda: client.get_json("/key"), breakers, limits=limits)
-        self.usage_api = UsageAPI(store.usage, keyring, settings.admin.key_sha256)
+        self.usage_api = UsageAPI(
+            store.usage, keyring, settings.admin.key_sha256, max_days=settings.ledger.rollup_ttl_days
+        )
         if self.metrics is not None:
             self.metrics.watch(activity)
         if self.exporter is not None and store.name == "memory" and settings.server.workers > 1:

@@ -15,6 +15,7 @@ total) and ``json`` (``{"by", "rows": [...], "total": {...}}``, cells as strings
 
 from __future__ import annotations
 
+import calendar
 import csv
 import io
 import re
@@ -52,16 +53,17 @@ _NANO = Decimal(1_000_000_000)
 
 
 def parse_since(text: str, now: float | None = None) -> float:
-    """``30m``/``12h``/``7d``/``2w`` ago, or an ISO date ``YYYY-MM-DD`` (UTC), as a Unix time.
+    """``30m``/``12h``/``7d``/``2w`` ago, or an ISO date ``YYYY-MM-DD`` (midnight UTC, whatever
+    the local time zone and its daylight saving), as a Unix time, not before 1970-01-01.
 
     Raises ``ValueError`` for anything else.
     """
     match = _DURATION.match(text)
     now = time.time() if now is None else now
     if match:
-        return now - int(match.group(1)) * _UNIT_S[match.group(2)]
+        return max(0.0, now - int(match.group(1)) * _UNIT_S[match.group(2)])
     try:
-        return time.mktime(time.strptime(text, "%Y-%m-%d")) - time.timezone
+        return float(max(0, calendar.timegm(time.strptime(text, "%Y-%m-%d"))))
     except ValueError:
         raise ValueError(f"--since takes e.g. 30m, 12h, 7d or YYYY-MM-DD, not {text!r}") from None
 

@@ -40,14 +40,22 @@ def days_between(since: float, until: float) -> list[str]:
 
 
 async def facts_from_store(
-    usage: UsageLedger, since: float, *, key: str | None = None, now: float | None = None
+    usage: UsageLedger,
+    since: float,
+    *,
+    key: str | None = None,
+    now: float | None = None,
+    max_days: int = 400,
 ) -> list[Fact]:
-    """Rollup rows of the days from ``since`` to now (only key ``key``'s when given).
+    """Rollup rows of the days from ``since`` to now (only key ``key``'s when given), at most
+    the last ``max_days`` days (``ledger.rollup_ttl_days``: older rollups are gone, and each
+    day is a store call of its own, so ``since=99999d`` must not mean 100,000 of them).
 
     Raises ``StoreUnavailable``.
     """
     facts: list[Fact] = []
-    for day in days_between(since, time.time() if now is None else now):
+    now = time.time() if now is None else now
+    for day in days_between(max(since, now - max_days * 86400), now):
         for row in await usage.totals(day, key):
             dims = {"key": row.key, "team": row.team, "model": row.model, "rule": row.rule, "day": row.day}
             facts.append((dims, row.counters()))
@@ -92,7 +100,12 @@ def facts_from_lines(lines: Iterable[bytes], since: float | None = None) -> tupl
             ts = 0.0
         if since is not None and ts < since:
             continue
-        facts.append((_dims(line, ts), counters_of_line(line)))
+        try:
+            counters = counters_of_line(line)
+        except (ArithmeticError, ValueError):  # a cost that is not a number ("abc", "inf")
+            skipped += 1
+            continue
+        facts.append((_dims(line, ts), counters))
     return facts, skipped
 
 

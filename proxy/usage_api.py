@@ -43,14 +43,15 @@ def _query(request: Request, default_since: str, default_by: str) -> tuple[float
 class UsageAPI:
     """The two endpoints over ``usage`` (the store's ledger)."""
 
-    def __init__(self, usage: UsageLedger, keyring: Keyring, admin_sha256: str | None) -> None:
+    def __init__(self, usage: UsageLedger, keyring: Keyring, admin_sha256: str | None, *, max_days: int = 400) -> None:
         self.usage = usage
         self.keyring = keyring
         self.admin_sha256 = admin_sha256
+        self.max_days = max_days  # rollups live this many days (``ledger.rollup_ttl_days``)
 
     async def _report(self, since: float, by: tuple[str, ...], key: str | None = None) -> dict[str, Any]:
         try:
-            facts = await facts_from_store(self.usage, since, key=key)
+            facts = await facts_from_store(self.usage, since, key=key, max_days=self.max_days)
         except StoreUnavailable as exc:
             raise UsageUnavailable(f"Usage data is unavailable right now ({exc}).") from None
         body = {"since": datetime.fromtimestamp(since, UTC).date().isoformat()}

@@ -7,6 +7,7 @@ import select
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -78,9 +79,11 @@ def test_usage_report_groups_totals_and_skips_bad_lines() -> None:
         ),
         orjson.dumps({"ts": 1_000_002.0, "key": "b", "routed_model": "m2", "status": 200, "cost_usd": 0.2}),
         b"not json",
+        orjson.dumps({"ts": 1_000_003.0, "key": "c", "status": 200, "cost_usd": "abc"}),  # corrupt: skipped
+        orjson.dumps({"ts": 1_000_003.0, "key": "c", "status": 200, "cost_usd": "inf"}),
     ]
     report = build_report(lines, ("key", "model"))
-    assert report.skipped == 1
+    assert report.skipped == 3
     a = report.rows[("a", "m1")]
     assert (a.requests, a.errors, a.total_tokens, a.latency_s) == (2, 1, 5, 4.0)
     assert str(report.total.cost_usd) == "0.3"  # exact decimal sum, not 0.30000000000000004
@@ -92,6 +95,22 @@ def test_usage_report_groups_totals_and_skips_bad_lines() -> None:
     assert parse_since("2d", now=200_000.0) == 200_000.0 - 2 * 86400
     with pytest.raises(ValueError):
         parse_since("yesterday")
+
+
+@pytest.mark.parametrize("tz", ["UTC", "Europe/Berlin", "America/New_York"])
+def test_since_a_date_is_midnight_utc_in_any_time_zone_and_never_before_1970(
+    tz: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TZ", tz)
+    time.tzset()
+    try:
+        assert parse_since("2026-07-15") == 1_784_073_600.0  # summer: daylight saving in both zones
+        assert parse_since("2026-01-15") == 1_768_435_200.0
+        assert parse_since("0001-01-01") == 0.0
+        assert parse_since("999999999999d", now=1e9) == 0.0
+    finally:
+        monkeypatch.undo()
+        time.tzset()
 
 
 def test_serve_with_the_emulator_prints_a_dev_key_that_works(tmp_path: Path) -> None:
@@ -305,3 +324,21 @@ def test_serve_answers_431_and_closes_when_a_request_head_grows_past_the_limit(t
         with _connect(served.url) as after:  # the worker is unharmed
             after.sendall(HEALTHZ)
             assert _response(after).startswith(b"HTTP/1.1 200")
+
+
+def test_a_store_report_reads_at_most_the_days_rollups_live() -> None:
+    """``since=99999d`` must not become 100,000 store calls (one per day); rollups older
+    than ``ledger.rollup_ttl_days`` are gone anyway."""
+    import asyncio
+
+    from proxy.report_sources import facts_from_store
+
+    days: list[str] = []
+
+    class CountingLedger:
+        async def totals(self, day: str, key: str | None = None) -> list[Any]:
+            days.append(day)
+            return []
+
+    asyncio.run(facts_from_store(CountingLedger(), 0.0, now=1_784_073_600.0, max_days=30))  # type: ignore[arg-type]
+    assert len(days) == 31 and days[-1] == "2026-07-15"
