@@ -118,7 +118,8 @@ def main() -> int:
         config = (
             (REPO / "config.yaml").read_text().replace("log_path: var/usage.jsonl", f"log_path: {folder}/usage.jsonl")
         )
-        (folder / "config.yaml").write_text(config + "\nlogging:\n  request_log: null\n")
+        assert "request_log: stderr" in config
+        (folder / "config.yaml").write_text(config.replace("request_log: stderr", "request_log: null"))
         (folder / "policies").mkdir()
         (folder / "policies" / "routing.yaml").write_text((REPO / "policies" / "routing.yaml").read_text())
         (folder / "policies" / "limits.yaml").write_text(SOAK_LIMITS)

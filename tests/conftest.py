@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import uvicorn
+import yaml
 
 from proxy.app import ProxyApp, create_app
 from proxy.auth import hash_key
@@ -167,12 +168,12 @@ def write_config(
     routing: str | None = None,
 ) -> Path:
     """A config.yaml in ``tmp_path`` with two keys (alice/research, bob/web), and
-    ``policies/routing.yaml`` (``routing``, default: three aliases)."""
+    ``policies/routing.yaml`` (``routing``, default: three aliases). ``extra`` (YAML) adds
+    keys to the base sections or new sections; ``upstream_extra`` is lines inside ``upstream:``."""
     policies = tmp_path / "policies"
     policies.mkdir(exist_ok=True)
     (policies / "routing.yaml").write_text(DEFAULT_ROUTING if routing is None else routing)
-    path = tmp_path / "config.yaml"
-    path.write_text(
+    base = yaml.safe_load(
         f"""
 server:
   max_body_bytes: 65536
@@ -197,9 +198,15 @@ keys:
   - name: bob
     team: web
     sha256: {hash_key(BOB_KEY)}
-{extra}
 """
     )
+    for section, values in (yaml.safe_load(extra) or {}).items():  # ``extra`` adds to a section
+        if isinstance(values, dict) and isinstance(base.get(section), dict):
+            base[section] = {**base[section], **values}
+        else:
+            base[section] = values
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(base, sort_keys=False))
     return path
 
 
