@@ -10,6 +10,7 @@ whatever happened (success, upstream error, client gone). ``admit`` raises a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from proxy.types import ChatCall, Principal, RoutePlan, Ticket, UsageRecord
@@ -21,9 +22,12 @@ class Admission(Protocol):
     async def admit(self, principal: Principal, call: ChatCall, plan: RoutePlan) -> Ticket:
         """Check and reserve every applicable limit and budget (one store round trip)."""
 
-    async def admit_fallback(self, principal: Principal, call: ChatCall, plan: RoutePlan, model: str) -> Ticket:
-        """Before trying fallback ``model``: reserve its own per-model limits (none: no store
-        call). Raises as ``admit``; the pipeline then moves on to the next model."""
+    async def admit_fallback(
+        self, principal: Principal, call: ChatCall, plan: RoutePlan, model: str, held: Sequence[Ticket] = ()
+    ) -> Ticket:
+        """Before trying fallback ``model``: reserve its own per-model limits that the
+        request's tickets ``held`` do not hold already (none: no store call). Raises as
+        ``admit``; the pipeline then moves on to the next model."""
 
     async def settle(self, ticket: Ticket, record: UsageRecord) -> None:
         """Correct reservations to actual usage and release concurrency slots."""
@@ -38,7 +42,9 @@ class NoLimits:
     async def admit(self, principal: Principal, call: ChatCall, plan: RoutePlan) -> Ticket:
         return _EMPTY
 
-    async def admit_fallback(self, principal: Principal, call: ChatCall, plan: RoutePlan, model: str) -> Ticket:
+    async def admit_fallback(
+        self, principal: Principal, call: ChatCall, plan: RoutePlan, model: str, held: Sequence[Ticket] = ()
+    ) -> Ticket:
         return _EMPTY
 
     async def settle(self, ticket: Ticket, record: UsageRecord) -> None:

@@ -110,6 +110,13 @@ class Breakers:
             return True
         return False
 
+    def release(self, target: str) -> None:
+        """An attempt that says nothing of ``target``'s health ended: give back the half-open
+        probe it may have taken, so the next attempt can probe."""
+        breaker = self._breakers.get(target)
+        if breaker is not None and breaker.state == HALF_OPEN:
+            breaker.probe_since = None
+
     def record(self, target: str, ok: bool) -> None:
         """The outcome of one attempt on ``target``."""
         if not self.settings.enabled:

@@ -214,6 +214,7 @@ class UpstreamStatusError(ProxyError):
     def redact(self, redact: Callable[[str], str]) -> None:
         """Apply ``redact`` to the message and every string of the relayed error object."""
         self.message = redact(self.message)
+        self.args = (self.message,)
         redact_strings(self.upstream, redact)
 
     def status_code(self) -> int:

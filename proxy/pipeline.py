@@ -255,18 +255,14 @@ class ChatCompletions:
             if index and self.metrics is not None:
                 self.metrics.fallback(models[index - 1], model)
             breakers = self.breakers
-            if not (
-                breakers.peek(self._url_target)
-                and breakers.peek(model)
-                and breakers.allow(self._url_target)
-                and breakers.allow(model)
-            ):
+            if not (breakers.peek(self._url_target) and breakers.peek(model)):
                 ex.attempts.append({"model": model, "error": "circuit_open"})
                 last = last or CircuitOpen(f"The circuit breaker for {model} is open; try again shortly.")
                 continue
-            if index and ex.principal is not None:  # a fallback's own per-model limits
+            if index and ex.principal is not None:  # a fallback's own per-model limits (before a probe is claimed)
+                held = [t for t in (ex.ticket, *(t for _, t in ex.fallback_tickets)) if t is not None]
                 try:
-                    ticket = await self.admission.admit_fallback(ex.principal, call, plan, model)
+                    ticket = await self.admission.admit_fallback(ex.principal, call, plan, model, held)
                 except ProxyError as exc:  # its limit is reached (or the store is down): the next model;
                     # the answer if none is left (a 429 says when this one would take the request)
                     ex.attempts.append({"model": model, "status": exc.status_code(), "error": exc.code or "limited"})
@@ -274,6 +270,10 @@ class ChatCompletions:
                     continue
                 if ticket.state is not None:
                     ex.fallback_tickets.append((model, ticket))
+            if not (breakers.allow(self._url_target) and breakers.allow(model)):  # a half-open probe is taken
+                ex.attempts.append({"model": model, "error": "circuit_open"})
+                last = last or CircuitOpen(f"The circuit breaker for {model} is open; try again shortly.")
+                continue
             body = _body_for(call, plan, index, model)
             retry = 0
             while True:
@@ -287,9 +287,11 @@ class ChatCompletions:
                     return
                 except ProxyError as exc:
                     verdict = judge(exc)
-                    self.breakers.record(model, not verdict.breaker_failure)
-                    if _transport_failure(exc):
-                        self.breakers.record(self._url_target, False)
+                    if verdict.breaker_failure is None:  # says nothing of the model's health (a 404)
+                        self.breakers.release(model)
+                    else:
+                        self.breakers.record(model, not verdict.breaker_failure)
+                    self.breakers.record(self._url_target, not _transport_failure(exc))
                     status = exc.status_code()
                     ex.attempts.append(
                         {"model": model, "status": status, "error": exc.code or str(status), "s": _since(began)}
@@ -339,6 +341,8 @@ class ChatCompletions:
             headers = [*response.headers, *self._headers(model, plan, ex)]
             content_type = next((v for n, v in response.headers if n == b"content-type"), b"").lower()
             if content_type.startswith(_EVENT_STREAM) or (ex.stream and not content_type):
+                if not content_type:  # strict SSE clients need it
+                    headers.append((b"content-type", _EVENT_STREAM))
                 first_token_s = plan.first_token_timeout_s or timeouts.first_token_timeout_s
                 deadline = asyncio.get_running_loop().time() + first_token_s
                 try:

@@ -12,16 +12,17 @@ connect timeout                                retry        yes
 429 (Retry-After honoured up to a limit)       retry        no
 no response head in time (silent provider)     next model   yes
 no first token in time                         next model   yes
-404 (no endpoint for the model and request)   next model   no
+404 (no endpoint for the model and request)   next model   neither
 400 context length exceeded                    next model   no
 other 4xx (400, 403 moderation, 413, 422),     stop         no
 the proxy's own key refused (401), credits
 =============================================  ===========  ==========================
 
-A 404 does not count against the breaker: OpenRouter answers it for a model gone, but also
-for what one caller asked (``provider.only`` naming no live provider, a data policy, tools
-the endpoints lack), and a breaker is shared by every tenant and replica, so one tenant
-could otherwise shut a model off for all.
+A 404 counts neither way (``breaker_failure`` is ``None``; a half-open probe it took is given
+back): OpenRouter answers it for a model gone, but also for what one caller asked
+(``provider.only`` naming no live provider, a data policy, tools the endpoints lack), and a
+breaker is shared by every tenant and replica, so one tenant could otherwise shut a model
+off for all, or keep a failing one's breaker closed with 404s counted as successes.
 
 A retry whose wait would pass the request's deadline, or whose ``Retry-After`` exceeds
 ``max_retry_after_s``, becomes "next model". Back-off: exponential with full jitter.
@@ -55,11 +56,12 @@ class Decision(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """``decision``; ``breaker_failure``: count it as the model being unhealthy;
-    ``retry_after_s``: the upstream's ``Retry-After`` in seconds, if it gave one."""
+    """``decision``; ``breaker_failure``: count it as the model being unhealthy (``None``:
+    count it neither way); ``retry_after_s``: the upstream's ``Retry-After`` in seconds, if
+    it gave one."""
 
     decision: Decision
-    breaker_failure: bool
+    breaker_failure: bool | None
     retry_after_s: float | None = None
 
 
@@ -93,7 +95,7 @@ def judge(error: ProxyError) -> Verdict:
         if status in _RETRY_STATUSES:
             return Verdict(Decision.RETRY, status != 429, _retry_after(error.retry_after))
         if status == 404:
-            return Verdict(Decision.NEXT_MODEL, False)
+            return Verdict(Decision.NEXT_MODEL, None)
         if status == 400 and _is_context_length(error):
             return Verdict(Decision.NEXT_MODEL, False)
     return Verdict(Decision.STOP, False)

@@ -1,7 +1,8 @@
 """A side parser for OpenRouter's SSE stream: it reads, it never changes or delays.
 
-The proxy forwards every upstream chunk to the client as it arrives and hands the same
-bytes to ``SSETap.feed``. The tap splits events (``\\n\\n``-separated, CRLF tolerated),
+The proxy forwards the upstream bytes to the client as they arrive, whole events at a time
+(``proxy.relay``: the unterminated tail of a read waits for the rest of its event), and hands
+every chunk to ``SSETap.feed``. The tap splits events (``\\n\\n``-separated, CRLF tolerated),
 counts keep-alive comments and data events, and parses JSON only where it must:
 
 * the first data event (generation ``id``, ``model``, ``provider``);

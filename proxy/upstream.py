@@ -205,7 +205,10 @@ class OpenRouterClient:
         finally:
             response.close()
         raise error_from_status(
-            response.status, raw.decode("utf-8", "replace"), response.headers.get("Retry-After"), self.redact
+            response.status,
+            self.redact(raw.decode("utf-8", "replace")),
+            response.headers.get("Retry-After"),
+            self.redact,
         )
 
 

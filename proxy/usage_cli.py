@@ -32,11 +32,11 @@ __all__ = ["add_usage_commands"]
 LoadSettings = Callable[[str | None], Settings]
 
 
-def _report_from_store(redis_url: str, by: tuple[str, ...], since: float) -> Report:
+def _report_from_store(redis_url: str, by: tuple[str, ...], since: float, max_days: int) -> Report:
     async def main() -> Report:
         store = open_store(redis_url)
         try:
-            facts = await facts_from_store(store.usage, since)
+            facts = await facts_from_store(store.usage, since, max_days=max_days)
         finally:
             await store.aclose()
         return build(facts, by, source=f"from the store's per-day rollups since {day_of(since)}")
@@ -53,6 +53,7 @@ def cmd_usage(args: argparse.Namespace, load: LoadSettings) -> int:
         return 2
     paths: list[Path] | None = None
     redis_url = None
+    max_days = 400  # rollups live ledger.rollup_ttl_days
     if args.log:
         paths = [Path(args.log)]
     elif args.dir:
@@ -60,6 +61,7 @@ def cmd_usage(args: argparse.Namespace, load: LoadSettings) -> int:
     else:
         settings = load(args.config)
         export_dir = settings.ledger.export_dir
+        max_days = settings.ledger.rollup_ttl_days
         if settings.store.redis_url:
             redis_url = settings.store.redis_url
         elif export_dir is not None and export_dir.is_dir():
@@ -75,7 +77,7 @@ def cmd_usage(args: argparse.Namespace, load: LoadSettings) -> int:
         return 2
     if redis_url:
         try:
-            report = _report_from_store(redis_url, by, parse_since("7d") if since is None else since)
+            report = _report_from_store(redis_url, by, parse_since("7d") if since is None else since, max_days)
         except StoreUnavailable as exc:
             print(f"the store is unavailable: {exc}", file=sys.stderr)
             return 1

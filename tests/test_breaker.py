@@ -103,3 +103,17 @@ def test_closed_breakers_without_recent_attempts_are_forgotten() -> None:
     assert set(snapshot) == {"failing", "recent"}
     assert snapshot["failing"]["state"] == "open" and snapshot["recent"]["failures"] == 1
     assert breakers.allow("vendor/made-up-1") and breakers.state("vendor/made-up-1") == "closed"
+
+
+def test_an_attempt_that_says_nothing_gives_its_half_open_probe_back() -> None:
+    """A 404, or a fallback its own limit refused before the attempt: no verdict on the
+    model, and the probe must not stay claimed for ``open_s``."""
+    clock = Clock()
+    breakers = Breakers(SETTINGS, clock=clock, wall=clock)
+    for _ in range(4):
+        breakers.record("m", False)
+    clock.now += SETTINGS.open_s + 0.1
+    assert breakers.allow("m") and breakers.state("m") == "half_open"
+    assert not breakers.allow("m")  # the probe is out
+    breakers.release("m")
+    assert breakers.state("m") == "half_open" and breakers.allow("m")  # the next attempt probes

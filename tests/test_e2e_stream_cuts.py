@@ -154,9 +154,13 @@ def test_a_cut_inside_an_event_ends_with_one_parsable_error_event(scripted: Call
 
 def test_events_split_across_writes_arrive_whole_and_byte_for_byte(scripted: Callable[..., ProxyUnderTest]) -> None:
     stream = whole_stream("gen-d")
-    pieces = [stream[i : i + 37] for i in range(0, len(stream), 37)]
+    pieces = [stream[i : i + 37] for i in range(0, len(stream), 37)]  # 20 ms apart
     proxy = scripted(lambda attempt: (pieces, False))
-    assert received(proxy) == stream
+    body = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    with httpx.stream("POST", f"{proxy.base_url}/chat/completions", headers=AUTH, json=body, timeout=10) as response:
+        reads = list(response.iter_raw())
+    assert b"".join(reads) == stream
+    assert len(reads) > 1 and all(read.endswith(b"\n\n") for read in reads)  # whole events only
     assert sdk_text(proxy) == "Hello!"
     record = proxy.records(2)[0]
     assert record["completion_tokens"] == 3 and record["done"] is True and "extra" not in record

@@ -20,7 +20,7 @@ from proxy.limits import Limiter
 from proxy.store import Store
 from proxy.types import Ticket, Usage
 
-from .limits_support import FakeClock, call, limiter, open_test_store, plan, principal, record
+from .limits_support import MINI, FakeClock, call, limiter, open_test_store, plan, principal, record
 
 
 def run(store_url: str | None, spec: dict[str, Any], body: Any, **kwargs: Any) -> Any:
@@ -129,6 +129,23 @@ def test_per_model_limits_cover_the_model_s_variants(store_url: str | None) -> N
         assert len(named) == 1  # its own rule, not the (unlimited) base model's
         cheap, _ = await admit_many(lim, 3, model="openai/gpt-4o-mini:nitro")
         assert len(cheap) == 3
+
+    run(store_url, spec, body)
+
+
+def test_a_fallback_reserves_only_the_per_model_limits_the_request_does_not_hold(store_url: str | None) -> None:
+    """Primary ``openai/gpt-4o``, fallback ``openai/gpt-4o:nitro``: the same per-model limit,
+    held once; a fallback with no limits of its own makes no store call (empty ticket)."""
+    spec = {"tiers": {"t": {"models": {"openai/gpt-4o": {"concurrent_requests": 1}}}}}
+
+    async def body(lim: Limiter, store: Store) -> None:
+        asked = call(model="openai/gpt-4o")
+        primary = await lim.admit(principal(), asked, plan("openai/gpt-4o"))
+        same = await lim.admit_fallback(principal(), asked, plan("openai/gpt-4o"), "openai/gpt-4o:nitro", [primary])
+        assert same.state is None  # not refused by its own request's slot
+        assert (await lim.admit_fallback(principal(), asked, plan("openai/gpt-4o"), MINI, [primary])).state is None
+        with pytest.raises(RateLimited):  # another request's fallback to gpt-4o: the slot is taken
+            await lim.admit_fallback(principal(), call(), plan(), "openai/gpt-4o")
 
     run(store_url, spec, body)
 

@@ -34,7 +34,7 @@ CONTEXT = {"message": "This endpoint's maximum context length is 131072 tokens. 
         (UpstreamStatusError(500, {"code": 500}), Decision.RETRY, True),
         (UpstreamStatusError(502, {"code": 502}), Decision.RETRY, True),
         (UpstreamStatusError(503, {"code": 503}), Decision.RETRY, True),
-        (UpstreamStatusError(404, {"code": 404}), Decision.NEXT_MODEL, False),  # may be one caller's doing
+        (UpstreamStatusError(404, {"code": 404}), Decision.NEXT_MODEL, None),  # may be one caller's doing
         (UpstreamStatusError(400, CONTEXT), Decision.NEXT_MODEL, False),
         (
             UpstreamStatusError(

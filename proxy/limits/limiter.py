@@ -28,7 +28,7 @@ import itertools
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -219,15 +219,25 @@ class Limiter:
             return _EMPTY
         return await self._reserve(binding, call, plan, now)
 
-    async def admit_fallback(self, principal: Principal, call: ChatCall, plan: RoutePlan, model: str) -> Ticket:
+    async def admit_fallback(
+        self, principal: Principal, call: ChatCall, plan: RoutePlan, model: str, held: Sequence[Ticket] = ()
+    ) -> Ticket:
         """Reserve the per-model limits of ``model``, a fallback the request moves on to (the
         key's and team's own limits and the budgets were reserved by ``admit``, for the
-        dearest model of the plan). Raises as ``admit``; an empty ticket when ``model`` has
-        no limits of its own (no store call)."""
+        dearest model of the plan), except those the request's tickets ``held`` hold already
+        (``openai/gpt-4o:nitro`` after ``openai/gpt-4o``). Raises as ``admit``; an empty
+        ticket when nothing is left to reserve (no store call)."""
         now = self._clock()
-        binding = self._binding(principal, model, int(now // 60), only_model=True)
+        minute = int(now // 60)
+        binding = self._binding(principal, model, minute, only_model=True)
         if binding is None:
             return _EMPTY
+        taken = {b.key for t in held if isinstance(t.state, _Reserved) for b in t.state.binding.bounds}
+        if any(b.key in taken for b in binding.bounds):
+            bounds = tuple(b for b in binding.bounds if b.key not in taken)
+            if not bounds:
+                return _EMPTY
+            binding = _Binding(bounds, minute, self._lease_ms)
         return await self._reserve(binding, call, plan, now)
 
     async def _reserve(self, binding: _Binding, call: ChatCall, plan: RoutePlan, now: float) -> Ticket:
