@@ -402,12 +402,12 @@ class ChatCompletions:
                 log.exception("settling admission for request %s failed", ex.request_id)
         for model, ticket in ex.fallback_tickets:  # a model that did not answer used no tokens
             try:
-                await self.admission.settle(ticket, record if model == record.routed_model else no_usage(record))
+                await self.admission.settle(ticket, record if model == record.routed_model else _no_usage(record))
             except Exception:
                 log.exception("settling admission of %s for request %s failed", model, ex.request_id)
 
 
-def no_usage(record: UsageRecord) -> UsageRecord:
+def _no_usage(record: UsageRecord) -> UsageRecord:
     """``record`` without usage: what a fallback that did not answer settles with."""
     return dataclasses.replace(record, usage=None)
 

@@ -45,7 +45,7 @@ async def facts_from_store(
     *,
     key: str | None = None,
     now: float | None = None,
-    max_days: int = 400,
+    max_days: int,
 ) -> list[Fact]:
     """Rollup rows of the days from ``since`` to now (only key ``key``'s when given), at most
     the last ``max_days`` days (``ledger.rollup_ttl_days``: older rollups are gone, and each

@@ -43,7 +43,7 @@ def _query(request: Request, default_since: str, default_by: str) -> tuple[float
 class UsageAPI:
     """The two endpoints over ``usage`` (the store's ledger)."""
 
-    def __init__(self, usage: UsageLedger, keyring: Keyring, admin_sha256: str | None, *, max_days: int = 400) -> None:
+    def __init__(self, usage: UsageLedger, keyring: Keyring, admin_sha256: str | None, *, max_days: int) -> None:
         self.usage = usage
         self.keyring = keyring
         self.admin_sha256 = admin_sha256

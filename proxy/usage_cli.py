@@ -32,7 +32,7 @@ __all__ = ["add_usage_commands"]
 LoadSettings = Callable[[str | None], Settings]
 
 
-def _report_from_store(redis_url: str, by: tuple[str, ...], since: float, max_days: int) -> Report:
+def _report_from_store(redis_url: str, max_days: int, by: tuple[str, ...], since: float) -> Report:
     async def main() -> Report:
         store = open_store(redis_url)
         try:
@@ -52,8 +52,7 @@ def cmd_usage(args: argparse.Namespace, load: LoadSettings) -> int:
         print(exc, file=sys.stderr)
         return 2
     paths: list[Path] | None = None
-    redis_url = None
-    max_days = 400  # rollups live ledger.rollup_ttl_days
+    store: tuple[str, int] | None = None  # Redis URL, days its rollups live (ledger.rollup_ttl_days)
     if args.log:
         paths = [Path(args.log)]
     elif args.dir:
@@ -61,9 +60,8 @@ def cmd_usage(args: argparse.Namespace, load: LoadSettings) -> int:
     else:
         settings = load(args.config)
         export_dir = settings.ledger.export_dir
-        max_days = settings.ledger.rollup_ttl_days
         if settings.store.redis_url:
-            redis_url = settings.store.redis_url
+            store = (settings.store.redis_url, settings.ledger.rollup_ttl_days)
         elif export_dir is not None and export_dir.is_dir():
             paths = export_files(export_dir, since)
         elif settings.usage.log_path is not None:
@@ -71,13 +69,13 @@ def cmd_usage(args: argparse.Namespace, load: LoadSettings) -> int:
         else:
             print("no usage source: set REDIS_URL, ledger.export_dir or usage.log_path", file=sys.stderr)
             return 2
-    allowed = AGGREGATE_GROUPS if redis_url else GROUPS
+    allowed = AGGREGATE_GROUPS if store else GROUPS
     if not by or any(b not in allowed for b in by):
         print(f"--by takes a comma list of: {', '.join(allowed)}", file=sys.stderr)
         return 2
-    if redis_url:
+    if store:
         try:
-            report = _report_from_store(redis_url, by, parse_since("7d") if since is None else since, max_days)
+            report = _report_from_store(*store, by, parse_since("7d") if since is None else since)
         except StoreUnavailable as exc:
             print(f"the store is unavailable: {exc}", file=sys.stderr)
             return 1

@@ -10,7 +10,8 @@ A new version is parsed and compiled off the event loop, then swapped in atomica
 invalid version is rejected with every problem logged, and the last good policy stays in
 force until the file changes again; so does a file that disappeared or became empty (a
 deploy that deletes and rewrites it, or truncates before writing, must not lift every
-rule meanwhile: write ``rules: []`` to clear the policy on purpose). Requests already decided keep their ``RoutePlan``.
+rule meanwhile: write ``rules: []`` to clear the policy on purpose). Requests already
+decided keep their ``RoutePlan``.
 """
 
 from __future__ import annotations
