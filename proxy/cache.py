@@ -152,8 +152,7 @@ class BodyRecorder:
 def _clean_stream(body: bytes) -> bool:
     tap = SSETap()
     tap.feed(body)
-    tap.finish()
-    return tap.done and tap.error is None and tap.malformed == 0 and tap.data_events > 0
+    return tap.finish() and tap.done and tap.error is None and tap.malformed == 0 and tap.data_events > 0
 
 
 def _clean_body(body: bytes) -> bool:

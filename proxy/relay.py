@@ -11,7 +11,11 @@
   (openrouter-api.md §3.5) and **no** ``data: [DONE]``, so SDKs raise instead of returning
   a truncated answer. An upstream error event is forwarded byte for byte and the stream is
   ended right after it (OpenRouter's trailing ``[DONE]`` is dropped).
-* A stream that ends cleanly without ``[DONE]`` is forwarded as it came and finalised.
+* A stream that ends without ``[DONE]`` after its answer finished (a ``finish_reason``) is
+  forwarded as it came and finalised. One that ends before (no ``finish_reason``, no
+  ``[DONE]``, no error) was cut, even when its framing looked clean (a body delimited by
+  the connection's close has no framing to break): its unterminated tail is dropped and it
+  ends with the error event.
 * Only **whole events** leave: the unterminated tail of a chunk (an event split across
   upstream reads) waits for the rest of its event, which costs a complete event no time.
   So a retry before the commit point, or the error event after a cut, never lands in the
@@ -150,7 +154,12 @@ async def relay_stream(
                 tap.feed(chunk)
                 if await _forward(send, ex, tap, out, chunk):
                     return
-            tap.finish()
+            whole = tap.finish()
+            if not (tap.done or tap.finish_reason or tap.error):  # it ended mid-answer: a cut, whatever
+                # the framing said (a connection-close body has none to break)
+                raise UpstreamCut("The upstream stream ended before the answer finished.")
+            if not whole:
+                tap.malformed += 1
             await _end(send, ex, out.rest())  # a last event without its blank line goes as it came
         except UpstreamCut as exc:  # the tail of an event that will never end is dropped, not counted
             ex.error_code = exc.code

@@ -30,6 +30,31 @@ __all__ = ["SSETap"]
 _MAX_PENDING = 1 << 20  # an "event" longer than 1 MiB without a separator is dropped
 _DONE = b"[DONE]"
 _CLOSE_BRACE = ord("}")
+_FINISH = b'"finish_reason"'
+_BLANKS = b" \t\r\n"
+
+
+def _names_finish(data: bytes, start: int, end: int) -> bool:
+    """Whether ``data[start:end]`` has a ``"finish_reason"`` that may not be ``null``.
+
+    Compact JSON (``"finish_reason":null``) costs two searches; spaced JSON is read too.
+    """
+    at = data.find(_FINISH, start, end)
+    while at >= 0:
+        at += len(_FINISH)
+        if not data.startswith(b":null", at) and not data[at : at + 32].translate(None, _BLANKS).startswith(b":null"):
+            return True
+        at = data.find(_FINISH, at, end)
+    return False
+
+
+def _raw_offset(raw: bytes, data: bytes, pos: int) -> int:
+    """The offset in ``raw`` of ``data[pos]``, where ``data`` is ``raw`` with CRLF made LF and
+    ``pos`` follows an LF (so both hold the same number of LFs before it)."""
+    at = len(raw)
+    for _ in range(data.count(b"\n", pos) + 1):
+        at = raw.rfind(b"\n", 0, at)
+    return at + 1
 
 
 class SSETap:
@@ -42,7 +67,6 @@ class SSETap:
     """
 
     __slots__ = (
-        "_exact",
         "_offset",
         "_pending",
         "comments",
@@ -61,7 +85,6 @@ class SSETap:
     def __init__(self) -> None:
         self._pending = b""
         self._offset = 0
-        self._exact = True
         self.error_end: int | None = None
         self.comments = 0
         self.data_events = 0
@@ -76,13 +99,12 @@ class SSETap:
 
     def feed(self, chunk: bytes) -> None:
         """Observe the next chunk of upstream bytes (any split, any size)."""
-        pending = self._pending
-        base = self._offset - len(pending)  # stream offset of data[0] (exact unless CRLF)
+        pending = self._pending  # raw bytes, as they came
+        base = self._offset - len(pending)  # stream offset of raw[0]
         self._offset += len(chunk)
-        data = pending + chunk if pending else chunk
-        if b"\r" in data:
-            data = data.replace(b"\r\n", b"\n")
-            self._exact = False
+        raw = pending + chunk if pending else chunk
+        crlf = b"\r" in raw
+        data = raw.replace(b"\r\n", b"\n") if crlf else raw
         pos = 0
         find = data.find
         while True:
@@ -97,26 +119,39 @@ class SSETap:
                     and find(b"\n", pos, end) < 0
                     and find(b'"usage"', pos, end) < 0
                     and find(b'"error"', pos, end) < 0
-                    and find(b'"finish_reason":"', pos, end) < 0
+                    and not _names_finish(data, pos, end)
                 ):
                     self.data_events += 1  # what _event would do, without copying the event
                 else:
                     self._event(data[pos:end])
                     if self.error is not None and self.error_end is None:
-                        self.error_end = base + end + 2 if self._exact else self._offset
+                        self.error_end = base + (_raw_offset(raw, data, end + 2) if crlf else end + 2)
             pos = end + 2
-        self._keep(data[pos:] if pos else data)
+        if pos and crlf:
+            pos = _raw_offset(raw, data, pos)
+        self._keep(raw[pos:] if pos else raw)
 
     @property
     def offset(self) -> int:
         """Bytes fed so far."""
         return self._offset
 
-    def finish(self) -> None:
-        """The upstream body ended: treat any unterminated tail as a last event."""
-        tail, self._pending = self._pending.strip(b"\n"), b""
-        if tail:
-            self._event(tail)
+    def finish(self) -> bool:
+        """The upstream body ended: read any unterminated tail as a last event.
+
+        Returns whether that tail was a whole event (True when there is none). A tail that is
+        not (the start of an event cut off) is not counted in ``malformed``: the caller knows
+        whether the stream was cut or merely ended oddly.
+        """
+        tail, self._pending = self._pending.replace(b"\r\n", b"\n").strip(b"\n"), b""
+        if not tail:
+            return True
+        malformed = self.malformed
+        self._event(tail)
+        if self.malformed == malformed:
+            return True
+        self.malformed = malformed
+        return False
 
     def _keep(self, rest: bytes) -> None:
         if len(rest) > _MAX_PENDING:
@@ -150,7 +185,7 @@ class SSETap:
         if payload[:1] != b"{" or payload[-1:] != b"}":
             self.malformed += 1
             return
-        if not (first or b'"usage"' in payload or b'"error"' in payload or b'"finish_reason":"' in payload):
+        if not (first or b'"usage"' in payload or b'"error"' in payload or _names_finish(payload, 0, len(payload))):
             return
         try:
             obj = orjson.loads(payload)

@@ -197,3 +197,97 @@ def test_a_retry_that_answers_json_after_a_stream_head_is_retried_again(
     record = proxy.records(1)[0]
     assert record["error_code"] is None and record["completion_tokens"] == 3
     assert [a.get("error") for a in record["extra"]["attempts"]] == ["upstream_stream_cut"] * 2 + [None]
+
+
+def test_crlf_stream_ends_right_after_an_upstream_error_event(scripted: Callable[..., ProxyUnderTest]) -> None:
+    """CRLF line endings: the bytes after an in-band error event in the same read (the
+    trailing ``[DONE]``) are not sent, as with LF endings."""
+    error = {"id": "gen-g", "object": "chat.completion.chunk", "error": {"code": 502, "message": "provider died"}}
+    error_event = b"data: " + orjson.dumps(error) + b"\r\n\r\n"
+    first = event("gen-g", "Hel").replace(b"\n", b"\r\n")
+    proxy = scripted(
+        lambda attempt: (
+            [first, event("gen-g", "lo").replace(b"\n", b"\r\n") + error_event + b"data: [DONE]\r\n\r\n"],
+            False,
+        )
+    )
+    data = received(proxy)
+    assert data.endswith(error_event) and b"[DONE]" not in data
+    assert proxy.records(1)[0]["done"] is False
+
+
+class RawUpstream:
+    """A bare TCP stand-in answering every chat request with ``head + body`` and closing the
+    connection: a body delimited only by the connection's end (no length, not chunked)."""
+
+    def __init__(self, body: bytes) -> None:
+        import socket
+        import threading
+
+        self.body = body
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: Any) -> None:
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, _, rest = data.partition(b"\r\n\r\n")
+            length = next(
+                (
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length")
+                ),
+                0,
+            )
+            while len(rest) < length:
+                rest += conn.recv(65536)
+            if b"/chat/completions" not in head.split(b"\r\n")[0]:
+                conn.sendall(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                return
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n")
+            conn.sendall(self.body)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("cut_inside_an_event", [True, False])
+def test_a_connection_close_body_that_ends_mid_answer_is_a_cut(
+    proxy_server: Callable[..., ProxyUnderTest], cut_inside_an_event: bool
+) -> None:
+    """Without chunked framing or a length, the end of the connection is the end of the body:
+    a stream that ends there before its answer finished is still a cut (the half event is
+    dropped, one error event follows), not a clean end."""
+    events = event("gen-h", "Hel") + event("gen-h", "lo")
+    upstream = RawUpstream(events + (event("gen-h", "!")[:20] if cut_inside_an_event else b""))
+    try:
+        proxy = proxy_server(upstream_url=f"{upstream.url}/api/v1")
+        data = received(proxy)
+        assert data.startswith(events)
+        rest = data[len(events) :]
+        assert rest.count(b"\n\n") == 1 and rest.endswith(b"\n\n")
+        assert orjson.loads(rest[len(b"data: ") :])["error"]["code"] == 502
+        record = proxy.records(1)[0]
+        assert record["error_code"] == "upstream_stream_cut" and record["extra"]["estimated"] is True
+        assert record["malformed_events"] == 0
+        upstream.body = whole_stream("gen-h").replace(b"data: [DONE]\n\n", b"")  # ended after its answer
+        data = received(proxy)
+        assert data == upstream.body
+        record = proxy.records(2)[1]
+        assert record["error_code"] is None and record["completion_tokens"] == 3
+    finally:
+        upstream.close()

@@ -204,3 +204,32 @@ def test_oversized_event_without_separator_is_dropped() -> None:
 
 def test_fixture_dir_exists() -> None:
     assert Path(SHARED_FIXTURES).is_dir(), "shared/openrouter/fixtures must sit beside the repository"
+
+
+def test_finish_reason_is_read_from_spaced_json_and_null_is_not_parsed() -> None:
+    spaced = (
+        b'data: {"id": "g", "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": null}]}\n\n'
+        b'data: {"id": "g", "choices": [{"index": 0, "delta": {}, "finish_reason" : "length"}]}\n\n'
+    )
+    tap = tap_of(spaced)
+    assert tap.finish_reason == "length" and tap.data_events == 2
+
+
+def test_finish_reports_whether_the_tail_was_a_whole_event() -> None:
+    whole = SSETap()
+    whole.feed(b'data: {"id":"g","choices":[]}\n\ndata: {"id":"g","choices":[],"usage":{"prompt_tokens":1}}')
+    assert whole.finish() is True and whole.usage == {"prompt_tokens": 1} and whole.malformed == 0
+    cut = SSETap()
+    cut.feed(b'data: {"id":"g","choices":[]}\n\ndata: {"id":"g","cho')
+    assert cut.finish() is False and cut.malformed == 0 and cut.data_events == 2
+
+
+@pytest.mark.parametrize("size", [1, 7, 64, 10_000])
+def test_error_end_is_exact_with_crlf_line_endings(size: int) -> None:
+    lf = BASIC.split(b"\n\n")
+    error = b'data: {"id":"g","error":{"code":502,"message":"x"},"choices":[]}\n\n'
+    head = (lf[0] + b"\n\n" + lf[1] + b"\n\n").replace(b"\n", b"\r\n")
+    stream = head + error.replace(b"\n", b"\r\n") + b"data: [DONE]\r\n\r\n"
+    tap = tap_of(stream, [size] * (len(stream) // size))
+    assert tap.error is not None
+    assert tap.error_end == len(head) + len(error) + 2  # two CRs more than LF
