@@ -17,6 +17,7 @@ import orjson
 import pytest
 
 from .conftest import ALICE_KEY, ProxyUnderTest
+from .raw_upstream import RawUpstream
 
 AUTH = {"Authorization": f"Bearer {ALICE_KEY}"}
 COMMENT = b": OPENROUTER PROCESSING\n\n"
@@ -216,53 +217,7 @@ def test_crlf_stream_ends_right_after_an_upstream_error_event(scripted: Callable
     assert proxy.records(1)[0]["done"] is False
 
 
-class RawUpstream:
-    """A bare TCP stand-in answering every chat request with ``head + body`` and closing the
-    connection: a body delimited only by the connection's end (no length, not chunked)."""
-
-    def __init__(self, body: bytes) -> None:
-        import socket
-        import threading
-
-        self.body = body
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        import threading
-
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
-
-    def _answer(self, conn: Any) -> None:
-        with conn:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                data += conn.recv(65536)
-            head, _, rest = data.partition(b"\r\n\r\n")
-            length = next(
-                (
-                    int(line.split(b":")[1])
-                    for line in head.split(b"\r\n")
-                    if line.lower().startswith(b"content-length")
-                ),
-                0,
-            )
-            while len(rest) < length:
-                rest += conn.recv(65536)
-            if b"/chat/completions" not in head.split(b"\r\n")[0]:
-                conn.sendall(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-                return
-            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n")
-            conn.sendall(self.body)
-
-    def close(self) -> None:
-        self.sock.close()
+SSE_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
 
 
 @pytest.mark.parametrize("cut_inside_an_event", [True, False])
@@ -273,8 +228,8 @@ def test_a_connection_close_body_that_ends_mid_answer_is_a_cut(
     a stream that ends there before its answer finished is still a cut (the half event is
     dropped, one error event follows), not a clean end."""
     events = event("gen-h", "Hel") + event("gen-h", "lo")
-    upstream = RawUpstream(events + (event("gen-h", "!")[:20] if cut_inside_an_event else b""))
-    try:
+    body = events + (event("gen-h", "!")[:20] if cut_inside_an_event else b"")
+    with RawUpstream(lambda request_line: SSE_HEAD + body) as upstream:
         proxy = proxy_server(upstream_url=f"{upstream.url}/api/v1")
         data = received(proxy)
         assert data.startswith(events)
@@ -284,10 +239,8 @@ def test_a_connection_close_body_that_ends_mid_answer_is_a_cut(
         record = proxy.records(1)[0]
         assert record["error_code"] == "upstream_stream_cut" and record["extra"]["estimated"] is True
         assert record["malformed_events"] == 0
-        upstream.body = whole_stream("gen-h").replace(b"data: [DONE]\n\n", b"")  # ended after its answer
-        data = received(proxy)
-        assert data == upstream.body
+        finished = whole_stream("gen-h").replace(b"data: [DONE]\n\n", b"")  # ended after its answer
+        upstream.respond = lambda request_line: SSE_HEAD + finished
+        assert received(proxy) == finished
         record = proxy.records(2)[1]
         assert record["error_code"] is None and record["completion_tokens"] == 3
-    finally:
-        upstream.close()
