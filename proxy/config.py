@@ -76,7 +76,8 @@ class ServerSettings(_Model):
     retries. ``header_timeout_s``: a connection that sends no complete request head for this
     long, while no response is in progress on it, is closed (``proxy.http_protocol``:
     slow-header defence); one whose request head passes ``max_header_bytes`` gets 431 and is
-    closed. ``max_n`` / ``max_output_tokens`` cap ``n`` and ``max_tokens`` (larger: 400).
+    closed. ``max_n`` / ``max_output_tokens`` cap ``n`` and ``max_tokens`` (larger: 400);
+    ``max_models`` caps the length of a client's ``models`` fallback list (longer: 400).
     """
 
     host: str = "127.0.0.1"
@@ -90,6 +91,7 @@ class ServerSettings(_Model):
     max_header_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024
     max_n: Annotated[int, Field(ge=1)] = 8
     max_output_tokens: Annotated[int, Field(ge=1)] = 1_000_000
+    max_models: Annotated[int, Field(ge=1)] = 8
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from proxy.config import ServerSettings
 from proxy.errors import InvalidRequest
 from proxy.types import ChatCall
 
@@ -142,13 +143,20 @@ def _check_models(models: Any) -> None:
         raise InvalidRequest("'models' must be an array of model ids.", param="models")
 
 
-def check_caps(call: ChatCall, max_n: int, max_output_tokens: int) -> None:
-    """Reject ``n`` above ``max_n`` and ``max_tokens``/``max_completion_tokens`` above
-    ``max_output_tokens`` (400), so one request cannot ask for an unbounded answer."""
-    n = call.body.get("n")
+def check_caps(call: ChatCall, server: ServerSettings) -> None:
+    """Reject ``n`` above ``server.max_n``, ``max_tokens``/``max_completion_tokens`` above
+    ``server.max_output_tokens`` and a ``models`` list longer than ``server.max_models``
+    (``InvalidRequest``, 400), so one request cannot ask for an unbounded answer or for
+    unboundedly many upstream attempts (each ``models`` entry can be one)."""
+    body = call.body
+    max_n, max_output_tokens = server.max_n, server.max_output_tokens
+    n = body.get("n")
     if isinstance(n, int) and n > max_n:
         raise InvalidRequest(f"'n' must be at most {max_n} on this gateway.", param="n")
+    models = body.get("models")
+    if models is not None and len(models) > server.max_models:
+        raise InvalidRequest(f"'models' may list at most {server.max_models} models on this gateway.", param="models")
     for name in ("max_tokens", "max_completion_tokens"):
-        value = call.body.get(name)
+        value = body.get(name)
         if isinstance(value, int) and value > max_output_tokens:
             raise InvalidRequest(f"'{name}' must be at most {max_output_tokens} on this gateway.", param=name)

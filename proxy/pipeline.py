@@ -128,7 +128,7 @@ class ChatCompletions:
             finally:
                 deadline.stop()
             call = parse_chat_request(raw)
-            check_caps(call, self.server.max_n, self.server.max_output_tokens)
+            check_caps(call, self.server)
             ex.requested_model, ex.stream = call.model, call.stream
             ex.plan = plan = self.router.plan(call, ex.principal, scope["headers"])
             if self.context_guard is not None:

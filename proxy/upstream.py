@@ -2,10 +2,12 @@
 
 The hot path uses aiohttp's client directly: measured on the benchmark in
 ``loadtests/client_bench.py`` it costs about half the CPU per request of httpx's API over
-the same transport (``docs/measurements/upstream-client-choice.md``). The body is sent and received as bytes, untouched;
-the proxy asks for ``Accept-Encoding: identity``; an answer encoded anyway (gzip, deflate)
-is decoded by aiohttp, so metering and clients always see plain bytes (the encoding
-header is not relayed). An encoding aiohttp cannot decode breaks the body (``UpstreamCut``). Every aiohttp/asyncio exception is mapped to a ``proxy.errors`` class here:
+the same transport (``docs/measurements/upstream-client-choice.md``). The body is sent and
+received as bytes, untouched. The proxy asks for ``Accept-Encoding: identity``; an answer
+encoded anyway (gzip, deflate) is decoded by aiohttp, so metering and clients always see
+plain bytes (the encoding header is not relayed), and one that cannot be decoded breaks
+off (``UpstreamCut``). Every aiohttp/asyncio exception is mapped to a ``proxy.errors``
+class here:
 
 * connect failure, reset before the response head -> ``UpstreamUnreachable`` (502)
 * no response head / no byte within the timeouts  -> ``UpstreamTimeout`` (504)

@@ -24,11 +24,12 @@ def test_deep_nesting_invalid_utf8_and_huge_asks_are_400(proxy: ProxyUnderTest) 
     deep = b'{"model": "openai/gpt-4o-mini", "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}"
     assert post_raw(proxy, deep).status_code == 400
     assert post_raw(proxy, b'{"model": "\xff\xfe", "messages": []}').status_code == 400
-    for extra in (b'"n": 100000', b'"max_tokens": 999999999999'):
+    nine_models = b'"models": [' + b",".join(b'"openai/m%d"' % i for i in range(9)) + b"]"  # over server.max_models
+    for extra, param in ((b'"n": 100000', "n"), (b'"max_tokens": 999999999999', "max_tokens"), (nine_models, "models")):
         body = b'{"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], ' + extra + b"}"
         response = post_raw(proxy, body)
         assert response.status_code == 400
-        assert response.json()["error"]["param"] in ("n", "max_tokens")
+        assert response.json()["error"]["param"] == param
 
 
 def test_slow_drip_body_times_out_with_408(proxy_server: Any) -> None:
