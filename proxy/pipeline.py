@@ -16,6 +16,7 @@ cancels the upstream request at once. Settlement runs in ``finally``, whatever h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -261,8 +262,16 @@ class ChatCompletions:
                 continue
             if index and ex.principal is not None:  # a fallback's own per-model limits (before a probe is claimed)
                 held = [t for t in (ex.ticket, *(t for _, t in ex.fallback_tickets)) if t is not None]
+                reserving = asyncio.ensure_future(self.admission.admit_fallback(ex.principal, call, plan, model, held))
                 try:
-                    ticket = await self.admission.admit_fallback(ex.principal, call, plan, model, held)
+                    ticket = await asyncio.shield(reserving)
+                except asyncio.CancelledError:  # a hang-up (or the deadline) while the store decides:
+                    # wait for its answer, so that what it reserved is settled with the request
+                    with contextlib.suppress(Exception):  # refused or failed: nothing is held
+                        late = await reserving
+                        if late.state is not None:
+                            ex.fallback_tickets.append((model, late))
+                    raise
                 except ProxyError as exc:  # its limit is reached (or the store is down): the next model;
                     # the answer if none is left (a 429 says when this one would take the request)
                     ex.attempts.append({"model": model, "status": exc.status_code(), "error": exc.code or "limited"})
@@ -395,16 +404,23 @@ class ChatCompletions:
         )
         for sink in self.sinks:  # first: synchronous, so the record survives a cancelled settle
             sink.emit(record)
+        cancelled: asyncio.CancelledError | None = None
         if ex.ticket is not None:
             try:
                 await self.admission.settle(ex.ticket, record)
+            except asyncio.CancelledError as exc:  # (shutdown) the fallbacks' tickets are settled still
+                cancelled = exc
             except Exception:
                 log.exception("settling admission for request %s failed", ex.request_id)
         for model, ticket in ex.fallback_tickets:  # a model that did not answer used no tokens
             try:
                 await self.admission.settle(ticket, record if model == record.routed_model else _no_usage(record))
+            except asyncio.CancelledError as exc:
+                cancelled = exc
             except Exception:
                 log.exception("settling admission of %s for request %s failed", model, ex.request_id)
+        if cancelled is not None:
+            raise cancelled
 
 
 def _no_usage(record: UsageRecord) -> UsageRecord:

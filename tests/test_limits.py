@@ -637,3 +637,29 @@ def test_the_memory_backend_forgets_settled_holds() -> None:
         return grown
 
     assert asyncio.run(main()) < 100_000
+
+
+def test_a_cancelled_settlement_still_settles_the_fallbacks_tickets() -> None:
+    """Shutdown cancels a request while its primary ticket settles: the fallbacks' tickets
+    are settled all the same (else their holds stay until their lease), then the
+    cancellation goes on."""
+    from types import SimpleNamespace
+
+    from proxy.pipeline import ChatCompletions
+    from proxy.relay import Exchange
+
+    settled: list[str] = []
+
+    class Admission:
+        async def settle(self, ticket: Ticket, rec: Any) -> None:
+            if ticket.state == "primary":
+                raise asyncio.CancelledError
+            settled.append(ticket.state)
+
+    ex = Exchange("rid", time.perf_counter())
+    ex.ticket = Ticket((), "primary")
+    ex.fallback_tickets = [("a/one", Ticket((), "one")), ("a/two", Ticket((), "two"))]
+    endpoint: Any = SimpleNamespace(sinks=[], admission=Admission())
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(ChatCompletions._settle(endpoint, ex, time.time()))
+    assert settled == ["one", "two"]

@@ -328,3 +328,38 @@ def test_two_proxies_with_leased_admission_never_pass_a_limit(
     # an allotment (at least 50, at most a ninth of what is free) is granted only while
     # 9 x 50 calls stay free: local admissions stop near 150 + 61 used; the rest are exact
     assert all(n > 0 for n in local) and sum(local) < 220, local
+
+
+def test_a_hang_up_while_a_fallback_s_limits_are_reserved_does_not_keep_its_slot(limited: MakeProxy) -> None:
+    """The client hangs up while the store reserves the fallback's concurrency slot: the
+    reservation still lands, and is settled with the request instead of being held until its
+    lease runs out (the next request moving on to that model is admitted)."""
+    proxy = limited({"default_tier": "t", "tiers": {"t": {"models": {"openai/gpt-4o": {"concurrent_requests": 1}}}}})
+    assert proxy.app.runtime is not None
+    admission = proxy.app.runtime.chat.admission
+    real = admission.admit_fallback
+
+    async def slow_store(*args: Any, **kwargs: Any) -> Any:
+        ticket = await real(*args, **kwargs)
+        await asyncio.sleep(1.0)  # the store's answer is on its way when the client hangs up
+        return ticket
+
+    failing = {"emulator": {"faults": {MINI: {"fault": "error-404"}}}, "models": ["openai/gpt-4o"]}
+    body = {"model": MINI, "messages": MESSAGES, **failing}
+    admission.admit_fallback = slow_store
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{proxy.base_url}/chat/completions",
+            headers={"Authorization": f"Bearer {ALICE_KEY}"},
+            json=body,
+            timeout=0.3,
+        )
+    assert proxy.records(1)[0]["error_code"] == "client_disconnected"
+    admission.admit_fallback = real
+    concurrent = eventually(
+        lambda: [x for x in own_limits(proxy)["limits"] if x["limit"] == "concurrent_requests" and x["used"] == 0]
+    )
+    assert concurrent, own_limits(proxy)
+    assert (
+        sdk(proxy).chat.completions.create(model=MINI, messages=MESSAGES, extra_body=failing).model == "openai/gpt-4o"
+    )
