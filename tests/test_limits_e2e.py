@@ -363,3 +363,30 @@ def test_a_hang_up_while_a_fallback_s_limits_are_reserved_does_not_keep_its_slot
     assert (
         sdk(proxy).chat.completions.create(model=MINI, messages=MESSAGES, extra_body=failing).model == "openai/gpt-4o"
     )
+
+
+def test_a_primary_model_s_token_window_is_not_charged_for_its_fallback_s_answer(limited: MakeProxy) -> None:
+    """MINI fails over to gpt-4o: MINI's own tokens_per_minute keeps nothing of the request
+    (its reservation is corrected to 0); the key's window and gpt-4o's own get the tokens."""
+    proxy = limited(
+        {
+            "default_tier": "t",
+            "tiers": {
+                "t": {
+                    "tokens_per_minute": 100000,
+                    "models": {MINI: {"tokens_per_minute": 50000}, "openai/gpt-4o": {"tokens_per_minute": 50000}},
+                }
+            },
+        }
+    )
+    failing = {"emulator": {"faults": {MINI: {"fault": "error-404"}}}, "models": ["openai/gpt-4o"]}
+    completion = sdk(proxy).chat.completions.create(model=MINI, messages=MESSAGES, extra_body=failing)
+    assert completion.model == "openai/gpt-4o" and completion.usage is not None
+    total = completion.usage.total_tokens
+
+    def used() -> dict[str | None, int]:
+        limits = own_limits(proxy)["limits"]
+        return {x.get("model"): x["used"] for x in limits if x["limit"] == "tokens_per_minute"}
+
+    settled = eventually(lambda: (u := used()).get(None) == total and u)
+    assert settled == {None: total, MINI: 0, "openai/gpt-4o": total}

@@ -317,7 +317,11 @@ class Limiter:
     # -- settlement -----------------------------------------------------------------
 
     async def settle(self, ticket: Ticket, record: UsageRecord) -> None:
-        """Correct tokens to actual usage, release slot and budget holds, add actual cost."""
+        """Correct tokens to actual usage, release slot and budget holds, add actual cost.
+
+        A per-model token window is charged only when its model (or a variant of it) is
+        ``record.routed_model``, the model that answered: a primary that failed over to a
+        fallback used none of its own tokens."""
         state = ticket.state
         if not isinstance(state, _Reserved):
             return
@@ -331,9 +335,14 @@ class Limiter:
             tokens = (usage.total_tokens or usage.prompt_tokens + usage.completion_tokens) if usage else 0
             cost = actual_cost_nusd(usage, state.price, state.budget_nusd)
             releases = []
-            for kind, check, st in zip(kinds, state.checks, state.states, strict=True):
+            answered = record.routed_model
+            for kind, check, st, bound in zip(kinds, state.checks, state.states, binding.bounds, strict=True):
                 if kind == _TOKENS:
-                    releases.append(Release(check.key, True, st.bucket, tokens - check.cost))
+                    used = tokens
+                    model = bound.rule.model
+                    if model is not None and answered != model and (answered or "").split(":", 1)[0] != model:
+                        used = 0  # a model's own token window: another model (a fallback) answered
+                    releases.append(Release(check.key, True, st.bucket, used - check.cost))
                 elif kind == _CONCURRENT:
                     releases.append(Release(check.key, False))
                 elif kind == _BUDGET:
