@@ -267,7 +267,8 @@ def create_app(
     if problems:
         raise ConfigError(problems)
     router = ReloadingRouter(settings.policies_dir)
-    return ProxyApp(settings, Keyring(entries), router, emulator=emulator, limits=limits, tune_gc=tune_gc)
+    keyring = Keyring(entries, limits.spec.default_tier)
+    return ProxyApp(settings, keyring, router, emulator=emulator, limits=limits, tune_gc=tune_gc)
 
 
 def app_from_env() -> ProxyApp:

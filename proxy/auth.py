@@ -43,12 +43,16 @@ class Keyring:
 
     Built once from the config's ``(sha256_hex, name, team, tier)`` tuples; runtime keys
     (``proxy.keystore``) are swapped in whole by ``set_runtime``, and a config key wins a
-    clash. ``authenticate`` raises ``AuthenticationFailed`` (401) for a missing, malformed
-    or unknown key.
+    clash. A key without a tier gets ``default_tier`` (the limits policy's), so routing
+    rules on ``tier`` see the tier its limits apply. ``authenticate`` raises
+    ``AuthenticationFailed`` (401) for a missing, malformed or unknown key.
     """
 
-    def __init__(self, entries: Iterable[tuple[str, str, str | None, str | None]]) -> None:
-        self._by_digest = _entries(entries)
+    def __init__(
+        self, entries: Iterable[tuple[str, str, str | None, str | None]], default_tier: str | None = None
+    ) -> None:
+        self._default_tier = default_tier
+        self._by_digest = _entries(entries, default_tier)
         self._runtime: dict[bytes, _Entry] = {}
 
     def __len__(self) -> int:
@@ -56,7 +60,7 @@ class Keyring:
 
     def set_runtime(self, entries: Iterable[tuple[str, str, str | None, str | None]]) -> None:
         """Replace every runtime key (same tuples as the constructor)."""
-        self._runtime = _entries(entries)
+        self._runtime = _entries(entries, self._default_tier)
 
     def config_principals(self) -> list[Principal]:
         """The keys from the config file (and the development key), as principals."""
@@ -77,11 +81,14 @@ class Keyring:
         return entry.principal
 
 
-def _entries(entries: Iterable[tuple[str, str, str | None, str | None]]) -> dict[bytes, _Entry]:
+def _entries(
+    entries: Iterable[tuple[str, str, str | None, str | None]], default_tier: str | None
+) -> dict[bytes, _Entry]:
     by_digest: dict[bytes, _Entry] = {}
     for sha256_hex, name, team, tier in entries:
         digest = bytes.fromhex(sha256_hex)
-        by_digest[digest] = _Entry(digest, Principal(key_id=sha256_hex[:12], name=name, team=team, tier=tier))
+        principal = Principal(key_id=sha256_hex[:12], name=name, team=team, tier=tier or default_tier)
+        by_digest[digest] = _Entry(digest, principal)
     return by_digest
 
 

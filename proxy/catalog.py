@@ -84,6 +84,8 @@ def openai_model_list(models: list[dict[str, Any]], aliases: dict[str, str]) -> 
         created_raw = model.get("created")
         created = created_raw if isinstance(created_raw, int) else 0
         created_of[model_id] = created
+        if model_id in aliases:  # an alias by this name wins: requests for it go to its target
+            continue
         entry: dict[str, Any] = {
             "id": model_id,
             "object": "model",

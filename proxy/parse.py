@@ -17,12 +17,13 @@ from proxy.config import ServerSettings
 from proxy.errors import InvalidRequest
 from proxy.types import ChatCall
 
-__all__ = ["check_caps", "parse_chat_request"]
+__all__ = ["NUMERIC_PARAMETERS", "check_caps", "parse_chat_request"]
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
 # name -> (integer only?, lower bound, upper bound); bounds None = unbounded
-_NUMERIC: dict[str, tuple[bool, float | None, float | None]] = {
+# Numeric parameters checked here: (integer only, lowest, highest; None: unbounded).
+NUMERIC_PARAMETERS: dict[str, tuple[bool, float | None, float | None]] = {
     "max_tokens": (True, 1, None),
     "max_completion_tokens": (True, 1, None),
     "n": (True, 1, 128),
@@ -70,14 +71,15 @@ def parse_chat_request(raw: bytes) -> ChatCall:
     if not isinstance(stream, bool):
         raise InvalidRequest("'stream' must be a boolean.", param="stream")
 
-    for name, (integer, low, high) in _NUMERIC.items():
+    for name, (integer, low, high) in NUMERIC_PARAMETERS.items():
         value = body.get(name)
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int if integer else int | float):
             raise InvalidRequest(f"'{name}' must be {'an integer' if integer else 'a number'}.", param=name)
         if (low is not None and value < low) or (high is not None and value > high):
-            raise InvalidRequest(f"'{name}' must be between {low} and {high}.", param=name)
+            bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise InvalidRequest(f"'{name}' must be {bounds}.", param=name)
     for name in _OBJECTS:
         if body.get(name) is not None and not isinstance(body[name], dict):
             raise InvalidRequest(f"'{name}' must be an object.", param=name)

@@ -34,3 +34,12 @@ def test_new_keys_are_random_and_prefixed() -> None:
     assert len(keys) == 50
     assert all(k.startswith(KEY_PREFIX) and len(k) > 40 for k in keys)
     assert len(hash_key(next(iter(keys)))) == 64
+
+
+def test_a_key_without_a_tier_gets_the_limits_policy_s_default_tier() -> None:
+    entries = [(hash_key("sk-proxy-a"), "a", None, None), (hash_key("sk-proxy-b"), "b", None, "pro")]
+    ring = Keyring(entries, default_tier="free")
+    assert ring.authenticate(b"Bearer sk-proxy-a").tier == "free"
+    assert ring.authenticate(b"Bearer sk-proxy-b").tier == "pro"
+    ring.set_runtime([(hash_key("sk-proxy-c"), "c", None, None)])
+    assert ring.authenticate(b"Bearer sk-proxy-c").tier == "free"

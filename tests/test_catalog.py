@@ -90,3 +90,9 @@ def test_openai_list_shape_with_aliases() -> None:
         "owned_by": "openrouter-proxy",
         "alias_of": "openai/gpt-4o-mini",
     }
+
+
+def test_an_alias_named_like_a_catalog_model_is_listed_once_as_the_alias() -> None:
+    listing = openai_model_list(MODELS["data"], {"openai/gpt-4o-mini": "openai/gpt-4o-mini:floor"})
+    entries = [m for m in listing["data"] if m["id"] == "openai/gpt-4o-mini"]
+    assert len(entries) == 1 and entries[0]["alias_of"] == "openai/gpt-4o-mini:floor"

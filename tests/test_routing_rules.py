@@ -298,3 +298,87 @@ def test_policy_hash_ignores_layout_and_follows_content() -> None:
     three = router([{"name": "r", "model": "x/z"}])
     assert one.policy_hash == two.policy_hash != three.policy_hash
     assert len(one.policy_hash) == 12
+
+
+DENY_CARL_CLAUDE = {"name": "no-claude", "match": {"key": "carl", "model": "anthropic/*"}, "deny": "not for carl"}
+
+
+@pytest.mark.parametrize(
+    ("case", "rules", "aliases", "model", "body"),
+    [
+        (
+            "a variant of an exactly denied id",
+            [{"name": "no", "match": {"key": "carl", "model": "anthropic/claude-sonnet-4.5"}, "deny": "no"}],
+            {},
+            "anthropic/claude-sonnet-4.5:nitro",
+            {},
+        ),
+        ("an alias of a ~ id", [DENY_CARL_CLAUDE], {"latest": "~anthropic/claude-sonnet-latest"}, "latest", {}),
+        (
+            "an alias through a denied alias",
+            [{"name": "no", "match": {"key": "carl", "model": "small"}, "deny": "no"}],
+            {"tiny": "small", "small": "openai/gpt-4o-mini"},
+            "tiny",
+            {},
+        ),
+        (
+            "a split arm",
+            [DENY_CARL_CLAUDE, {"name": "ab", "split": [{"model": "anthropic/claude-haiku-4.5", "weight": 1}]}],
+            {},
+            "openai/gpt-4o",
+            {},
+        ),
+        (
+            "a rule's model",
+            [DENY_CARL_CLAUDE, {"name": "code", "match": {"model": "auto"}, "model": "anthropic/claude-haiku-4.5"}],
+            {"auto": "openai/gpt-4o-mini"},
+            "auto",
+            {},
+        ),
+    ],
+)
+def test_a_deny_holds_however_the_model_is_reached(
+    case: str, rules: list[dict[str, Any]], aliases: dict[str, str], model: str, body: dict[str, Any]
+) -> None:
+    with pytest.raises(PermissionDenied):
+        decide(router(rules, aliases), model, CARL, **body)
+    decide(router(rules, aliases), model, BOB, **body)  # the deny is carl's only
+
+
+def test_denied_fallbacks_of_a_rule_or_a_client_are_dropped() -> None:
+    rules = [
+        DENY_CARL_CLAUDE,
+        {"name": "big-deny", "match": {"key": "carl", "model": "big"}, "deny": "no"},
+        {"name": "chain", "match": {"model": "openai/gpt-4o"}, "fallbacks": ["anthropic/claude-haiku-4.5", "x/y"]},
+    ]
+    r = router(rules, {"big": "openai/gpt-4.1"})
+    assert decide(r, "openai/gpt-4o", CARL).fallbacks == ("x/y",)
+    assert decide(r, "openai/gpt-4o", BOB).fallbacks == ("anthropic/claude-haiku-4.5", "x/y")
+    plan = decide(r, "openai/gpt-4o-mini", CARL, models=["big", "openai/gpt-4.1", "x/z"])
+    assert plan.fallbacks == ("openai/gpt-4.1", "x/z")  # "big" is denied by its own name
+
+
+def test_a_rule_s_fallback_chain_is_tried_once_per_model() -> None:
+    r = router(
+        [
+            {
+                "name": "chain",
+                "match": {"model": "openai/gpt-4o-mini"},
+                "fallbacks": ["a/b", "openai/gpt-4o-mini", "a/b"],
+            },
+            {
+                "name": "native",
+                "match": {"model": "openai/gpt-4o"},
+                "fallbacks": ["a/b", "a/b"],
+                "native_fallbacks": True,
+            },
+        ]
+    )
+    assert decide(r, "openai/gpt-4o-mini").fallbacks == ("a/b",)
+    assert sent(decide(r, "openai/gpt-4o"))["models"] == ["openai/gpt-4o", "a/b"]
+
+
+def test_a_max_completion_tokens_default_leaves_a_client_s_max_tokens_alone() -> None:
+    r = router([{"name": "d", "defaults": {"max_completion_tokens": 2000}, "caps": {"temperature": 1}}])
+    assert "max_completion_tokens" not in sent(decide(r, max_tokens=100, temperature=1.5))
+    assert sent(decide(r))["max_completion_tokens"] == 2000

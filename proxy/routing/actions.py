@@ -95,7 +95,7 @@ class Actions:
             model=aliases.get(rule.model, rule.model) if rule.model else None,
             split=split,
             variants=tuple(v.removeprefix(":") for v in as_list(rule.variant)),
-            fallbacks=tuple(aliases.get(m, m) for m in rule.fallbacks),
+            fallbacks=tuple(dict.fromkeys(aliases.get(m, m) for m in rule.fallbacks)),  # each once
             native_fallbacks=rule.native_fallbacks,
             provider=rule.provider.model_dump(exclude_none=True) if rule.provider else None,
             defaults=dict(rule.defaults),
@@ -165,8 +165,8 @@ class Draft:
         """Add to ``changes`` the ``provider``, defaults and caps this draft makes to ``body``.
 
         ``provider``: the client's object with the policy's keys on top (policy wins).
-        Defaults: set where the client sent nothing (for ``max_tokens``, neither
-        ``max_tokens`` nor ``max_completion_tokens``). Caps: a larger value is lowered; a
+        Defaults: set where the client sent nothing (for ``max_tokens`` or
+        ``max_completion_tokens``, neither of the two output limits). Caps: a larger value is lowered; a
         ``max_tokens`` cap lowers both output limits and is set when the client sent none.
         """
         if self.provider:
@@ -175,7 +175,7 @@ class Draft:
             if merged != sent:
                 changes["provider"] = merged
         for key, value in self.defaults.items():
-            keys = _OUTPUT_LIMITS if key == "max_tokens" else (key,)
+            keys = _OUTPUT_LIMITS if key in _OUTPUT_LIMITS else (key,)
             if all(body.get(k) is None for k in keys):
                 changes[key] = value
         for key, cap in self.caps.items():

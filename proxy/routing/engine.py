@@ -8,6 +8,10 @@ Decision for one request:
    ``model`` condition matches the requested model or its alias target. Conditions read
    the request as the client sent it, never what earlier rules changed. A matching
    ``deny`` rule raises ``PermissionDenied`` (403) with its message and the rule's name.
+   A ``model`` condition tries each name in its forms (``matching.model_forms``: without
+   ``~``, without variant suffixes), and every alias of a chain.
+3a. A model the rules chose (not the alias target) must pass the deny rules as if it had
+   been requested (403 otherwise), and the rules' fallbacks that would be denied are dropped.
 3. The upstream model is the first rule's model or split arm, else the alias target, else
    the requested model; variants are appended.
 4. The client's own ``models`` fallback list (OpenRouter's, §1.2) is never sent upstream as
@@ -129,6 +133,10 @@ class CompiledPolicy:
                         break
         if draft is None and entry.plain is not None and not client_models:
             return entry.plain
+        if draft is not None and (draft.model is not None or draft.variants or draft.fallbacks):
+            if view is None:
+                view = RequestView(call, principal, headers, self._gate)
+            self._enforce(draft, entry, call, principal, view)
         extra: tuple[str, ...] = ()
         if client_models and view is not None and not (draft is not None and draft.native):
             extra = self._client_fallbacks(client_models, principal, view)
@@ -143,21 +151,44 @@ class CompiledPolicy:
             if not isinstance(name, str) or not name:
                 continue
             model = self.aliases.get(name, name)
-            if model not in allowed and self._permits(model, principal, view):
+            if model not in allowed and self._permits(name, principal, view):  # the alias chain too
                 allowed.append(model)
         return tuple(allowed)
 
     def _permits(self, model: str, principal: Principal, view: RequestView) -> bool:
         """Would a request for ``model`` pass the policy's deny rules (same caller, same body)?"""
+        return self._denial(model, principal, view) is None
+
+    def _denial(self, model: str, principal: Principal, view: RequestView) -> str | None:
+        """The 403 message if the policy denies a request for ``model`` (same caller, same
+        body), else ``None``."""
         key = (model, principal.name, principal.team, principal.tier)
         entry = self._memo.get(key) or self._remember(key, principal)
         for rule in entry.candidates:
             if all(check(view) for check in rule.checks):
                 if rule.actions.deny is not None:
-                    return False
+                    return f"{rule.actions.deny} (routing rule '{rule.actions.name}')"
                 if rule.stop:
                     break
-        return True
+        return None
+
+    def _enforce(
+        self, draft: Draft, entry: _ModelEntry, call: ChatCall, principal: Principal, view: RequestView
+    ) -> None:
+        """A model the rules chose (a rule's model or split arm, variants added) passes the
+        deny rules too, as if requested (else ``PermissionDenied``); the rules' fallbacks the
+        policy denies are dropped. Conditions read the request as sent, so a deny on
+        ``anthropic/*`` would otherwise miss a split arm or a rule that picks Anthropic."""
+        requested = entry.target or call.model
+        chosen = draft.model or requested
+        if draft.variants:
+            chosen = with_variants(chosen, draft.variants)
+        if chosen != requested:
+            denied = self._denial(chosen, principal, view)
+            if denied is not None:
+                raise PermissionDenied(denied)
+        if draft.fallbacks:
+            draft.fallbacks = tuple(m for m in draft.fallbacks if self._permits(m, principal, view))
 
     def _build(
         self, call: ChatCall, entry: _ModelEntry, draft: Draft | None, extra: tuple[str, ...], drop_models: bool
@@ -168,7 +199,7 @@ class CompiledPolicy:
         changes: dict[str, Any] = {}
         if model != call.model:
             changes["model"] = model
-        fallbacks = draft.fallbacks if draft is not None else ()
+        fallbacks = tuple(m for m in draft.fallbacks if m != model) if draft is not None else ()
         if draft is not None and draft.native:
             changes["models"] = [model, *fallbacks]
         else:
@@ -197,10 +228,19 @@ class CompiledPolicy:
             policy_hash=self.policy_hash,
         )
 
+    def _alias_chain(self, model: str) -> tuple[str, ...]:
+        """``model``, then every alias it goes through, its final target last."""
+        chain = [model]
+        raw = self.policy.aliases
+        while chain[-1] in raw and raw[chain[-1]] not in chain:
+            chain.append(raw[chain[-1]])
+        return tuple(chain)
+
     def _remember(self, key: tuple[str, str, str | None, str | None], principal: Principal) -> _ModelEntry:
         model = key[0]
         target = self.aliases.get(model)
-        candidates = tuple(rule for rule in self.rules if rule.static.admits(model, target, principal))
+        names = self._alias_chain(model)
+        candidates = tuple(rule for rule in self.rules if rule.static.admits(names, principal))
         without_text = tuple(rule for rule in candidates if not rule.needs_literal)
         plain = RoutePlan(model=model, policy_hash=self.policy_hash) if target is None else None
         gated = self._gate is not None and len(without_text) < len(candidates)

@@ -22,7 +22,7 @@ from proxy.routing.schema import Match, TokenRange
 from proxy.tokens import estimate_prompt_tokens, last_user_text
 from proxy.types import ChatCall, Principal
 
-__all__ = ["Check", "RequestView", "Static", "compile_match"]
+__all__ = ["Check", "RequestView", "Static", "compile_match", "model_forms"]
 
 Headers = Sequence[tuple[bytes, bytes]]
 Check = Callable[["RequestView"], bool]
@@ -115,21 +115,28 @@ class Static:
     team: Patterns | None
     tier: Patterns | None
 
-    def admits(self, model: str, target: str | None, principal: Principal) -> bool:
-        """True when a request for ``model`` (alias ``target``) by ``principal`` passes.
-
-        OpenRouter's ``~author/family-latest`` ids (openrouter-api.md §1.4) also match as
-        ``author/family-latest``, so ``anthropic/*`` covers ``~anthropic/claude-sonnet-latest``.
-        """
-        if self.model is not None and not (
-            self.model(model) or self.model(target) or (model[:1] == "~" and self.model(model[1:]))
-        ):
+    def admits(self, names: Sequence[str], principal: Principal) -> bool:
+        """True when a request by ``principal`` for the first of ``names`` (then the aliases
+        it goes through, its target last; see ``model_names``) passes."""
+        if self.model is not None and not any(self.model(form) for name in names for form in model_forms(name)):
             return False
         if self.key is not None and not self.key(principal.name):
             return False
         if self.team is not None and not self.team(principal.team):
             return False
         return self.tier is None or self.tier(principal.tier)
+
+
+def model_forms(name: str) -> tuple[str, ...]:
+    """The forms a model condition tries for ``name``: itself, without a leading ``~`` and
+    without its variant suffixes (openrouter-api.md §1.4). So ``anthropic/*`` covers
+    ``~anthropic/claude-sonnet-latest``, and ``openai/gpt-4o`` covers ``openai/gpt-4o:nitro``
+    (as a per-model limit does): a deny cannot be stepped around by a suffix."""
+    bare = name[1:] if name[:1] == "~" else name
+    base = bare.split(":", 1)[0]
+    if base == name:
+        return (name,)
+    return tuple(dict.fromkeys((name, bare, base)))
 
 
 def _patterns(value: str | list[str] | None) -> Patterns | None:

@@ -9,11 +9,13 @@ form. Per-field checks live here so that pydantic reports them with their locati
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from proxy.parse import NUMERIC_PARAMETERS
 from proxy.routing.patterns import as_list, glob_problem
 
 __all__ = [
@@ -53,6 +55,26 @@ _NAME = r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,63}$"
 _HEADER = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
 
 PatternList = str | list[str]
+
+# What a cap or default of a numeric parameter may be: (integer only, lowest, highest), the
+# request's own bounds (``parse``), plus the samplers it does not check.
+_RANGES: dict[str, tuple[bool, float | None, float | None]] = {
+    **NUMERIC_PARAMETERS,
+    "top_k": (True, 0, None),
+    "repetition_penalty": (False, 0, 2),
+}
+
+
+def _out_of_range(key: str, value: Any) -> str | None:
+    """Why ``value`` cannot be ``key``'s cap or default, or ``None``."""
+    integer, low, high = _RANGES.get(key, (False, None, None))
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return "must be a finite number"
+    if integer and value != int(value):
+        return "must be an integer"
+    if (low is not None and value < low) or (high is not None and value > high):
+        return f"must be between {low} and {high}" if high is not None else f"must be at least {low}"
+    return None
 
 
 class _Strict(BaseModel):
@@ -123,7 +145,7 @@ class Match(_Strict):
         if value is not None:
             try:
                 re.compile(value)
-            except re.error as exc:
+            except (re.error, OverflowError, RecursionError) as exc:
                 raise ValueError(f"invalid regular expression: {exc}") from None
         return value
 
@@ -132,7 +154,7 @@ class Arm(_Strict):
     """One arm of a weighted split."""
 
     model: Annotated[str, Field(min_length=1)]
-    weight: Annotated[float, Field(ge=0)]
+    weight: Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)]
 
 
 class CacheSpec(_Strict):
@@ -194,6 +216,10 @@ class Rule(_Strict):
         reserved = sorted(_RESERVED & value.keys())
         if reserved:
             raise ValueError(f"{', '.join(reserved)} cannot be a default (use the rule's own action)")
+        for key in sorted(value.keys() & _RANGES.keys()):
+            problem = _out_of_range(key, value[key])
+            if problem:
+                raise ValueError(f"the {key} default {problem}")
         return value
 
     @field_validator("caps")
@@ -202,9 +228,10 @@ class Rule(_Strict):
         unknown = sorted(value.keys() - CAPPABLE)
         if unknown:
             raise ValueError(f"cannot cap {', '.join(unknown)}; cappable: {', '.join(sorted(CAPPABLE))}")
-        for key in sorted(INTEGER_CAPS & value.keys()):
-            if value[key] < 1 or value[key] != int(value[key]):
-                raise ValueError(f"the {key} cap must be a positive integer")
+        for key in sorted(value):
+            problem = _out_of_range(key, value[key])
+            if problem:
+                raise ValueError(f"the {key} cap {problem}")
         return value
 
     @model_validator(mode="after")
