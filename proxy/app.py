@@ -166,7 +166,7 @@ class ProxyApp:
             breakers=breakers,
             activity=activity,
             context_guard=ContextGuard(catalog),
-            cache=ResponseCache(store),
+            cache=ResponseCache(store, retry_s=settings.limits.store_retry_s),
             metrics=obs.metrics,
         )
         await breakers.start(store)

@@ -13,7 +13,9 @@ Only clean answers are stored: status 200, at most ``max_bytes``, a whole body t
 JSON object with choices and no ``error``, or a stream that ended with ``data: [DONE]``
 and carried no in-band error. Cut streams, errors and streams without ``[DONE]`` never
 are. The store may fail: a lookup then misses and a store is skipped (logged), never
-failing the request.
+failing the request. Each store call is bounded by ``timeout_s``, and after a failure the
+cache is not used for ``retry_s`` (then the next request tries again), so a stalled Redis
+costs requests neither a timeout each nor a hang.
 
 Stored value: ``ORPC1\\n`` + a JSON line ``{"s": stream, "h": [[name, value], ...]}`` +
 the body bytes. Hits carry ``x-proxy-cache: hit``.
@@ -21,8 +23,10 @@ the body bytes. Hits carry ``x-proxy-cache: hit``.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -60,9 +64,21 @@ class CachedResponse:
 class ResponseCache:
     """Cache lookups and stores over ``store`` (``cache_get``/``cache_set``)."""
 
-    def __init__(self, store: Store, *, max_bytes: int = 1 << 20) -> None:
+    def __init__(
+        self, store: Store, *, max_bytes: int = 1 << 20, timeout_s: float = 0.25, retry_s: float = 1.0
+    ) -> None:
         self._backend = store
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+        self.retry_s = retry_s
+        self._skip_until = 0.0  # monotonic time: the store failed, it is not used until then
+
+    def _usable(self) -> bool:
+        return time.monotonic() >= self._skip_until
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        self._skip_until = time.monotonic() + self.retry_s
+        log.warning("response cache %s failed (not used for %.1f s): %s", what, self.retry_s, exc or "timed out")
 
     def key(self, plan: RoutePlan, call: ChatCall, principal: Principal) -> str | None:
         """The store key of this request, or ``None`` when its plan does not cache."""
@@ -79,12 +95,13 @@ class ResponseCache:
         """The cached answer for this request, or ``None`` (not cacheable, a miss, or the
         store failed)."""
         key = self.key(plan, call, principal)
-        if key is None:
+        if key is None or not self._usable():
             return None
         try:
-            raw = await self._backend.cache_get(key)
-        except StoreUnavailable as exc:
-            log.warning("response cache lookup failed: %s", exc)
+            async with asyncio.timeout(self.timeout_s):
+                raw = await self._backend.cache_get(key)
+        except (StoreUnavailable, TimeoutError) as exc:
+            self._failed("lookup", exc)
             return None
         return _decode(raw) if raw is not None else None
 
@@ -105,14 +122,17 @@ class ResponseCache:
         key = self.key(plan, call, principal)
         if key is None or plan.cache_ttl_s is None or status != 200 or len(body) > self.max_bytes:
             return False
+        if not self._usable():
+            return False
         if not (_clean_stream(body) if stream else _clean_body(body)):
             return False
         kept = [[n.decode("latin-1"), v.decode("latin-1")] for n, v in headers if n.lower() in _KEPT_HEADERS]
         value = _MAGIC + orjson.dumps({"s": stream, "h": kept}) + b"\n" + body
         try:
-            await self._backend.cache_set(key, value, plan.cache_ttl_s)
-        except StoreUnavailable as exc:
-            log.warning("response cache store failed: %s", exc)
+            async with asyncio.timeout(self.timeout_s):
+                await self._backend.cache_set(key, value, plan.cache_ttl_s)
+        except (StoreUnavailable, TimeoutError) as exc:
+            self._failed("store", exc)
             return False
         return True
 

@@ -148,3 +148,29 @@ def test_the_memory_cache_is_bounded_in_entries_and_bytes() -> None:
     assert cache.get("huge") is None
     now[0] = 11.0
     assert cache.get("e") is None
+
+
+@pytest.mark.asyncio
+async def test_a_hanging_store_costs_one_short_timeout_then_is_left_alone_for_retry_s() -> None:
+    """A stalled Redis: the first lookup gives up after ``timeout_s``; the next ones (and the
+    stores) within ``retry_s`` do not touch the store; after it, it is tried again."""
+    calls: list[str] = []
+
+    class Hanging(MemoryStore):
+        async def cache_get(self, key: str) -> bytes | None:
+            calls.append("get")
+            await asyncio.sleep(10)
+            return None
+
+    cache = ResponseCache(Hanging(), timeout_s=0.05, retry_s=0.3)
+    one = call()
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    assert await cache.lookup(plan_of(one), one, ALICE) is None
+    for _ in range(5):
+        assert await cache.lookup(plan_of(one), one, ALICE) is None
+    assert not await cache.store(plan_of(one), one, ALICE, status=200, headers=[], body=WHOLE, stream=False)
+    assert loop.time() - began < 0.3 and calls == ["get"]
+    await asyncio.sleep(0.3)
+    assert await cache.lookup(plan_of(one), one, ALICE) is None
+    assert calls == ["get", "get"]

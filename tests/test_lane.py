@@ -121,3 +121,38 @@ async def test_deadline_cancels_only_what_it_timed_and_tells_other_cancellations
         return asyncio.current_task().cancelling()  # type: ignore[union-attr]
 
     assert await quick() == 0
+
+
+@pytest.mark.asyncio
+async def test_a_stall_outlived_by_a_frozen_server_leaves_no_call_written_that_its_caller_gave_up(
+    server: RestartableRedis,
+) -> None:
+    """Frozen past the stall limit: the lane drops its connection, and the reconnection's
+    handshake is bounded. Calls that timed out meanwhile are not written when the server
+    thaws (a reservation nobody waits for would be held by nobody); deferred ones are."""
+    client = aioredis.Redis.from_url(server.url, socket_timeout=0.3)
+    lane = ScriptLane(client, stall_s=0.2)
+    incr = client.register_script(INCR)
+    try:
+        await lane.connect()
+        assert await lane.evalsha(incr, ["held"], [0], 2.0) == 0
+        server.freeze(True)
+        try:
+            with pytest.raises(TimeoutError):
+                await lane.evalsha(incr, ["in-flight"], [1], 0.1)  # written before the stall
+            await asyncio.sleep(0.3)
+            with pytest.raises((TimeoutError, ConnectionError)):
+                await lane.evalsha(incr, ["held"], [1], 0.1)  # the stall is noticed: connection dropped
+            given_up = [asyncio.ensure_future(lane.evalsha(incr, ["held"], [1], 0.05)) for _ in range(3)]
+            released = asyncio.ensure_future(lane.evalsha(incr, ["released"], [1], 5.0, defer=True))
+            await asyncio.sleep(0.6)  # the new connection's handshake gives up (socket_timeout 0.3 s)
+            for call in given_up:
+                assert isinstance(call.exception(), TimeoutError | ConnectionError)
+        finally:
+            server.freeze(False)
+        assert await lane.evalsha(incr, ["after"], [1], 2.0) == 1
+        await asyncio.wait_for(asyncio.gather(released, return_exceptions=True), 2.0)
+        assert await client.get("held") == b"0"  # no call given up on was written late
+    finally:
+        await lane.aclose()
+        await client.aclose()

@@ -124,7 +124,9 @@ def test_fail_open_admits_on_local_shares_then_recovers(
 
 
 def test_fail_closed_answers_503_then_recovers(make: Any, redis_proc: RestartableRedis) -> None:
-    proxy = make(failure_policy="fail_closed")
+    proxy = make(failure_policy="fail_closed", store_retry_s=1.0)
+    lane = limiter_of(proxy).failover.backend._lane  # type: ignore[attr-defined]
+    assert lane.connected  # opened at startup: a first admission need not fit a connect into its timeout
     assert attempt(proxy)[0] == 200
     readiness(proxy, (200, "ready", False))
     redis_proc.kill()
@@ -147,6 +149,8 @@ def test_fail_closed_answers_503_then_recovers(make: Any, redis_proc: Restartabl
     assert scraped(proxy, "openrouter_proxy_limits_degraded_total") == 3
     redis_proc.start()
     until_shared(proxy)
+    # the probe that found it again ends the wait: no more 503s for store_retry_s
+    assert [attempt(proxy)[0] for _ in range(3)] == [200] * 3
     readiness(proxy, (200, "ready", False))
 
 

@@ -111,6 +111,17 @@ class ClusterScripts:
         if not task.cancelled():
             task.exception()  # retrieved, not raised: see _reread_map
 
+    async def connect(self) -> None:
+        """Open a lane to every primary in the client's slot map now (never raises)."""
+        try:
+            primaries = self._client.get_primaries()
+        except Exception:  # the map was never read: the first calls open lanes as needed
+            return
+        for node in primaries:
+            if node.name not in self._lanes:
+                self._lanes[node.name] = ScriptLane(node)
+        await asyncio.gather(*(self._lanes[node.name].connect() for node in primaries), return_exceptions=True)
+
     def nodes(self) -> set[str]:
         """The nodes (``host:port``) this process has a lane to."""
         return set(self._lanes)

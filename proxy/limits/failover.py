@@ -183,6 +183,7 @@ class Failover:
 
     def _recovered(self) -> None:
         if self._down_since is not None:
+            self._retry_at = 0.0  # the probe answered: every request uses the store again
             log.warning(
                 "limits store is reachable again after %.1f s; %d request(s) were decided without it",
                 time.monotonic() - self._down_since,

@@ -48,6 +48,7 @@ __all__ = ["EncodedKeys", "NotSent", "ScriptLane", "encode_keys"]
 _MAX_CACHED_KEY_LISTS = 4096
 _STALL_S = 5.0
 _DEFER_S = 0.005
+_HANDSHAKE_S = 1.0
 
 Waiter = Callable[[Any], None]  # called once with the reply, or with the exception
 
@@ -145,12 +146,19 @@ class ScriptLane:
         else:
             connection_class, kwargs = client.connection_pool.connection_class, client.connection_pool.connection_kwargs
         self._connection_class = connection_class
-        self._connection_kwargs = {**kwargs, "socket_timeout": None}
+        # bounds the handshake only (a paused Redis accepts the TCP connection and never
+        # answers it); once the transport is taken over, the lane times calls itself
+        handshake_s = kwargs.get("socket_timeout") or _HANDSHAKE_S
+        self._connection_kwargs = {
+            **kwargs,
+            "socket_timeout": handshake_s,
+            "socket_connect_timeout": kwargs.get("socket_connect_timeout") or handshake_s,
+        }
         self._defer_s = defer_s
         self._stall_s = stall_s
         self._keys_cache: dict[tuple[str, ...], EncodedKeys] = {}
-        self._now: list[tuple[bytes, Waiter]] = []
-        self._deferred: list[tuple[bytes, Waiter]] = []
+        self._now: list[tuple[bytes, Waiter, asyncio.Future[Any]]] = []
+        self._deferred: list[tuple[bytes, Waiter, asyncio.Future[Any]]] = []
         self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._conn: _Replies | None = None
@@ -215,7 +223,7 @@ class ScriptLane:
         if self._closed:
             future.set_exception(NotSent("the script lane is closed"))
             return future
-        entry = (command, _resolve(future, loop.call_later(timeout_s, _expire, future)))
+        entry = (command, _resolve(future, loop.call_later(timeout_s, _expire, future)), future)
         if defer:
             self._deferred.append(entry)
             if self._timer is None and not self._scheduled:
@@ -228,7 +236,12 @@ class ScriptLane:
         return future
 
     def _flush(self) -> None:
-        """Write everything queued (deferred commands first, so they keep their order)."""
+        """Write everything queued (deferred commands first, so they keep their order).
+
+        An immediate command whose caller stopped waiting (it timed out while the
+        connection was being opened) is not written: its caller decided without it, and a
+        reservation made now would be held by nobody. Deferred ones (settlements: releasing
+        what may be held is always right) are written all the same."""
         self._scheduled = False
         if self._timer is not None:
             self._timer.cancel()
@@ -238,7 +251,10 @@ class ScriptLane:
             if self._connecting is None and (self._now or self._deferred):
                 self._connecting = asyncio.get_running_loop().create_task(self._connect())
             return
-        batch = self._deferred + self._now if self._deferred else self._now
+        now_batch = self._now
+        if now_batch and now_batch[0][2].done():  # (cheap test: a late batch starts with a given-up call)
+            now_batch = [entry for entry in now_batch if not entry[2].done()]
+        batch = self._deferred + now_batch if self._deferred else now_batch
         self._deferred, self._now = [], []
         if not batch:
             return
@@ -246,12 +262,12 @@ class ScriptLane:
         now = time.monotonic()
         if waiters and now - waiters[0][1] > self._stall_s:
             conn.fail(ConnectionError(f"Redis did not answer for {self._stall_s:.0f} s; connection dropped"))
-            for _, waiter in batch:
+            for _, waiter, _ in batch:
                 waiter(NotSent("Redis is not answering"))
             return
-        waiters.extend((waiter, now) for _, waiter in batch)
+        waiters.extend((waiter, now) for _, waiter, _ in batch)
         assert conn.transport is not None
-        conn.transport.write(b"".join(command for command, _ in batch))
+        conn.transport.write(b"".join(command for command, _, _ in batch))
 
     async def _connect(self) -> None:
         """Open the connection (redis-py does the handshake), take its transport, then flush."""
@@ -272,13 +288,27 @@ class ScriptLane:
             failure.__cause__ = exc
             queued = self._deferred + self._now
             self._deferred, self._now = [], []
-            for _, waiter in queued:
+            for _, waiter, _ in queued:
                 waiter(failure)
             if isinstance(exc, asyncio.CancelledError):
                 raise
         finally:
             self._connecting = None
         self._flush()
+
+    @property
+    def connected(self) -> bool:
+        """The lane's connection is open (as far as it knows)."""
+        return self._conn is not None and not self._conn.closed
+
+    async def connect(self) -> None:
+        """Open the connection now, not on the first call (never raises: a failure is left
+        to the next call to find)."""
+        if self._closed or (self._conn is not None and not self._conn.closed):
+            return
+        if self._connecting is None:
+            self._connecting = asyncio.get_running_loop().create_task(self._connect())
+        await asyncio.gather(self._connecting, return_exceptions=True)
 
     def _lost(self, conn: _Replies) -> None:
         if self._conn is conn:

@@ -174,6 +174,7 @@ class RedisBackend:
                     script.sha = await self._client.script_load(script.script)
         except REDIS_ERRORS:
             return
+        await self._lane.connect()  # the lane's own connection: a first admission must not open it
 
     async def aclose(self) -> None:
         """Close the script lane's own connections (the shared client is the store's)."""
