@@ -37,7 +37,7 @@ from typing import Any, Literal, Protocol
 
 import orjson
 
-from proxy.pricing import Price, cost_of
+from proxy.pricing import Price, cost_of, nano
 from proxy.store.base import day_of
 from proxy.store.usage import Group, LedgerWrite
 from proxy.types import UsageRecord
@@ -61,17 +61,6 @@ CostSource = Literal["upstream", "pricing", "generation", "none"]
 TOKEN_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
 _GROUP_MAX = 200
 _RESERVED_EXTRA = frozenset({"attempts", "estimated", "content"})
-
-
-def nano(cost_usd: Any) -> int:
-    """USD (``Decimal``, float or decimal string) as integer nano-USD, rounded; else 0."""
-    if isinstance(cost_usd, Decimal):
-        return int((cost_usd * 1_000_000_000).to_integral_value())
-    if isinstance(cost_usd, float):
-        return int((Decimal(repr(cost_usd)) * 1_000_000_000).to_integral_value())
-    if isinstance(cost_usd, int | str) and not isinstance(cost_usd, bool):
-        return int((Decimal(cost_usd) * 1_000_000_000).to_integral_value())
-    return 0
 
 
 def _label(value: Any) -> str:

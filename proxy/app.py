@@ -150,7 +150,9 @@ class ProxyApp:
         admission: Admission = limiter
         activity = Activity()
         breakers = Breakers(settings.breaker)
-        obs = Observability(settings, store, client, catalog, self.keyring, activity, breakers.snapshot, limiter.state)
+        obs = Observability(
+            settings, store, client, catalog, self.keyring, activity, breakers.snapshot, limiter.state, usage_log
+        )
         if obs.metrics is not None:
             breakers.listeners.append(obs.metrics.breaker_state)
             obs.metrics.watch_limits(limiter.failover)
@@ -160,7 +162,7 @@ class ProxyApp:
             router=self.router,
             client=client,
             admission=admission,
-            sinks=[usage_log, obs.sink],
+            sinks=[obs.sink],
             server=settings.server,
             retries=settings.retries,
             breakers=breakers,

@@ -3,6 +3,7 @@
 What ``proxy.app``'s lifespan gets from here::
 
     pipeline sinks ──► AccountingSink (cost, cost source, estimate flag; PriceBook prices)
+                          ├─► UsageLog ───────► the usage log (JSON lines; app-owned)
                           ├─► Ledger ─────────► store.usage (stream + per-day rollups + tickets)
                           ├─► Metrics ────────► GET /metrics
                           ├─► RequestLog ─────► one JSON line per request (stderr or a file)
@@ -66,6 +67,7 @@ class Observability:
         activity: Activity,
         breakers: BreakerSnapshot | None = None,
         limits: LimitsState | None = None,
+        usage_log: EntrySink | None = None,
     ) -> None:
         conf = settings.ledger
         max_entries = conf.stream_max_entries
@@ -98,7 +100,7 @@ class Observability:
             if target
             else None
         )
-        outputs: list[EntrySink | None] = [self.ledger, self.metrics, self.request_log]
+        outputs: list[EntrySink | None] = [usage_log, self.ledger, self.metrics, self.request_log]
         if settings.logging.traces:
             outputs.append(tracing_sink())
         self.sink = AccountingSink(self.prices.get, [o for o in outputs if o is not None])

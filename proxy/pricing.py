@@ -30,7 +30,7 @@ from typing import Any
 
 from proxy.types import Usage
 
-__all__ = ["Price", "PriceBook", "cost_of", "price_of"]
+__all__ = ["Price", "PriceBook", "cost_of", "nano", "price_of"]
 
 log = logging.getLogger("proxy.pricing")
 
@@ -49,6 +49,18 @@ class Price:
     internal_reasoning: Decimal | None = None
     request: Decimal = _ZERO
     web_search: Decimal = _ZERO
+
+
+def nano(cost_usd: Any) -> int:
+    """USD (``Decimal``, float or decimal string) as integer nano-USD, rounded half to even
+    from the float's shortest decimal form (so the ledger and the budgets agree); else 0."""
+    if isinstance(cost_usd, Decimal):
+        return int((cost_usd * 1_000_000_000).to_integral_value())
+    if isinstance(cost_usd, float):
+        return int((Decimal(repr(cost_usd)) * 1_000_000_000).to_integral_value())
+    if isinstance(cost_usd, int | str) and not isinstance(cost_usd, bool):
+        return int((Decimal(cost_usd) * 1_000_000_000).to_integral_value())
+    return 0
 
 
 def _decimal(value: Any) -> Decimal | None:

@@ -27,7 +27,8 @@ from typing import Any
 
 import orjson
 
-from proxy.accounting import TOKEN_FIELDS, nano, write_of
+from proxy.accounting import TOKEN_FIELDS, write_of
+from proxy.pricing import nano
 from proxy.store import Retention, StoreUnavailable, UsageLedger
 
 __all__ = ["Reconciler", "adjustment_of"]

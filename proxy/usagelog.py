@@ -1,6 +1,7 @@
 """The usage log: one JSON line per request, appended off the hot path.
 
-``UsageLog.append`` only puts the encoded line in a buffer; a background task writes the
+``UsageLog.emit_entry`` (an output of ``proxy.accounting.AccountingSink``, so the line
+carries the cost as accounted) only puts the encoded line in a buffer; a background task writes the
 buffer every ``flush_interval_s`` seconds (and ``close`` writes what is left), so no
 request ever waits on the disk. Several workers may append to one file: each flush is a
 single ``write`` on a file opened with ``O_APPEND``.
@@ -14,8 +15,8 @@ import logging
 import os
 from pathlib import Path
 
+from proxy.accounting import LedgerEntry
 from proxy.metering import record_json
-from proxy.types import UsageRecord
 
 __all__ = ["UsageLog"]
 
@@ -39,9 +40,13 @@ class UsageLog:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         self._task = asyncio.create_task(self._run(), name="usage-log-flush")
 
-    def emit(self, record: UsageRecord) -> None:
+    def emit_entry(self, entry: LedgerEntry) -> None:
+        """Buffer the line of an accounted request (an output of ``AccountingSink``)."""
         if self._fd is not None:
-            self._buffer.append(record_json(record))
+            cost = float(entry.cost_usd) if entry.cost_source != "none" else None
+            self._buffer.append(
+                record_json(entry.record, cost_usd=cost, cost_source=entry.cost_source, estimated=entry.estimated)
+            )
 
     def flush(self) -> None:
         """Write the buffered lines now (one ``write`` call)."""

@@ -160,3 +160,22 @@ def test_client_hang_up_cancels_the_upstream_stream(proxy: ProxyUnderTest, emula
     assert rec["cancelled"] is True and rec["status"] == 200
     (sent,) = upstream.wait(1)  # recorded when the emulator's handler ends: after the hang-up
     assert sent.cancelled is True
+
+
+def test_the_usage_log_carries_the_cost_as_accounted_for_a_cut_stream(proxy: ProxyUnderTest) -> None:
+    """A cut stream has no upstream cost: its usage-log line has the priced estimate (as the
+    ledger), so a report read from the usage log counts it too."""
+    from proxy.report_sources import facts_from_lines
+
+    with httpx.stream(
+        "POST",
+        f"{proxy.base_url}/chat/completions",
+        headers=AUTH,
+        json=chat_body(stream=True, emulator={"fault": "cut"}),
+        timeout=10,
+    ) as response:
+        b"".join(response.iter_raw())
+    (rec,) = proxy.records(1)
+    assert rec["estimated"] is True and rec["cost_source"] == "pricing" and rec["cost_usd"] > 0
+    facts, skipped = facts_from_lines(proxy.usage_log.read_bytes().splitlines())
+    assert skipped == 0 and facts[0][1]["estimated"] == 1 and facts[0][1]["cost_nusd"] > 0

@@ -14,7 +14,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from proxy.accounting import counters_of_line, group_of_line, nano
+from proxy.accounting import counters_of_line, group_of_line
+from proxy.pricing import nano
 from proxy.store.usage import parse_id
 
 from .conftest import ProxyUnderTest

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from proxy.accounting import AccountingSink, LedgerEntry, account, counters_of_line, write_of
 from proxy.errors import UpstreamStatusError
 from proxy.ledger import Ledger
-from proxy.pricing import Price, PriceBook, cost_of, price_of
+from proxy.metering import usage_from
+from proxy.pricing import Price, PriceBook, cost_of, nano, price_of
 from proxy.reconcile import Reconciler, adjustment_of
 from proxy.store import LedgerWrite, Retention, StoreUnavailable
 from proxy.store.base import day_of
@@ -267,3 +268,31 @@ def test_the_fast_counters_always_equal_the_counters_of_the_json_line(
     )
     entry = account(rec, lambda model: price_of(GPT4O_MINI))
     assert dict(entry.counters()) == counters_of_line(orjson.loads(orjson.dumps(entry.line())))
+
+
+def test_absurd_upstream_usage_counts_as_missing_not_as_a_huge_or_negative_number() -> None:
+    usage = usage_from(
+        {
+            "prompt_tokens": 2**64 - 1,
+            "completion_tokens": -5,
+            "total_tokens": 12,
+            "cost": 2e10,
+            "prompt_tokens_details": {"cached_tokens": 3},
+        }
+    )
+    assert usage is not None
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens, usage.cached_tokens) == (0, 0, 12, 3)
+    assert usage.cost_usd is None  # priced from the tokens instead
+    for cost in (-0.25, float("nan"), float("inf"), True):
+        found = usage_from({"prompt_tokens": 1, "cost": cost})
+        assert found is not None and found.cost_usd is None
+    found = usage_from({"prompt_tokens": 1, "cost": 0.0004225})
+    assert found is not None and found.cost_usd == 0.0004225
+
+
+def test_budgets_and_the_ledger_round_a_cost_to_the_same_nano_usd() -> None:
+    from proxy.limits.pricing import actual_cost_nusd
+
+    for cost in (7.5e-09, 2.5e-09, 0.0004225, 1.23456789e-05, 3e-10):
+        usage = Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2, cost_usd=cost)
+        assert actual_cost_nusd(usage, None, 0) == nano(cost), cost

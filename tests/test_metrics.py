@@ -14,9 +14,10 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.accounting import account, nano
+from proxy.accounting import account
 from proxy.config import load_settings
 from proxy.metrics import Metrics
+from proxy.pricing import nano
 from proxy.sinks import Activity
 from proxy.types import Usage
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.errors import ProxyError
-from proxy.pricing import Price, cost_of, price_of
+from proxy.pricing import Price, cost_of, nano, price_of
 from proxy.types import Usage
 
 __all__ = ["Pricer", "Quote", "actual_cost_nusd", "max_output_tokens"]
@@ -121,7 +121,7 @@ def actual_cost_nusd(usage: Usage | None, price: Price | None, reserved: int) ->
     if usage is None:
         return 0
     if usage.cost_usd is not None:
-        return max(0, round(usage.cost_usd * NANO))
+        return max(0, nano(usage.cost_usd))
     if price is None:
         return reserved
     return max(0, int((cost_of(price, usage) * NANO).to_integral_value()))
