@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import redis.asyncio as aioredis
 import yaml
 
 from proxy.errors import LimitsUnavailable
@@ -217,3 +218,47 @@ def test_a_settlement_the_store_did_not_take_is_counted_and_exported(redis_proc:
             await store.aclose()
 
     asyncio.run(main())
+
+
+def test_holds_of_reservations_that_timed_out_in_a_long_freeze_are_released_after_it(
+    make: Any, redis_proc: RestartableRedis
+) -> None:
+    """Redis freezes for longer than the lane's stall limit: a reservation already written
+    times out (the request goes on with local counters), the lane drops its connection, and
+    the reservation still runs when Redis thaws. Its release is retried until Redis takes
+    it, so no slot stays held until its lease (16 min)."""
+    proxy = make(failure_policy="fail_open", store_timeout_ms=50, store_retry_s=0.2)
+    limiter_of(proxy).failover.backend._lane._stall_s = 0.5  # type: ignore[attr-defined]  # (5 s in service)
+    assert attempt(proxy)[0] == 200
+    redis_proc.freeze(True)
+    try:
+        outcomes = []
+        for _ in range(6):  # spread over the freeze: the stall is noticed, the connection dropped
+            outcomes.append(attempt(proxy)[0])
+            time.sleep(0.4)
+    finally:
+        redis_proc.freeze(False)
+    assert 200 in outcomes
+
+    def holds() -> list[str]:
+        """The request holds in Redis's concurrency hashes (``r:<request id>`` fields)."""
+
+        async def scan() -> list[str]:
+            redis = aioredis.Redis.from_url(redis_proc.url)
+            found = [
+                field.decode()
+                async for key in redis.scan_iter("*concurrent_requests*", _type="HASH")
+                for field in await redis.hkeys(key)
+                if field.startswith(b"r:")
+            ]
+            await redis.aclose()
+            return found
+
+        return asyncio.run(scan())
+
+    deadline = time.monotonic() + 10
+    while holds() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert holds() == []
+    headers = until_shared(proxy)
+    assert headers["x-ratelimit-remaining-requests"]  # Redis decides again

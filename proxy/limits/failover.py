@@ -21,7 +21,6 @@ under-count) and its holds are released in the background by request id.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -38,6 +37,8 @@ from proxy.store import StoreUnavailable
 __all__ = ["Failover"]
 
 log = logging.getLogger("proxy.limits")
+_SETTLE_TRIES = 10
+_MAX_PENDING_SETTLES = 10_000
 
 _LOG_EVERY_S = 10.0
 
@@ -135,31 +136,34 @@ class Failover:
             if holds and backend is self.backend:
                 # A hold (slot, budget) settles at most once (the script spends only while the
                 # request's hold exists), so retrying is safe even if the first try ran.
-                task = asyncio.get_running_loop().create_task(self._settle_later(holds, rid))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._settle_later(holds, rid)
             return None
 
-    async def _settle_later(self, holds: list[Release], rid: str) -> None:
-        for _ in range(3):
-            await asyncio.sleep(self.settings.store_retry_s)
+    def _release_later(self, checks: Sequence[Check], rid: str) -> None:
+        """A reservation failed (it may have run): release its holds once the store is back."""
+        holds = [Release(c.key, False) for c in checks if c.window is None]
+        if holds:
+            self._settle_later(holds, rid)
+
+    def _settle_later(self, holds: list[Release], rid: str) -> None:
+        if len(self._tasks) >= _MAX_PENDING_SETTLES:  # a long outage under load: the leases end them
+            return
+        task = asyncio.get_running_loop().create_task(self._settle_until_taken(holds, rid))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _settle_until_taken(self, holds: list[Release], rid: str) -> None:
+        """Retry until the store takes it: after ``store_retry_s``, then twice as long each
+        time up to 8 times as long, ``_SETTLE_TRIES`` times (about a minute at the default);
+        then the holds expire with their lease."""
+        first = wait = self.settings.store_retry_s
+        for _ in range(_SETTLE_TRIES):
+            await asyncio.sleep(wait)
             try:
                 await self.backend.settle(holds, rid, int(self._clock() * 1000))
                 return
             except StoreUnavailable:
-                continue
-
-    def _release_later(self, checks: Sequence[Check], rid: str) -> None:
-        holds = [Release(c.key, False) for c in checks if c.window is None]
-        if holds:
-            task = asyncio.get_running_loop().create_task(self._release(holds, rid))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _release(self, holds: list[Release], rid: str) -> None:
-        await asyncio.sleep(self.settings.store_retry_s)
-        with contextlib.suppress(StoreUnavailable):  # still down: the holds expire with their lease
-            await self.backend.settle(holds, rid, int(self._clock() * 1000))
+                wait = min(wait * 2, first * 8)
 
     def state(self) -> dict[str, Any]:
         """What the requests found (see ``Limiter.state``); no I/O, no side effect."""
