@@ -144,7 +144,10 @@ class ChatCompletions:
             if not ex.started:
                 ex.status = await send_error(send, exc, request_id)
             else:
-                await end_with_error(send, ex, exc.status_code(), exc.message)
+                metadata = exc.upstream.get("metadata") if isinstance(exc, UpstreamStatusError) else None
+                await end_with_error(
+                    send, ex, exc.status_code(), exc.message, metadata if isinstance(metadata, dict) else None
+                )
         except ClientDisconnected:
             ex.cancelled, ex.status, ex.error_code = True, 499, "client_disconnected"
         except Exception:

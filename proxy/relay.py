@@ -116,12 +116,13 @@ async def relay_stream(
     """Relay an SSE response byte for byte; see the module docstring for the contract.
 
     Before the commit point raises ``UpstreamTimeout`` (phase ``first_token``: no data event
-    by ``first_token_deadline``, loop time) or ``UpstreamCut``; the head (sent at the first
-    attempt that answered 200) and any keep-alive comments stay sent.
+    by ``first_token_deadline``, loop time) or ``UpstreamCut``. The response head goes out
+    with the first bytes relayed (a keep-alive comment or the first event), so an attempt
+    that fails before sending any leaves the client nothing to be stuck with: the next
+    attempt's head carries its own generation id, provider and model, and a last failure is
+    an ordinary HTTP error. Once out, the head and any comments stay sent.
     """
-    if not ex.started:
-        headers.extend(_STREAM_HEADERS)
-        await _start(send, ex, response.status, headers)
+    head = None if ex.started else (response.status, [*headers, *_STREAM_HEADERS])
     tap = SSETap()
     out = _WholeEvents()
     chunks = response.chunks().__aiter__()
@@ -141,7 +142,7 @@ async def relay_stream(
                 if tap.data_events:
                     ex.committed = True
                     ex.ttft_s = time.perf_counter() - ex.t0
-                if await _forward(send, ex, tap, out, chunk):
+                if await _forward(send, ex, tap, out, chunk, head):
                     return
         except asyncio.CancelledError:
             if first_token.expired_here():
@@ -149,10 +150,12 @@ async def relay_stream(
             raise
         finally:
             first_token.stop()
+        if not ex.started and head is not None:  # (committed: the first event went out with it)
+            await _start(send, ex, *head)
         try:
             async for chunk in chunks:
                 tap.feed(chunk)
-                if await _forward(send, ex, tap, out, chunk):
+                if await _forward(send, ex, tap, out, chunk, head):
                     return
             whole = tap.finish()
             if not (tap.done or tap.finish_reason or tap.error):  # it ended mid-answer: a cut, whatever
@@ -206,16 +209,27 @@ class _WholeEvents:
         return held
 
 
-async def _forward(send: Send, ex: Exchange, tap: SSETap, out: _WholeEvents, chunk: bytes) -> bool:
-    """Send the whole events ``chunk`` completes; after an upstream error event, send up to its
-    end and finish (True)."""
+async def _forward(
+    send: Send,
+    ex: Exchange,
+    tap: SSETap,
+    out: _WholeEvents,
+    chunk: bytes,
+    head: tuple[int, list[tuple[bytes, bytes]]] | None,
+) -> bool:
+    """Send the whole events ``chunk`` completes (the response ``head`` first, if not sent
+    yet); after an upstream error event, send up to its end and finish (True)."""
     if tap.error_end is None:
         body = out.take(chunk)
         if body:
+            if not ex.started and head is not None:
+                await _start(send, ex, *head)
             await send({"type": "http.response.body", "body": body, "more_body": True})
         return False
     data = out.rest() + chunk
     keep = max(0, min(len(data), tap.error_end - (tap.offset - len(data))))
+    if not ex.started and head is not None:
+        await _start(send, ex, *head)
     await _end(send, ex, data[:keep])
     return True
 
@@ -226,24 +240,36 @@ def _error_status(error: dict[str, Any]) -> UpstreamStatusError:
     return UpstreamStatusError(status, error)
 
 
-def error_event(generation_id: str | None, model: str | None, provider: str | None, code: int, message: str) -> bytes:
-    """One SSE error event in OpenRouter's mid-stream shape (§3.5)."""
+def error_event(
+    generation_id: str | None,
+    model: str | None,
+    provider: str | None,
+    code: int,
+    message: str,
+    metadata: dict[str, Any] | None = None,
+) -> bytes:
+    """One SSE error event in OpenRouter's mid-stream shape (§3.5); ``metadata`` defaults to
+    ``{"error_type": "provider_unavailable"}``."""
     event = {
         "id": generation_id,
         "object": "chat.completion.chunk",
         "created": int(time.time()),
         "model": model,
         "provider": provider,
-        "error": {"code": code, "message": message, "metadata": {"error_type": "provider_unavailable"}},
+        "error": {"code": code, "message": message, "metadata": metadata or {"error_type": "provider_unavailable"}},
         "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}],
     }
     return b"data: " + orjson.dumps(event) + b"\n\n"
 
 
-async def end_with_error(send: Send, ex: Exchange, code: int, message: str) -> None:
-    """Finish a response whose head is already out with one in-band error event."""
+async def end_with_error(
+    send: Send, ex: Exchange, code: int, message: str, metadata: dict[str, Any] | None = None
+) -> None:
+    """Finish a response whose head is already out with one in-band error event (an
+    upstream error's own ``metadata`` kept, e.g. its ``error_type``)."""
     if not ex.finished:
-        await _end(send, ex, error_event(ex.generation_id, ex.model or ex.attempt_model, ex.provider, code, message))
+        model = ex.model or ex.attempt_model
+        await _end(send, ex, error_event(ex.generation_id, model, ex.provider, code, message, metadata))
 
 
 async def send_cached(hit: CachedResponse, ex: Exchange, headers: list[tuple[bytes, bytes]], send: Send) -> None:

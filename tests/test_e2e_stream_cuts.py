@@ -73,9 +73,9 @@ class ScriptedUpstream:
             await send({"type": "http.response.body", "body": b""})
             return
         pieces, cut, *more = self.script(self.attempts)
+        headers = [(b"x-generation-id", b"gen-attempt-%d" % self.attempts)]
         self.attempts += 1
         content_type = more[0] if more else b"text/event-stream"
-        headers = [(b"x-generation-id", b"gen-scripted")]
         if content_type is not None:
             headers.append((b"content-type", content_type))
         await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -244,3 +244,35 @@ def test_a_connection_close_body_that_ends_mid_answer_is_a_cut(
         assert received(proxy) == finished
         record = proxy.records(2)[1]
         assert record["error_code"] is None and record["completion_tokens"] == 3
+
+
+def test_the_head_a_client_gets_is_the_attempt_s_that_sent_the_first_bytes(
+    scripted: Callable[..., ProxyUnderTest],
+) -> None:
+    """An attempt that fails before relaying a byte (its first event is an error) leaves no
+    head behind: the retry's head names its own generation; and when every attempt fails so,
+    the client gets an ordinary HTTP error, not a 200 with an in-band one."""
+    rate_limited = orjson.dumps({"id": "gen-x", "error": {"code": 429, "message": "slow down", "metadata": {}}})
+    failing = b"data: " + rate_limited + b"\n\n"
+    proxy = scripted(lambda attempt: ([failing], False) if attempt == 0 else ([whole_stream("gen-k")], False))
+    body = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    with httpx.stream("POST", f"{proxy.base_url}/chat/completions", headers=AUTH, json=body, timeout=10) as response:
+        assert response.status_code == 200 and response.headers["x-generation-id"] == "gen-attempt-1"
+        assert b"".join(response.iter_raw()) == whole_stream("gen-k")
+
+    proxy = scripted(lambda attempt: ([failing], False))
+    reply = httpx.post(f"{proxy.base_url}/chat/completions", headers=AUTH, json=body, timeout=10)
+    assert reply.status_code == 429 and reply.json()["error"]["message"] == "slow down"
+
+
+def test_an_upstream_error_before_the_first_token_keeps_its_metadata_in_band(
+    scripted: Callable[..., ProxyUnderTest],
+) -> None:
+    """Keep-alive comments already went out, then every attempt's first event is an error:
+    the in-band error event the client gets carries the upstream's code and metadata."""
+    error = {"code": 429, "message": "slow down", "metadata": {"error_type": "rate_limit_exceeded", "x": 1}}
+    failing = [COMMENT, b"data: " + orjson.dumps({"id": "gen-x", "error": error}) + b"\n\n"]  # two reads
+    proxy = scripted(lambda attempt: (failing, False))
+    data = received(proxy)
+    event = orjson.loads(data.rsplit(b"\n\n", 2)[-2][len(b"data: ") :])
+    assert event["error"] == error
