@@ -104,7 +104,8 @@ class UpstreamSettings(_Model):
     stream's first data event (then the next model); ``total_timeout_s`` the whole request;
     ``app_url``/``app_title`` are sent as OpenRouter's attribution headers ``HTTP-Referer``
     and ``X-Title`` (openrouter-api.md §5). ``forward_headers`` lists the client request
-    headers passed on to OpenRouter (all others stay at the proxy).
+    headers passed on to OpenRouter (all others stay at the proxy); a name ending in ``*``
+    is a prefix (``x-openrouter-*``).
     """
 
     base_url: str = DEFAULT_BASE_URL
@@ -130,8 +131,15 @@ class UpstreamSettings(_Model):
     @field_validator("forward_headers")
     @classmethod
     def _lower(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        blocked = {"authorization", "host", "content-length", "cookie"}
-        bad = [h for h in value if h.lower() in blocked]
+        blocked = ("authorization", "host", "content-length", "cookie")
+        globs = [h for h in value if "*" in h and (h.count("*") > 1 or not h.endswith("*") or len(h) < 4)]
+        if globs:
+            raise ValueError(f"only a trailing '*' after at least 3 characters is a pattern: {', '.join(globs)}")
+        bad = [
+            h
+            for h in value
+            if any(b == h.lower() or (h.endswith("*") and b.startswith(h.lower()[:-1])) for b in blocked)
+        ]
         if bad:
             raise ValueError(f"these headers can never be forwarded: {', '.join(bad)}")
         return tuple(h.lower() for h in value)

@@ -93,6 +93,7 @@ class ChatCompletions:
         self.metrics = metrics
         self.timeouts: UpstreamSettings = client.settings
         self._forward = client.forward_headers
+        self._forward_prefixes = client.forward_prefixes
         self._url_target = f"url:{client.base_url}"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -101,6 +102,7 @@ class ChatCompletions:
         authorization = request_id_raw = None
         content_length: int | None = None
         forwarded: list[tuple[bytes, bytes]] = []
+        prefixes = self._forward_prefixes
         for name, value in scope["headers"]:
             if name == b"authorization":
                 authorization = value
@@ -108,7 +110,7 @@ class ChatCompletions:
                 request_id_raw = value
             elif name == b"content-length":
                 content_length = int(value) if value.isdigit() else None
-            elif name in self._forward:
+            elif name in self._forward or (prefixes and name.startswith(prefixes)):
                 forwarded.append((name, value))
         request_id = (
             request_id_raw.decode() if request_id_raw and _REQUEST_ID.match(request_id_raw) else os.urandom(16).hex()

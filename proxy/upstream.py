@@ -115,7 +115,8 @@ class OpenRouterClient:
             headers["X-Title"] = settings.app_title
             headers["X-OpenRouter-Title"] = settings.app_title
         self._headers = headers
-        self.forward_headers = frozenset(h.encode() for h in settings.forward_headers)
+        self.forward_headers = frozenset(h.encode() for h in settings.forward_headers if not h.endswith("*"))
+        self.forward_prefixes = tuple(h[:-1].encode() for h in settings.forward_headers if h.endswith("*"))
         self._session: aiohttp.ClientSession | None = None
         self._chat_url = f"{self.base_url}/chat/completions"
 
@@ -146,7 +147,8 @@ class OpenRouterClient:
     async def chat(self, body: bytes, forwarded: list[tuple[bytes, bytes]]) -> UpstreamResponse:
         """POST ``body`` to ``/chat/completions``; return once the response head arrived.
 
-        ``forwarded`` are client headers already filtered by ``forward_headers``. With
+        ``forwarded`` are client headers already filtered by ``forward_headers`` and
+        ``forward_prefixes``. With
         pacing on, first waits for a slot (``UpstreamBusy``, 503, when the queue is full).
         Raises ``UpstreamUnreachable``, ``UpstreamTimeout`` or, for an error status,
         what ``error_from_status`` gives (the body is read and the connection released).
@@ -154,8 +156,8 @@ class OpenRouterClient:
         headers: dict[str, str] = self._headers
         if forwarded:
             headers = dict(headers)
-            for name, value in forwarded:
-                headers[name.decode("latin-1")] = value.decode("latin-1")
+            for name, value in forwarded:  # (aiohttp writes values as UTF-8: decode them so)
+                headers[name.decode("latin-1")] = value.decode("utf-8", "replace")
         pacer = self.pacer
         if pacer is not None and pacer.enabled:
             async with pacer.slot():

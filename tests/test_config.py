@@ -91,3 +91,13 @@ def test_a_lease_shorter_than_a_request_may_run_is_refused(tmp_path: Path) -> No
         load_settings(path, {})
     (problem,) = info.value.problems
     assert (problem.line, problem.message) == (2, "metrics.token_sha256: must be 64 hex characters")
+
+
+def test_forward_header_patterns_are_trailing_prefixes_that_never_cover_a_blocked_header(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    for bad in ("au*", "auth*", "x-*-id", "*", "x-open*router*"):
+        path.write_text(f"upstream:\n  forward_headers: ['{bad}']\n")
+        with pytest.raises(ConfigError):
+            load_settings(path, {})
+    path.write_text("upstream:\n  forward_headers: ['X-OpenRouter-*', x-session-id]\n")
+    assert load_settings(path, {}).upstream.forward_headers == ("x-openrouter-*", "x-session-id")

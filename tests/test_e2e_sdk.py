@@ -151,3 +151,20 @@ def test_usage_command_prints_the_calls_with_cost(proxy: ProxyUnderTest, capsys:
     assert "openai/gpt-4o-mini" in row
     assert f"{cost_of(completion.usage):.8f}" in row
     assert "TOTAL" in out
+
+
+def test_forwarded_headers_follow_prefix_patterns_and_keep_utf8_values(proxy_server: Any, emulator_app: Any) -> None:
+    proxy = proxy_server(upstream_extra="  forward_headers: ['x-openrouter-*', x-session-id]\n")
+    upstream = UpstreamLog(emulator_app)
+    headers = {
+        "Authorization": f"Bearer {ALICE_KEY}",
+        "X-OpenRouter-Categories": "cli-agent",
+        "X-Session-Id": "café-42".encode(),  # (bytes: UTF-8 on the wire)
+        "X-Other": "stays",
+    }
+    body = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    assert httpx.post(f"{proxy.base_url}/chat/completions", headers=headers, json=body).status_code == 200
+    (sent,) = upstream.wait(1)
+    assert sent.headers["x-openrouter-categories"] == "cli-agent"
+    assert sent.headers["x-session-id"].encode("latin-1").decode("utf-8") == "café-42"  # the bytes the client sent
+    assert "x-other" not in sent.headers
