@@ -292,6 +292,7 @@ class ChatCompletions:
             retry = 0
             while True:
                 began = time.perf_counter()
+                seen = ex.generation_id
                 try:
                     await self._attempt(model, body, plan, forwarded, ex, send)
                     self.breakers.record(model, ex.error_code is None)  # an in-band error counts too
@@ -307,9 +308,10 @@ class ChatCompletions:
                         self.breakers.record(model, not verdict.breaker_failure)
                     self.breakers.record(self._url_target, not _transport_failure(exc))
                     status = exc.status_code()
-                    ex.attempts.append(
-                        {"model": model, "status": status, "error": exc.code or str(status), "s": _since(began)}
-                    )
+                    attempt = {"model": model, "status": status, "error": exc.code or str(status), "s": _since(began)}
+                    if ex.generation_id is not None and ex.generation_id != seen:  # its head came: maybe billed
+                        attempt["generation_id"] = ex.generation_id
+                    ex.attempts.append(attempt)
                     last = exc
                     if verdict.decision is Decision.STOP:
                         break

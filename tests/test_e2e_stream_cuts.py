@@ -276,3 +276,18 @@ def test_an_upstream_error_before_the_first_token_keeps_its_metadata_in_band(
     data = received(proxy)
     event = orjson.loads(data.rsplit(b"\n\n", 2)[-2][len(b"data: ") :])
     assert event["error"] == error
+
+
+def test_an_attempt_whose_body_broke_off_names_its_generation_in_the_record(
+    scripted: Callable[..., ProxyUnderTest],
+) -> None:
+    """A whole (non-stream) answer cut mid-body is billed by OpenRouter all the same: the
+    usage record's attempts name its generation, so it can be found and reconciled."""
+    answer = orjson.dumps({"id": "gen-w", "object": "chat.completion", "choices": [], "usage": {"prompt_tokens": 1}})
+    answers = [([answer[:20]], True, b"application/json"), ([answer], False, b"application/json")]
+    proxy = scripted(lambda attempt: answers[min(attempt, 1)])
+    body = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    assert httpx.post(f"{proxy.base_url}/chat/completions", headers=AUTH, json=body, timeout=10).status_code == 200
+    attempts = proxy.records(1)[0]["extra"]["attempts"]
+    assert attempts[0]["generation_id"] == "gen-attempt-0" and attempts[0]["error"] == "upstream_stream_cut"
+    assert "generation_id" not in attempts[1]
