@@ -26,6 +26,7 @@ from pathlib import Path
 from pydantic import SecretStr
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -58,6 +59,26 @@ __all__ = ["ProxyApp", "app_from_env", "create_app"]
 log = logging.getLogger("proxy.app")
 
 CHAT_PATHS = frozenset({"/v1/chat/completions", "/api/v1/chat/completions", "/chat/completions"})
+# Response headers a browser app may read (CORS): the proxy's own and OpenRouter's relayed ones.
+CORS_EXPOSED = (
+    "x-request-id",
+    "x-proxy-model",
+    "x-proxy-route",
+    "x-proxy-policy",
+    "x-proxy-cache",
+    "x-proxy-degraded",
+    "x-generation-id",
+    "x-provider-name",
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+    "retry-after",
+    "retry-after-ms",
+    "x-should-retry",
+)
 ENV_DEV_KEY = "PROXY_DEV_KEY_SHA256"
 ENV_UPSTREAM = "PROXY_UPSTREAM"
 EMULATOR_KEY = "sk-or-emulator-local"
@@ -113,7 +134,27 @@ class ProxyApp:
             exception_handlers={HTTPException: _http_exception, ProxyError: _proxy_error, Exception: _unexpected},
         )
 
+        origins = settings.server.cors_allow_origins
+        self._cors = (
+            CORSMiddleware(
+                self._serve,
+                allow_origins=list(origins),
+                allow_methods=["GET", "POST", "PATCH", "DELETE"],
+                allow_headers=["*"],
+                expose_headers=list(CORS_EXPOSED),
+                max_age=600,
+            )
+            if origins
+            else None
+        )
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._cors is not None:  # browsers' preflights and response headers (server.cors_allow_origins)
+            await self._cors(scope, receive, send)
+        else:
+            await self._serve(scope, receive, send)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] in CHAT_PATHS:
             runtime = self.runtime
             if runtime is not None:

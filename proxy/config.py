@@ -78,6 +78,8 @@ class ServerSettings(_Model):
     slow-header defence); one whose request head passes ``max_header_bytes`` gets 431 and is
     closed. ``max_n`` / ``max_output_tokens`` cap ``n`` and ``max_tokens`` (larger: 400);
     ``max_models`` caps the length of a client's ``models`` fallback list (longer: 400).
+    ``cors_allow_origins``: the browser origins (``https://app.example.com``, or ``*``) whose
+    pages may call the proxy (CORS preflights answered, headers exposed); empty: none.
     """
 
     host: str = "127.0.0.1"
@@ -92,6 +94,7 @@ class ServerSettings(_Model):
     max_n: Annotated[int, Field(ge=1)] = 8
     max_output_tokens: Annotated[int, Field(ge=1)] = 1_000_000
     max_models: Annotated[int, Field(ge=1)] = 8
+    cors_allow_origins: tuple[str, ...] = ()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 

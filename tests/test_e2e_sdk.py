@@ -168,3 +168,32 @@ def test_forwarded_headers_follow_prefix_patterns_and_keep_utf8_values(proxy_ser
     assert sent.headers["x-openrouter-categories"] == "cli-agent"
     assert sent.headers["x-session-id"].encode("latin-1").decode("utf-8") == "café-42"  # the bytes the client sent
     assert "x-other" not in sent.headers
+
+
+def test_browser_origins_get_cors_when_configured(proxy_server: Any) -> None:
+    proxy = proxy_server(extra="server:\n  cors_allow_origins: ['https://app.example.com']\n")
+    url = f"{proxy.base_url}/chat/completions"
+    preflight = {
+        "Origin": "https://app.example.com",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os",
+    }
+    answer = httpx.options(url, headers=preflight)
+    assert answer.status_code == 200
+    assert answer.headers["access-control-allow-origin"] == "https://app.example.com"
+    assert "authorization" in answer.headers["access-control-allow-headers"].lower()
+    assert httpx.options(url, headers={**preflight, "Origin": "https://evil.example"}).status_code == 400
+    body = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    headers = {"Authorization": f"Bearer {ALICE_KEY}", "Origin": "https://app.example.com"}
+    with httpx.stream("POST", url, headers=headers, json=body) as response:
+        assert response.headers["access-control-allow-origin"] == "https://app.example.com"
+        assert "x-ratelimit-remaining-requests" in response.headers["access-control-expose-headers"]
+        assert b"[DONE]" in b"".join(response.iter_raw())
+
+
+def test_without_cors_origins_a_preflight_is_refused(proxy: ProxyUnderTest) -> None:
+    answer = httpx.options(
+        f"{proxy.base_url}/chat/completions",
+        headers={"Origin": "https://app.example.com", "Access-Control-Request-Method": "POST"},
+    )
+    assert answer.status_code == 405 and "access-control-allow-origin" not in answer.headers
