@@ -250,8 +250,9 @@ class AccountingSink:
     """The ``RecordSink`` that accounts each record once and hands the entry to ``outputs``.
 
     ``prices`` is a synchronous lookup (``PriceBook.get``), so ``emit`` never waits. The
-    ledger writer, metrics, the request log and tracing are outputs; an output that raises
-    is logged and skipped, never the request's problem.
+    usage log, the ledger writer, metrics, the request log and tracing are outputs; an
+    output that raises is logged and skipped, never the request's problem, and a record
+    that cannot be priced still reaches every output (with OpenRouter's cost or none).
     """
 
     def __init__(self, prices: Callable[[str | None], Price | None], outputs: list[EntrySink]) -> None:
@@ -261,9 +262,11 @@ class AccountingSink:
     def emit(self, record: UsageRecord) -> None:
         try:
             entry = account(record, self.prices)
-        except Exception:
+        except Exception:  # (a price that breaks the arithmetic): unpriced, but every output still gets it
             log.exception("accounting failed for request %s", record.request_id)
-            return
+            usage = record.usage
+            cost = Decimal(repr(usage.cost_usd)) if usage is not None and usage.cost_usd is not None else Decimal(0)
+            entry = LedgerEntry(record, cost, "upstream" if cost else "none", False)
         for output in self.outputs:
             try:
                 output.emit_entry(entry)

@@ -8,6 +8,7 @@ thing entirely and never reaches this module.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import secrets
@@ -36,6 +37,7 @@ def new_key() -> str:
 class _Entry:
     digest: bytes
     principal: Principal
+    configured_tier: str | None  # as written (the principal's tier has the default filled in)
 
 
 class Keyring:
@@ -63,8 +65,9 @@ class Keyring:
         self._runtime = _entries(entries, self._default_tier)
 
     def config_principals(self) -> list[Principal]:
-        """The keys from the config file (and the development key), as principals."""
-        return [entry.principal for entry in self._by_digest.values()]
+        """The keys from the config file (and the development key), as principals with their
+        tier as configured (``None`` when the default tier applies)."""
+        return [dataclasses.replace(e.principal, tier=e.configured_tier) for e in self._by_digest.values()]
 
     def authenticate(self, authorization: bytes | None) -> Principal:
         """Resolve the raw ``Authorization`` header value."""
@@ -88,7 +91,7 @@ def _entries(
     for sha256_hex, name, team, tier in entries:
         digest = bytes.fromhex(sha256_hex)
         principal = Principal(key_id=sha256_hex[:12], name=name, team=team, tier=tier or default_tier)
-        by_digest[digest] = _Entry(digest, principal)
+        by_digest[digest] = _Entry(digest, principal, tier)
     return by_digest
 
 

@@ -15,7 +15,8 @@ and carried no in-band error. Cut streams, errors and streams without ``[DONE]``
 are. The store may fail: a lookup then misses and a store is skipped (logged), never
 failing the request. Each store call is bounded by ``timeout_s``, and after a failure the
 cache is not used for ``retry_s`` (then the next request tries again), so a stalled Redis
-costs requests neither a timeout each nor a hang.
+costs requests neither a timeout each nor a hang (while it is down, one request per
+``retry_s`` probes it, and the outage is logged once).
 
 Stored value: ``ORPC1\\n`` + a JSON line ``{"s": stream, "h": [[name, value], ...]}`` +
 the body bytes. Hits carry ``x-proxy-cache: hit``.
@@ -72,13 +73,28 @@ class ResponseCache:
         self.timeout_s = timeout_s
         self.retry_s = retry_s
         self._skip_until = 0.0  # monotonic time: the store failed, it is not used until then
+        self._down = False
 
     def _usable(self) -> bool:
-        return time.monotonic() >= self._skip_until
+        """Whether to call the store now. While it is down, one caller per ``retry_s`` probes."""
+        now = time.monotonic()
+        if now < self._skip_until:
+            return False
+        if self._down:
+            self._skip_until = now + self.retry_s  # this caller is the probe; the others skip
+        return True
+
+    def _answered(self) -> None:
+        if self._down:
+            self._down = False
+            log.warning("response cache store is reachable again")
 
     def _failed(self, what: str, exc: BaseException) -> None:
         self._skip_until = time.monotonic() + self.retry_s
-        log.warning("response cache %s failed (not used for %.1f s): %s", what, self.retry_s, exc or "timed out")
+        if not self._down:  # logged once per outage
+            self._down = True
+            reason = str(exc) or type(exc).__name__
+            log.warning("response cache %s failed (tried again every %.1f s): %s", what, self.retry_s, reason)
 
     def key(self, plan: RoutePlan, call: ChatCall, principal: Principal) -> str | None:
         """The store key of this request, or ``None`` when its plan does not cache."""
@@ -103,6 +119,7 @@ class ResponseCache:
         except (StoreUnavailable, TimeoutError) as exc:
             self._failed("lookup", exc)
             return None
+        self._answered()
         return _decode(raw) if raw is not None else None
 
     async def store(
@@ -134,6 +151,7 @@ class ResponseCache:
         except (StoreUnavailable, TimeoutError) as exc:
             self._failed("store", exc)
             return False
+        self._answered()
         return True
 
 

@@ -1,9 +1,9 @@
 """Where finished requests go: the usage-record sinks.
 
 A ``RecordSink`` receives every ``UsageRecord`` once, synchronously, from the pipeline's
-``finally``; it must not block (buffer and write in the background). The usage log is
-one sink; the ledger, metrics, the request log and traces are behind another,
-``proxy.accounting.AccountingSink``, which prices each record once.
+``finally``; it must not block (buffer and write in the background). The one sink in
+service is ``proxy.accounting.AccountingSink``, which prices each record once and hands
+it to the usage log, the ledger, metrics, the request log and traces.
 """
 
 from __future__ import annotations

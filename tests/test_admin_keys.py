@@ -228,3 +228,11 @@ def test_a_damaged_record_in_the_store_is_skipped_and_the_others_still_apply(
             await client.aclose()
 
     asyncio.run(main())
+
+
+def test_a_config_key_without_a_tier_is_listed_as_configured_and_its_effective_tier(
+    admin_proxy: Callable[..., ProxyUnderTest],
+) -> None:
+    proxy = admin_proxy(None)
+    listing = {k["name"]: k for k in admin(proxy, "GET", "/admin/keys").json()["data"]}
+    assert (listing["alice"]["tier"], listing["alice"]["effective_tier"]) == (None, "std")

@@ -156,3 +156,35 @@ async def test_a_stall_outlived_by_a_frozen_server_leaves_no_call_written_that_i
     finally:
         await lane.aclose()
         await client.aclose()
+
+
+@pytest.mark.asyncio
+async def test_calls_given_up_while_the_connection_opens_are_not_written_when_it_opens(
+    server: RestartableRedis,
+) -> None:
+    """The reconnection's handshake succeeds only after the server thaws; meanwhile some
+    callers gave up (their timeout passed) and one still waits. Only the waiting one is
+    written: the others' callers decided without them."""
+    client = aioredis.Redis.from_url(server.url, socket_timeout=3.0)
+    lane = ScriptLane(client, stall_s=0.2)
+    incr = client.register_script(INCR)
+    try:
+        assert await lane.evalsha(incr, ["warm"], [1], 2.0) == 1  # the script is loaded (no NOSCRIPT later)
+        server.freeze(True)
+        try:
+            with pytest.raises(TimeoutError):
+                await lane.evalsha(incr, ["in-flight"], [1], 0.1)
+            await asyncio.sleep(0.3)
+            with pytest.raises((TimeoutError, ConnectionError)):
+                await lane.evalsha(incr, ["stalled"], [1], 0.1)  # the stall is noticed: connection dropped
+            waiting = asyncio.ensure_future(lane.evalsha(incr, ["waited"], [1], 5.0))
+            given_up = [asyncio.ensure_future(lane.evalsha(incr, ["given-up"], [1], 0.05)) for _ in range(3)]
+            await asyncio.sleep(0.3)  # they time out; the handshake is still waiting
+            assert all(isinstance(call.exception(), TimeoutError) for call in given_up)
+        finally:
+            server.freeze(False)
+        assert await asyncio.wait_for(waiting, 4.0) == 1
+        assert await client.get("given-up") is None
+    finally:
+        await lane.aclose()
+        await client.aclose()

@@ -177,6 +177,13 @@ def test_accounting_hands_one_entry_to_every_output_and_survives_a_broken_one() 
     sink.emit(record())
     assert len(seen) == 1 and seen[0].cost_source == "none"
 
+    def overflowing(model: str | None) -> Price | None:  # a catalog price like "1e999999"
+        raise ArithmeticError("overflow")
+
+    unpriced = record(usage=Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5))
+    AccountingSink(overflowing, [Keep()]).emit(unpriced)
+    assert len(seen) == 2 and seen[1].record is unpriced and seen[1].cost_source == "none"  # not dropped
+
 
 def test_price_book_answers_at_once_and_loads_in_the_background() -> None:
     async def main() -> None:

@@ -262,3 +262,33 @@ def test_holds_of_reservations_that_timed_out_in_a_long_freeze_are_released_afte
     assert holds() == []
     headers = until_shared(proxy)
     assert headers["x-ratelimit-remaining-requests"]  # Redis decides again
+
+
+def test_a_release_still_pending_at_shutdown_gets_one_last_try() -> None:
+    """A settlement failed and its retry waits (store_retry_s); the worker shuts down: the
+    release is tried once more before the backend closes, instead of waiting for its lease."""
+    from proxy.config import LimitsSettings
+    from proxy.limits.backend import Release
+    from proxy.limits.failover import Failover
+    from proxy.store import StoreUnavailable
+
+    calls: list[str] = []
+
+    class Flaky:
+        name = "redis"
+
+        async def settle(self, releases: Any, rid: str, now_ms: int, **kw: Any) -> list[int]:
+            calls.append(rid)
+            if len(calls) == 1:
+                raise StoreUnavailable("down for a moment")
+            return []
+
+    async def main() -> None:
+        failover = Failover(LimitsSettings(store_retry_s=30), Flaky(), time.time)  # type: ignore[arg-type]
+        backend: Any = failover.backend
+        assert await failover.settle(backend, [Release("k", False)], "rid-1", 0) is None
+        await asyncio.sleep(0.05)
+        await failover.aclose()
+
+    asyncio.run(main())
+    assert calls == ["rid-1", "rid-1"]

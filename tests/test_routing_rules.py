@@ -382,3 +382,10 @@ def test_a_max_completion_tokens_default_leaves_a_client_s_max_tokens_alone() ->
     r = router([{"name": "d", "defaults": {"max_completion_tokens": 2000}, "caps": {"temperature": 1}}])
     assert "max_completion_tokens" not in sent(decide(r, max_tokens=100, temperature=1.5))
     assert sent(decide(r))["max_completion_tokens"] == 2000
+
+
+def test_only_a_deny_sees_a_variant_id_as_its_base_model() -> None:
+    """A rule that sets the model must not catch (and drop the suffix of) a variant request."""
+    r = router([{"name": "upgrade", "match": {"model": "openai/gpt-4o-mini"}, "model": "openai/gpt-4o"}])
+    assert decide(r, "openai/gpt-4o-mini:free").model == "openai/gpt-4o-mini:free"
+    assert decide(r, "openai/gpt-4o-mini").model == "openai/gpt-4o"

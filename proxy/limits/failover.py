@@ -21,6 +21,7 @@ under-count) and its holds are released in the background by request id.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -62,6 +63,7 @@ class Failover:
         self._last_log = 0.0
         self._unlogged = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._pending: dict[str, list[Release]] = {}  # request id -> holds a retry still has to release
 
     async def start(self) -> None:
         """Load the store's scripts and open a connection now rather than on a burst."""
@@ -70,9 +72,20 @@ class Failover:
             await warm()
 
     async def aclose(self) -> None:
+        """Stop the retries, giving each pending release one last try (at most a second
+        in all), then close the backend."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        pending, self._pending = self._pending, {}
+        if pending:
+            now_ms = int(self._clock() * 1000)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await asyncio.gather(
+                        *(self.backend.settle(holds, rid, now_ms) for rid, holds in pending.items()),
+                        return_exceptions=True,
+                    )
         close = getattr(self.backend, "aclose", None)
         if close is not None:
             await close()
@@ -148,6 +161,7 @@ class Failover:
     def _settle_later(self, holds: list[Release], rid: str) -> None:
         if len(self._tasks) >= _MAX_PENDING_SETTLES:  # a long outage under load: the leases end them
             return
+        self._pending[rid] = holds
         task = asyncio.get_running_loop().create_task(self._settle_until_taken(holds, rid))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -161,9 +175,10 @@ class Failover:
             await asyncio.sleep(wait)
             try:
                 await self.backend.settle(holds, rid, int(self._clock() * 1000))
-                return
+                break
             except StoreUnavailable:
                 wait = min(wait * 2, first * 8)
+        self._pending.pop(rid, None)
 
     def state(self) -> dict[str, Any]:
         """What the requests found (see ``Limiter.state``); no I/O, no side effect."""

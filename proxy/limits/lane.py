@@ -251,9 +251,7 @@ class ScriptLane:
             if self._connecting is None and (self._now or self._deferred):
                 self._connecting = asyncio.get_running_loop().create_task(self._connect())
             return
-        now_batch = self._now
-        if now_batch and now_batch[0][2].done():  # (cheap test: a late batch starts with a given-up call)
-            now_batch = [entry for entry in now_batch if not entry[2].done()]
+        now_batch = [entry for entry in self._now if not entry[2].done()]
         batch = self._deferred + now_batch if self._deferred else now_batch
         self._deferred, self._now = [], []
         if not batch:

@@ -9,7 +9,7 @@ Decision for one request:
    the request as the client sent it, never what earlier rules changed. A matching
    ``deny`` rule raises ``PermissionDenied`` (403) with its message and the rule's name.
    A ``model`` condition tries each name in its forms (``matching.model_forms``: without
-   ``~``, without variant suffixes), and every alias of a chain.
+   ``~``; for deny rules also without variant suffixes), and every alias of a chain.
 3a. A model the rules chose (not the alias target) must pass the deny rules as if it had
    been requested (403 otherwise), and the rules' fallbacks that would be denied are dropped.
 3. The upstream model is the first rule's model or split arm, else the alias target, else
@@ -81,6 +81,9 @@ class _ModelEntry:
     when the policy's literal gate finds none in the text."""
     plain: RoutePlan | None
     """The shared plan when no rule matches and the client's ``models`` needs no alias."""
+    deny_walk: tuple[_Rule, ...]
+    """What deciding a deny for this model must look at: the candidates up to the last deny
+    rule, without those that neither deny nor stop (empty: nothing can deny it)."""
 
 
 class CompiledPolicy:
@@ -164,12 +167,14 @@ class CompiledPolicy:
         body), else ``None``."""
         key = (model, principal.name, principal.team, principal.tier)
         entry = self._memo.get(key) or self._remember(key, principal)
-        for rule in entry.candidates:
-            if all(check(view) for check in rule.checks):
+        for rule in entry.deny_walk:
+            for check in rule.checks:
+                if not check(view):
+                    break
+            else:
                 if rule.actions.deny is not None:
                     return f"{rule.actions.deny} (routing rule '{rule.actions.name}')"
-                if rule.stop:
-                    break
+                return None  # a rule that stops matched first
         return None
 
     def _enforce(
@@ -240,11 +245,15 @@ class CompiledPolicy:
         model = key[0]
         target = self.aliases.get(model)
         names = self._alias_chain(model)
-        candidates = tuple(rule for rule in self.rules if rule.static.admits(names, principal))
+        candidates = tuple(
+            rule for rule in self.rules if rule.static.admits(names, principal, bases=rule.actions.deny is not None)
+        )
         without_text = tuple(rule for rule in candidates if not rule.needs_literal)
         plain = RoutePlan(model=model, policy_hash=self.policy_hash) if target is None else None
         gated = self._gate is not None and len(without_text) < len(candidates)
-        entry = _ModelEntry(target, candidates, without_text if gated else None, plain)
+        last_deny = max((i for i, rule in enumerate(candidates) if rule.actions.deny is not None), default=-1)
+        deny_walk = tuple(rule for rule in candidates[: last_deny + 1] if rule.actions.deny is not None or rule.stop)
+        entry = _ModelEntry(target, candidates, without_text if gated else None, plain, deny_walk)
         if len(self._memo) >= MEMO_LIMIT:
             self._memo.clear()
         self._memo[key] = entry

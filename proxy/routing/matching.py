@@ -115,10 +115,12 @@ class Static:
     team: Patterns | None
     tier: Patterns | None
 
-    def admits(self, names: Sequence[str], principal: Principal) -> bool:
+    def admits(self, names: Sequence[str], principal: Principal, *, bases: bool = False) -> bool:
         """True when a request by ``principal`` for the first of ``names`` (then the aliases
-        it goes through, its target last; see ``model_names``) passes."""
-        if self.model is not None and not any(self.model(form) for name in names for form in model_forms(name)):
+        it goes through, its target last) passes. ``bases``: a variant id also matches as
+        its base model (``model_forms``), for deny rules."""
+        model = self.model
+        if model is not None and not any(model(form) for name in names for form in model_forms(name, bases)):
             return False
         if self.key is not None and not self.key(principal.name):
             return False
@@ -127,13 +129,14 @@ class Static:
         return self.tier is None or self.tier(principal.tier)
 
 
-def model_forms(name: str) -> tuple[str, ...]:
-    """The forms a model condition tries for ``name``: itself, without a leading ``~`` and
-    without its variant suffixes (openrouter-api.md §1.4). So ``anthropic/*`` covers
-    ``~anthropic/claude-sonnet-latest``, and ``openai/gpt-4o`` covers ``openai/gpt-4o:nitro``
-    (as a per-model limit does): a deny cannot be stepped around by a suffix."""
+def model_forms(name: str, bases: bool = False) -> tuple[str, ...]:
+    """The forms a model condition tries for ``name``: itself and without a leading ``~``,
+    so ``anthropic/*`` covers ``~anthropic/claude-sonnet-latest``; with ``bases``, also
+    without its variant suffixes (openrouter-api.md §1.4), so a deny on ``openai/gpt-4o``
+    covers ``openai/gpt-4o:nitro`` (as a per-model limit does) and cannot be stepped around
+    by a suffix. (Only denies: a rule that sets the model would drop the client's suffix.)"""
     bare = name[1:] if name[:1] == "~" else name
-    base = bare.split(":", 1)[0]
+    base = bare.split(":", 1)[0] if bases else bare
     if base == name:
         return (name,)
     return tuple(dict.fromkeys((name, bare, base)))
