@@ -22,6 +22,23 @@ def chat_body(**extra: Any) -> dict[str, Any]:
     return {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}], **extra}
 
 
+def streamed(proxy: ProxyUnderTest, **emulator: Any) -> tuple[httpx.Response, bytes]:
+    """A streamed answer (emulator controls ``emulator``): the response and every byte of it."""
+    with httpx.stream(
+        "POST",
+        f"{proxy.base_url}/chat/completions",
+        headers=AUTH,
+        json=chat_body(stream=True, emulator=emulator),
+        timeout=10,
+    ) as response:
+        return response, b"".join(response.iter_raw())
+
+
+def streamed_body(proxy: ProxyUnderTest, fault: str) -> bytes:
+    """Every byte of a streamed answer with emulator fault ``fault``."""
+    return streamed(proxy, fault=fault)[1]
+
+
 @pytest.mark.parametrize("name", FIXTURE_STREAMS)
 def test_fixture_streams_arrive_byte_for_byte(proxy: ProxyUnderTest, name: str) -> None:
     expected = (SHARED_FIXTURES / name).read_bytes()
@@ -29,16 +46,9 @@ def test_fixture_streams_arrive_byte_for_byte(proxy: ProxyUnderTest, name: str) 
         # The stream-integrity contract: an in-band error ends the stream; OpenRouter's
         # trailing [DONE] is dropped so that no client mistakes it for a success.
         expected = expected.removesuffix(b"data: [DONE]\n\n")
-    with httpx.stream(
-        "POST",
-        f"{proxy.base_url}/chat/completions",
-        headers=AUTH,
-        json=chat_body(stream=True, emulator={"fixture": name}),
-        timeout=10,
-    ) as response:
-        assert response.status_code == 200
-        assert response.headers["content-type"].startswith("text/event-stream")
-        received = b"".join(response.iter_raw())
+    response, received = streamed(proxy, fixture=name)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
     assert received == expected
     (rec,) = proxy.records(1)
     assert rec["malformed_events"] == 0
@@ -101,14 +111,7 @@ def test_stream_cut_after_first_byte_ends_with_an_in_band_error(proxy: ProxyUnde
 
 
 def test_raw_cut_stream_has_no_done_and_one_error_event(proxy: ProxyUnderTest) -> None:
-    with httpx.stream(
-        "POST",
-        f"{proxy.base_url}/chat/completions",
-        headers=AUTH,
-        json=chat_body(stream=True, emulator={"fault": "cut"}),
-        timeout=10,
-    ) as response:
-        body = b"".join(response.iter_raw())
+    body = streamed_body(proxy, "cut")
     events = [e for e in body.split(b"\n\n") if e.startswith(b"data: ")]
     assert b"[DONE]" not in body
     last = orjson.loads(events[-1][6:])
@@ -117,28 +120,14 @@ def test_raw_cut_stream_has_no_done_and_one_error_event(proxy: ProxyUnderTest) -
 
 
 def test_stream_without_done_is_recorded_with_usage(proxy: ProxyUnderTest) -> None:
-    with httpx.stream(
-        "POST",
-        f"{proxy.base_url}/chat/completions",
-        headers=AUTH,
-        json=chat_body(stream=True, emulator={"fault": "no-done"}),
-        timeout=10,
-    ) as response:
-        body = b"".join(response.iter_raw())
+    body = streamed_body(proxy, "no-done")
     assert b"[DONE]" not in body and b'"usage"' in body
     (rec,) = proxy.records(1)
     assert rec["done"] is False and rec["completion_tokens"] > 0 and rec["status"] == 200
 
 
 def test_malformed_event_is_forwarded_and_noted(proxy: ProxyUnderTest) -> None:
-    with httpx.stream(
-        "POST",
-        f"{proxy.base_url}/chat/completions",
-        headers=AUTH,
-        json=chat_body(stream=True, emulator={"fault": "malformed"}),
-        timeout=10,
-    ) as response:
-        body = b"".join(response.iter_raw())
+    body = streamed_body(proxy, "malformed")
     assert body.endswith(b"data: [DONE]\n\n")
     (rec,) = proxy.records(1)
     assert rec["done"] is True
@@ -167,14 +156,7 @@ def test_the_usage_log_carries_the_cost_as_accounted_for_a_cut_stream(proxy: Pro
     ledger), so a report read from the usage log counts it too."""
     from proxy.report_sources import facts_from_lines
 
-    with httpx.stream(
-        "POST",
-        f"{proxy.base_url}/chat/completions",
-        headers=AUTH,
-        json=chat_body(stream=True, emulator={"fault": "cut"}),
-        timeout=10,
-    ) as response:
-        b"".join(response.iter_raw())
+    streamed_body(proxy, "cut")
     (rec,) = proxy.records(1)
     assert rec["estimated"] is True and rec["cost_source"] == "pricing" and rec["cost_usd"] > 0
     facts, skipped = facts_from_lines(proxy.usage_log.read_bytes().splitlines())

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -16,6 +17,20 @@ from .limits_support import RestartableRedis
 
 ECHO = "return ARGV[1]"
 INCR = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
+
+
+@contextlib.asynccontextmanager
+async def lane_on(
+    server: RestartableRedis, socket_timeout: float, stall_s: float
+) -> AsyncIterator[tuple[aioredis.Redis, ScriptLane]]:
+    """A client of ``server`` and a lane over it, closed after use."""
+    client = aioredis.Redis.from_url(server.url, socket_timeout=socket_timeout)
+    lane = ScriptLane(client, stall_s=stall_s)
+    try:
+        yield client, lane
+    finally:
+        await lane.aclose()
+        await client.aclose()
 
 
 @pytest.fixture
@@ -128,12 +143,10 @@ async def test_a_stall_outlived_by_a_frozen_server_leaves_no_call_written_that_i
     server: RestartableRedis,
 ) -> None:
     """Frozen past the stall limit: the lane drops its connection, and the reconnection's
-    handshake is bounded. Calls that timed out meanwhile are not written when the server
-    thaws (a reservation nobody waits for would be held by nobody); deferred ones are."""
-    client = aioredis.Redis.from_url(server.url, socket_timeout=0.3)
-    lane = ScriptLane(client, stall_s=0.2)
-    incr = client.register_script(INCR)
-    try:
+    handshake is bounded (it gives up while the server is frozen, failing the queued calls).
+    No call given up on is written when the server thaws; deferred ones are."""
+    async with lane_on(server, socket_timeout=0.3, stall_s=0.2) as (client, lane):
+        incr = client.register_script(INCR)
         await lane.connect()
         assert await lane.evalsha(incr, ["held"], [0], 2.0) == 0
         server.freeze(True)
@@ -153,9 +166,6 @@ async def test_a_stall_outlived_by_a_frozen_server_leaves_no_call_written_that_i
         assert await lane.evalsha(incr, ["after"], [1], 2.0) == 1
         await asyncio.wait_for(asyncio.gather(released, return_exceptions=True), 2.0)
         assert await client.get("held") == b"0"  # no call given up on was written late
-    finally:
-        await lane.aclose()
-        await client.aclose()
 
 
 @pytest.mark.asyncio
@@ -165,10 +175,8 @@ async def test_calls_given_up_while_the_connection_opens_are_not_written_when_it
     """The reconnection's handshake succeeds only after the server thaws; meanwhile some
     callers gave up (their timeout passed) and one still waits. Only the waiting one is
     written: the others' callers decided without them."""
-    client = aioredis.Redis.from_url(server.url, socket_timeout=3.0)
-    lane = ScriptLane(client, stall_s=0.2)
-    incr = client.register_script(INCR)
-    try:
+    async with lane_on(server, socket_timeout=3.0, stall_s=0.2) as (client, lane):
+        incr = client.register_script(INCR)
         assert await lane.evalsha(incr, ["warm"], [1], 2.0) == 1  # the script is loaded (no NOSCRIPT later)
         server.freeze(True)
         try:
@@ -185,6 +193,3 @@ async def test_calls_given_up_while_the_connection_opens_are_not_written_when_it
             server.freeze(False)
         assert await asyncio.wait_for(waiting, 4.0) == 1
         assert await client.get("given-up") is None
-    finally:
-        await lane.aclose()
-        await client.aclose()
