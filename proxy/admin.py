@@ -30,8 +30,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy.auth import Keyring, authorization_of, check_admin, hash_key, new_key
-from proxy.errors import InvalidRequest, NotFound
-from proxy.keystore import KeyExists, KeyMissing, KeyRecord, KeyStore, KeySync, now
+from proxy.errors import InvalidRequest, NotFound, StoreDown
+from proxy.keystore import KeyChanged, KeyExists, KeyMissing, KeyRecord, KeyStore, KeySync, now
 from proxy.limits import KeyBudgets, Limiter
 from proxy.limits.policy import PositiveUSD
 from proxy.limits.status import limits_status
@@ -44,10 +44,10 @@ _M = TypeVar("_M", bound=BaseModel)
 
 
 class _KeyChange(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # no true -> 1.0, no "5" -> 5.0
 
-    team: Annotated[str, Field(min_length=1, max_length=128)] | None = None
-    tier: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    team: Annotated[str, Field(min_length=1, max_length=128, pattern=r"\S")] | None = None
+    tier: Annotated[str, Field(min_length=1, max_length=128, pattern=r"\S")] | None = None
     budget_usd_per_day: PositiveUSD | None = None
     budget_usd_per_month: PositiveUSD | None = None
     budget_usd_total: PositiveUSD | None = None
@@ -130,22 +130,17 @@ class AdminAPI:
         change = _parse(_KeyChange, body)
         self._check_tier(change.tier)
         record = await self._record(name)
-        fields = change.model_fields_set
-        budgets = record.budgets
-        for field, attr in _BUDGET_FIELDS.items():
-            if field in fields:
-                budgets = replace(budgets, **{attr: getattr(change, field)})
-        updated = replace(
-            record,
-            team=change.team if "team" in fields else record.team,
-            tier=change.tier if "tier" in fields else record.tier,
-            budgets=budgets,
-            updated_at=now(),
-        )
-        try:
-            await self.keystore.change("put", updated)
-        except KeyMissing:
-            raise NotFound(f"No key named {name!r}.") from None
+        for _ in range(_UPDATE_TRIES):  # another update may land between the read and the write
+            updated = _changed(record, change)
+            try:
+                await self.keystore.change("put", updated, expected=record)
+                break
+            except KeyChanged as exc:
+                record = exc.current  # apply this change to what is stored now
+            except KeyMissing:
+                raise NotFound(f"No key named {name!r}.") from None
+        else:
+            raise StoreDown(f"Key {name!r} kept changing under this update; try again.")
         await self.keysync.refresh()
         return self._view(updated, "runtime")
 
@@ -168,6 +163,25 @@ class AdminAPI:
         if record is None:
             raise NotFound(f"No key named {name!r}.")
         return record
+
+
+_UPDATE_TRIES = 8
+
+
+def _changed(record: KeyRecord, change: _KeyChange) -> KeyRecord:
+    """``record`` with the fields ``change`` sets (and nothing else) changed."""
+    fields = change.model_fields_set
+    budgets = record.budgets
+    for field, attr in _BUDGET_FIELDS.items():
+        if field in fields:
+            budgets = replace(budgets, **{attr: getattr(change, field)})
+    return replace(
+        record,
+        team=change.team if "team" in fields else record.team,
+        tier=change.tier if "tier" in fields else record.tier,
+        budgets=budgets,
+        updated_at=now(),
+    )
 
 
 _BUDGET_FIELDS = {

@@ -131,7 +131,12 @@ class ProxyApp:
         self.starlette = Starlette(
             routes=routes,
             lifespan=self._lifespan,
-            exception_handlers={HTTPException: _http_exception, ProxyError: _proxy_error, Exception: _unexpected},
+            exception_handlers={
+                HTTPException: _http_exception,
+                ProxyError: _proxy_error,
+                StoreUnavailable: _store_down,
+                Exception: _unexpected,
+            },
         )
 
         origins = settings.server.cors_allow_origins
@@ -272,11 +277,16 @@ async def _until_idle(activity: Activity, timeout_s: float) -> None:
         await asyncio.sleep(0.02)
 
 
+async def _store_down(request: Request, exc: Exception) -> Response:
+    """The store failed (an expected condition, logged in one line): 503 in OpenAI's envelope.
+    Its own handler, so Starlette does not re-raise it to the server as it does for
+    ``Exception`` (which printed a second, full traceback)."""
+    log.warning("store unavailable on %s: %s", request.url.path, exc)
+    return await _proxy_error(request, StoreDown("The gateway's store is unavailable; try again shortly."))
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     """Anything else still reaches the client in OpenAI's envelope, never as a traceback."""
-    if isinstance(exc, StoreUnavailable):
-        log.warning("store unavailable on %s: %s", request.url.path, exc)
-        return await _proxy_error(request, StoreDown("The gateway's store is unavailable; try again shortly."))
     log.error("internal error on %s", request.url.path, exc_info=exc)
     return await _proxy_error(request, InternalError("The gateway hit an internal error."))
 

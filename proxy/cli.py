@@ -10,8 +10,9 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from proxy.auth import hash_key, new_key
@@ -66,7 +67,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             )
             return 2
         print(f"warning: no OPENROUTER_API_KEY; calling {settings.upstream.base_url} without a key", file=sys.stderr)
-    workers = args.workers or settings.server.workers
+    workers = settings.server.workers if args.workers is None else args.workers
     if workers > 1 and settings.store.redis_url is None and settings.admin.key_sha256 is not None:
         print(
             "The admin API (PROXY_ADMIN_KEY) needs REDIS_URL when serving with more than one worker: "
@@ -105,13 +106,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "timeout_keep_alive": settings.server.keep_alive_timeout_s,
     }
     if workers > 1:
-        from proxy.metrics import prepare_multiprocess_dir
+        from proxy.metrics import MULTIPROC_ENV, prepare_multiprocess_dir
         from proxy.workers import reuseport_supported, serve_workers
 
-        prepare_multiprocess_dir(env)
-        if reuseport_supported():
-            uvicorn.Config(**options)  # type: ignore[arg-type]  # sets up logging in this process
-            return serve_workers(options, workers)
+        made = MULTIPROC_ENV not in env
+        metrics_dir = prepare_multiprocess_dir(env)
+        try:
+            if reuseport_supported():
+                uvicorn.Config(**options)  # type: ignore[arg-type]  # sets up logging in this process
+                return serve_workers(options, workers)
+            uvicorn.run(workers=workers, **options)  # type: ignore[arg-type]
+        finally:
+            if made:  # the temporary one this run made (an operator's own directory stays)
+                shutil.rmtree(metrics_dir, ignore_errors=True)
+        return 0
     uvicorn.run(workers=workers, **options)  # type: ignore[arg-type]
     return 0
 
@@ -186,6 +194,21 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer from ``low`` to ``high`` (else a usage error, exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not between {low} and {high}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openrouter-proxy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -193,8 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the proxy")
     serve.add_argument("--config", help="config file (default: $PROXY_CONFIG or config.yaml)")
     serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--workers", type=int)
+    serve.add_argument("--port", type=_int_in(0, 65535))
+    serve.add_argument("--workers", type=_int_in(1, 64))
     serve.add_argument(
         "--upstream",
         choices=("openrouter", "emulator"),
@@ -205,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     emulate = sub.add_parser("emulate", help="run the OpenRouter emulator")
     emulate.add_argument("--host", default="127.0.0.1")
-    emulate.add_argument("--port", type=int, default=9090)
+    emulate.add_argument("--port", type=_int_in(0, 65535), default=9090)
     emulate.add_argument("--fixtures", help="folder of fixture files that requests may replay")
     emulate.add_argument("--api-key", help="accept only this bearer key (default: any)")
     emulate.set_defaults(func=cmd_emulate)

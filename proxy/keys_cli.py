@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -96,13 +97,35 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seconds(text: str) -> float:
+    """An argparse type: a positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
 def _changes(args: argparse.Namespace) -> dict[str, Any]:
     body: dict[str, Any] = {}
     for attr, field in (("team", "team"), ("tier", "tier"), *_BUDGETS, ("budget_total", "budget_usd_total")):
         value = getattr(args, attr, None)
         if value is not None:
-            body[field] = None if value in ("none", "") else (float(value) if attr.startswith("budget") else value)
+            body[field] = None if value in ("none", "") else (_usd(attr, value) if attr.startswith("budget") else value)
     return body
+
+
+def _usd(option: str, text: str) -> float:
+    """A budget option's value in USD; ``_Failed`` (exit 2) unless it is a finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise _Failed(2, f"--{option.replace('_', '-')} takes an amount in USD (or 'none'), not {text[:40]!r}")
+    return value
 
 
 def cmd_create(args: argparse.Namespace) -> int:
@@ -136,7 +159,7 @@ def add_key_commands(keys_sub: Any) -> None:
         parser.add_argument(
             "--url", help=f"the proxy (default ${ENV_URL} or {DEFAULT_URL}); admin key: ${ENV_ADMIN_KEY}"
         )
-        parser.add_argument("--timeout", type=float, default=10.0, help="seconds")
+        parser.add_argument("--timeout", type=_seconds, default=10.0, help="seconds")
         parser.set_defaults(func=_reporting(func))
         return parser
 

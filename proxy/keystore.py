@@ -54,6 +54,8 @@ if ARGV[1] == 'create' then
   if old then return {0, old} end
 elseif not old then
   return {0, ''}
+elseif ARGV[4] ~= '' and old ~= ARGV[4] then
+  return {2, old}
 end
 if ARGV[1] == 'delete' then redis.call('HDEL', KEYS[1], ARGV[2]) else redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) end
 redis.call('INCR', KEYS[2])
@@ -67,6 +69,14 @@ class KeyExists(Exception):
 
 class KeyMissing(Exception):
     """No runtime key has that name."""
+
+
+class KeyChanged(Exception):
+    """The record is no longer the one the change was made from: ``current`` is."""
+
+    def __init__(self, current: KeyRecord) -> None:
+        super().__init__(current.name)
+        self.current = current
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,9 +137,11 @@ class KeyStore(Protocol):
 
     async def records(self) -> list[KeyRecord]: ...
 
-    async def change(self, op: str, record: KeyRecord) -> KeyRecord | None:
+    async def change(self, op: str, record: KeyRecord, expected: KeyRecord | None = None) -> KeyRecord | None:
         """``create`` (``KeyExists`` if the name is taken), ``put`` or ``delete``
-        (``KeyMissing`` if absent); returns the previous record."""
+        (``KeyMissing`` if absent); returns the previous record. With ``expected``, a
+        ``put`` applies only if the stored record is still that one (else ``KeyChanged``):
+        so two concurrent updates of one key cannot lose each other's fields."""
 
 
 class MemoryKeyStore:
@@ -143,12 +155,14 @@ class MemoryKeyStore:
     async def records(self) -> list[KeyRecord]:
         return list(self._records.values())
 
-    async def change(self, op: str, record: KeyRecord) -> KeyRecord | None:
+    async def change(self, op: str, record: KeyRecord, expected: KeyRecord | None = None) -> KeyRecord | None:
         old = self._records.get(record.name)
         if op == "create" and old is not None:
             raise KeyExists(record.name)
         if op != "create" and old is None:
             raise KeyMissing(record.name)
+        if expected is not None and old is not None and old != expected:
+            raise KeyChanged(old)
         if op == "delete":
             del self._records[record.name]
         else:
@@ -186,10 +200,22 @@ class RedisKeyStore:
                 log.error("runtime key %r in the store is invalid and was skipped: %s", name, exc)
         return records
 
-    async def change(self, op: str, record: KeyRecord) -> KeyRecord | None:
-        done, old = await self._call(self._change(keys=[_RECORDS, _VERSION], args=[op, record.name, record.to_json()]))
+    async def change(self, op: str, record: KeyRecord, expected: KeyRecord | None = None) -> KeyRecord | None:
+        # (a stored record is always some KeyRecord's to_json(), so comparing the JSON is exact)
+        args: list[str | bytes] = [
+            op,
+            record.name,
+            record.to_json(),
+            expected.to_json() if expected is not None else "",
+        ]
+        done, old = await self._call(self._change(keys=[_RECORDS, _VERSION], args=args))
         if not int(done):
             raise KeyExists(record.name) if op == "create" else KeyMissing(record.name)
+        if int(done) == 2:
+            try:
+                raise KeyChanged(KeyRecord.from_json(old))
+            except ValueError:  # a damaged record: replaced all the same (as without expected)
+                return await self.change(op, record)
         if not old:
             return None
         try:

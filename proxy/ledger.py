@@ -68,6 +68,7 @@ class Ledger:
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._closing = False
+        self._failing = False  # the last write failed (logged once until one succeeds)
         self._task: asyncio.Task[None] | None = None
 
     def emit_entry(self, entry: LedgerEntry) -> None:
@@ -112,8 +113,13 @@ class Ledger:
                 if writes:
                     await self.usage.append(writes, self.retention, batch_id)
             except StoreUnavailable as exc:
-                log.warning("ledger batch of %d entries not written yet (store: %s); will retry", count, exc)
+                if not self._failing:  # once per outage, not at every retry
+                    self._failing = True
+                    log.warning("ledger batch of %d entries not written yet (store: %s); will retry", count, exc)
                 return False
+            if self._failing:
+                self._failing = False
+                log.warning("ledger writes go through again (%d entries waiting)", len(self._buffer))
             self._pending = None
             self.written += count
         return True

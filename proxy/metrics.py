@@ -103,8 +103,12 @@ def multiprocess_dir() -> str | None:
     return os.environ.get(MULTIPROC_ENV) or None
 
 
+_MAX_LABEL_CHARS = 128
+
+
 class _Bounded:
-    """Label values from outside the config: at most ``cap`` distinct, then ``other``."""
+    """Label values from outside the config: at most ``cap`` distinct, then ``other``, each at
+    most ``_MAX_LABEL_CHARS`` characters (a longer one is cut and marked with ``...``)."""
 
     __slots__ = ("cap", "seen")
 
@@ -115,6 +119,10 @@ class _Bounded:
     def __call__(self, value: str) -> str:
         if value in self.seen:
             return value
+        if len(value) > _MAX_LABEL_CHARS:
+            value = value[: _MAX_LABEL_CHARS - 3] + "..."
+            if value in self.seen:
+                return value
         if len(self.seen) >= self.cap:
             return "other"
         self.seen.add(value)

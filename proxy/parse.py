@@ -37,6 +37,7 @@ NUMERIC_PARAMETERS: dict[str, tuple[bool, float | None, float | None]] = {
 # JSON nesting a body may have: orjson (which re-encodes rewritten bodies, cache keys and log
 # lines) encodes at most 254 levels, and the lines that embed a body add a few of their own.
 MAX_DEPTH = 128
+MAX_MODEL_ID = 256  # characters of a model id (OpenRouter's are well under 100)
 _OBJECTS = ("response_format", "provider", "reasoning", "stream_options", "metadata", "logit_bias")
 _LISTS = ("tools", "plugins")
 
@@ -62,6 +63,8 @@ def parse_chat_request(raw: bytes) -> ChatCall:
         raise InvalidRequest("You must provide a model parameter.", param="model")
     if not isinstance(model, str) or not model.strip():
         raise InvalidRequest("'model' must be a non-empty string.", param="model")
+    if len(model) > MAX_MODEL_ID:
+        raise InvalidRequest(f"'model' must be at most {MAX_MODEL_ID} characters.", param="model")
 
     _check_messages(body.get("messages"))
 
@@ -141,8 +144,10 @@ def _check_stop(stop: Any) -> None:
 def _check_models(models: Any) -> None:
     if models is None:
         return
-    if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
-        raise InvalidRequest("'models' must be an array of model ids.", param="models")
+    if not isinstance(models, list) or not all(isinstance(m, str) and 0 < len(m) <= MAX_MODEL_ID for m in models):
+        raise InvalidRequest(
+            f"'models' must be an array of model ids (each at most {MAX_MODEL_ID} characters).", param="models"
+        )
 
 
 def check_caps(call: ChatCall, server: ServerSettings) -> None:

@@ -47,7 +47,7 @@ GROUPS = ("key", "team", "model", "requested_model", "rule", "provider", "status
 AGGREGATE_GROUPS = ("key", "team", "model", "rule", "day")
 """Groups available from the store's per-day rollups."""
 
-_DURATION = re.compile(r"^(\d+)([smhdw])$")
+_DURATION = re.compile(r"^(\d{1,12})([smhdw])$")  # (12 digits: any span, no overflow)
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _NANO = Decimal(1_000_000_000)
 
@@ -65,7 +65,7 @@ def parse_since(text: str, now: float | None = None) -> float:
     try:
         return float(max(0, calendar.timegm(time.strptime(text, "%Y-%m-%d"))))
     except ValueError:
-        raise ValueError(f"--since takes e.g. 30m, 12h, 7d or YYYY-MM-DD, not {text!r}") from None
+        raise ValueError(f"--since takes e.g. 30m, 12h, 7d or YYYY-MM-DD, not {text[:40]!r}") from None
 
 
 @dataclass(slots=True)

@@ -35,8 +35,8 @@ def _query(request: Request, default_since: str, default_by: str) -> tuple[float
     except ValueError as exc:
         raise InvalidRequest(str(exc), param="since") from None
     by = tuple(b.strip() for b in (request.query_params.get("by") or default_by).split(",") if b.strip())
-    if not by or any(b not in AGGREGATE_GROUPS for b in by):
-        raise InvalidRequest(f"'by' takes a comma list of: {', '.join(AGGREGATE_GROUPS)}", param="by")
+    if not by or any(b not in AGGREGATE_GROUPS for b in by) or len(set(by)) < len(by):
+        raise InvalidRequest(f"'by' takes a comma list of: {', '.join(AGGREGATE_GROUPS)} (each once)", param="by")
     return since, by
 
 

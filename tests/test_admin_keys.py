@@ -236,3 +236,44 @@ def test_a_config_key_without_a_tier_is_listed_as_configured_and_its_effective_t
     proxy = admin_proxy(None)
     listing = {k["name"]: k for k in admin(proxy, "GET", "/admin/keys").json()["data"]}
     assert (listing["alice"]["tier"], listing["alice"]["effective_tier"]) == (None, "std")
+
+
+def test_concurrent_updates_of_one_key_keep_each_other_s_changes(
+    admin_proxy: Callable[..., ProxyUnderTest], store_url: str | None
+) -> None:
+    """Two PATCHes of different fields at once: both land (each is applied to what is stored,
+    not to a copy another update has overwritten meanwhile)."""
+    open_test_store(store_url)
+    proxy = admin_proxy(store_url)
+    names = [f"cas-{i}" for i in range(12)]
+    for name in names:
+        assert admin(proxy, "POST", "/admin/keys", {"name": name}).status_code == 201
+
+    async def both(client: httpx.AsyncClient, name: str) -> None:
+        url = f"{proxy.url}/admin/keys/{name}"
+        replies = await asyncio.gather(
+            client.patch(url, json={"team": "newteam"}), client.patch(url, json={"budget_usd_total": 7})
+        )
+        assert [r.status_code for r in replies] == [200, 200]
+
+    async def run() -> None:
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as client:
+            await asyncio.gather(*(both(client, name) for name in names))
+
+    asyncio.run(run())
+    for name in names:
+        shown = admin(proxy, "GET", f"/admin/keys/{name}").json()
+        assert (shown["team"], shown["budget_usd_total"]) == ("newteam", 7.0), name
+
+
+def test_key_fields_are_taken_as_they_are_typed_or_refused(admin_proxy: Callable[..., ProxyUnderTest]) -> None:
+    proxy = admin_proxy(None)
+    for bad in (
+        {"budget_usd_per_day": True},
+        {"budget_usd_per_day": "5"},
+        {"budget_usd_per_day": 1e-300},
+        {"team": "  "},
+    ):
+        response = admin(proxy, "POST", "/admin/keys", {"name": "strict", **bad})
+        assert response.status_code == 400, bad
+    assert admin(proxy, "GET", "/admin/usage?by=key,key").status_code == 400

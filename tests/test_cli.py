@@ -95,6 +95,16 @@ def test_usage_report_groups_totals_and_skips_bad_lines() -> None:
     assert parse_since("2d", now=200_000.0) == 200_000.0 - 2 * 86400
     with pytest.raises(ValueError):
         parse_since("yesterday")
+    for huge in ("9" * 400 + "d", "9" * 5000 + "d"):  # no OverflowError, no int-to-str limit
+        with pytest.raises(ValueError, match="--since takes"):
+            parse_since(huge)
+
+
+@pytest.mark.parametrize("flags", [["--port", "70000"], ["--port", "x"], ["--workers", "0"], ["--workers", "65"]])
+def test_serve_flags_out_of_range_are_usage_errors(flags: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["serve", *flags])
+    assert info.value.code == 2 and "error: argument" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("tz", ["UTC", "Europe/Berlin", "America/New_York"])

@@ -97,6 +97,9 @@ def test_rejections_pipeline_events_and_bounded_labels() -> None:
     assert f"{P}in_flight_requests 3.0" in text and f"{P}in_flight_streams 2.0" in text
     models = set(re.findall(r'requests_total\{[^}]*model="([^"]+)"', text))
     assert models == {"openai/gpt-4o-mini", "junk/0", "junk/1", "other"}
+    long = Metrics(max_label_values=4)  # a label value is cut: a scrape stays small whatever clients send
+    long.emit_entry(account(record(model="x/" + "y" * 60_000, usage=Usage(prompt_tokens=1)), _none))
+    assert len(long.render()[0]) < 20_000
 
 
 def _none(model: str | None) -> None:

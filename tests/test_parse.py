@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from proxy.errors import InvalidRequest
-from proxy.parse import MAX_DEPTH, parse_chat_request
+from proxy.parse import MAX_DEPTH, MAX_MODEL_ID, parse_chat_request
 
 GOOD = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -86,3 +86,13 @@ def test_many_shallow_containers_pass() -> None:
     """More brackets than ``MAX_DEPTH`` (a long conversation, brackets inside strings) is not depth."""
     messages = [{"role": "user", "content": [{"type": "text", "text": "[{" * 50}]} for _ in range(300)]
     assert len(parse_chat_request(body(messages=messages)).body["messages"]) == 300
+
+
+@pytest.mark.parametrize("field", ["model", "models"])
+def test_a_model_id_longer_than_any_real_one_is_refused(field: str) -> None:
+    long = "x/" + "y" * MAX_MODEL_ID
+    body = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    body[field] = long if field == "model" else [long]
+    with pytest.raises(InvalidRequest) as info:
+        parse_chat_request(orjson.dumps(body))
+    assert info.value.param == field

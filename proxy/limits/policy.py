@@ -127,7 +127,8 @@ _BUDGETS: dict[str, Period] = {
 # limits and budgets stay well below
 PositiveInt = Annotated[int, Field(ge=1, le=10**15)]
 MAX_BUDGET_USD = 1_000_000
-PositiveUSD = Annotated[float, Field(gt=0, le=MAX_BUDGET_USD)]
+MIN_BUDGET_USD = 0.000001  # one micro-dollar: budgets count nano-USD, a smaller one would be 0
+PositiveUSD = Annotated[float, Field(ge=MIN_BUDGET_USD, le=MAX_BUDGET_USD, allow_inf_nan=False)]
 
 
 class ModelLimits(BaseModel):
