@@ -216,6 +216,7 @@ class ProxyApp:
             context_guard=ContextGuard(catalog),
             cache=ResponseCache(store, retry_s=settings.limits.store_retry_s),
             metrics=obs.metrics,
+            capture_content=settings.logging.include_content and obs.request_log is not None,
         )
         await breakers.start(store)
         await self.router.start()

@@ -20,7 +20,7 @@ from proxy.config import DEFAULT_BASE_URL, Settings, load_settings
 from proxy.keys_cli import add_key_commands
 from proxy.limits import check_limits
 from proxy.usage_cli import add_usage_commands
-from proxy.yamlsrc import ConfigError
+from proxy.yamlsrc import ConfigError, Problem
 
 __all__ = ["main"]
 
@@ -67,6 +67,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             )
             return 2
         print(f"warning: no OPENROUTER_API_KEY; calling {settings.upstream.base_url} without a key", file=sys.stderr)
+    cannot_write = _open_outputs(settings, str(path))
+    if cannot_write:
+        for problem in cannot_write:
+            print(problem, file=sys.stderr)
+        return 2
     workers = settings.server.workers if args.workers is None else args.workers
     if workers > 1 and settings.store.redis_url is None and settings.admin.key_sha256 is not None:
         print(
@@ -166,6 +171,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             problems.extend(exc.problems)
         limits, limit_problems = check_limits(settings, str(path))
         problems.extend(limit_problems)
+        problems.extend(_unwritable(settings, str(path)))
     for problem in problems:
         print(problem)
     if problems:
@@ -180,6 +186,42 @@ def cmd_check(args: argparse.Namespace) -> int:
     if settings.upstream.api_key is None:
         print("note: OPENROUTER_API_KEY is not set (fine with --upstream emulator)")
     return 0
+
+
+def _outputs(settings: Settings) -> list[tuple[str, Path]]:
+    """The files the proxy appends to: ``(setting, path)``."""
+    targets = []
+    if settings.usage.log_path is not None:
+        targets.append(("usage.log_path", settings.usage.log_path))
+    request_log = settings.logging.request_log
+    if request_log not in (None, "stderr"):
+        targets.append(("logging.request_log", Path(str(request_log))))
+    return targets
+
+
+def _unwritable(settings: Settings, source: str) -> list[Problem]:
+    """For ``check`` (which creates nothing): the output files whose nearest existing
+    folder this user may not write, or that are folders."""
+    problems = []
+    for name, target in _outputs(settings):
+        existing = target if target.exists() else next(p for p in target.parents if p.exists())
+        if target.is_dir() or not os.access(existing, os.W_OK):
+            problems.append(Problem(source, None, f"{name}: {target} cannot be written"))
+    return problems
+
+
+def _open_outputs(settings: Settings, source: str) -> list[Problem]:
+    """For ``serve``: create the output files (and their folders) now, as the workers would,
+    so that one that cannot be written is a clear message instead of a failed startup."""
+    problems = []
+    for name, target in _outputs(settings):
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with target.open("a"):
+                pass
+        except OSError as exc:
+            problems.append(Problem(source, None, f"{name}: {target} cannot be written ({exc.strerror or exc})"))
+    return problems
 
 
 def cmd_keys_new(args: argparse.Namespace) -> int:

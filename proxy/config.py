@@ -22,7 +22,7 @@ import hashlib
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
@@ -198,7 +198,18 @@ class BreakerSettings(_Model):
 
 
 class StoreSettings(_Model):
+    """``redis_url`` (env ``REDIS_URL``): ``redis://``, ``rediss://`` (TLS), ``unix://``, or
+    ``redis+cluster://``/``rediss+cluster://`` for a Redis Cluster; none: the embedded store."""
+
     redis_url: str | None = None
+
+    @field_validator("redis_url")
+    @classmethod
+    def _scheme(cls, value: str | None) -> str | None:
+        schemes = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+        if value and not value.startswith(schemes):
+            raise ValueError(f"must start with one of {', '.join(schemes)}")
+        return value or None
 
 
 class AdminSettings(_Model):
@@ -326,8 +337,8 @@ class MetricsSettings(_Model):
 
 class LoggingSettings(_Model):
     """The request log: one JSON line per request to ``request_log`` (``stderr``, a file path, or
-    ``null`` for none). ``include_content`` adds message content when the pipeline provides it
-    (off: never logged). ``traces``: OpenTelemetry spans when the library is installed."""
+    ``null`` for none). ``include_content`` adds the request's messages and the answer's text
+    to it (off: never logged). ``traces``: OpenTelemetry spans when the library is installed."""
 
     request_log: str | None = "stderr"
     include_content: bool = False
@@ -394,18 +405,29 @@ def _duplicate_keys(settings: Settings, source: Source) -> list[Problem]:
     return problems
 
 
+def _from_environment(environ: Mapping[str, str], name: str, model: type[_Model], field: str) -> Any:
+    """Environment variable ``name`` checked as ``model.field`` is (``ConfigError`` if it fails)."""
+    try:
+        return getattr(model.model_validate({field: environ[name]}), field)
+    except ValidationError as exc:
+        message = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+        raise ConfigError([Problem("environment", None, f"{name}: {message}")]) from None
+
+
 def _with_environment(settings: Settings, base: Path, environ: Mapping[str, str]) -> Settings:
     upstream = settings.upstream
     updates: dict[str, object] = {}
     if environ.get("OPENROUTER_BASE_URL"):
-        updates["base_url"] = environ["OPENROUTER_BASE_URL"].rstrip("/")
+        updates["base_url"] = _from_environment(environ, "OPENROUTER_BASE_URL", UpstreamSettings, "base_url")
     if environ.get("OPENROUTER_API_KEY"):
         updates["api_key"] = SecretStr(environ["OPENROUTER_API_KEY"])
     if updates:
         upstream = upstream.model_copy(update=updates)
     store = settings.store
     if environ.get("REDIS_URL"):
-        store = store.model_copy(update={"redis_url": environ["REDIS_URL"]})
+        store = store.model_copy(
+            update={"redis_url": _from_environment(environ, "REDIS_URL", StoreSettings, "redis_url")}
+        )
     admin = settings.admin
     if environ.get("PROXY_ADMIN_KEY"):
         admin = AdminSettings(key_sha256=hashlib.sha256(environ["PROXY_ADMIN_KEY"].encode()).hexdigest())
@@ -413,6 +435,10 @@ def _with_environment(settings: Settings, base: Path, environ: Mapping[str, str]
     if environ.get("PROXY_METRICS_TOKEN"):
         digest = hashlib.sha256(environ["PROXY_METRICS_TOKEN"].encode()).hexdigest()
         metrics = metrics.model_copy(update={"token_sha256": digest})
+    limits = settings.limits
+    if environ.get("PROXY_LIMITS_REPLICAS"):  # e.g. compose's replica count
+        replicas = _from_environment(environ, "PROXY_LIMITS_REPLICAS", LimitsSettings, "replicas")
+        limits = limits.model_copy(update={"replicas": replicas})
     usage = settings.usage
     if usage.log_path is not None and not usage.log_path.is_absolute():
         usage = usage.model_copy(update={"log_path": base / usage.log_path})
@@ -426,6 +452,7 @@ def _with_environment(settings: Settings, base: Path, environ: Mapping[str, str]
         update={
             "upstream": upstream,
             "store": store,
+            "limits": limits,
             "usage": usage,
             "admin": admin,
             "metrics": metrics,

@@ -78,6 +78,7 @@ class ChatCompletions:
         context_guard: ContextGuard | None = None,
         cache: ResponseCache | None = None,
         metrics: Metrics | None = None,
+        capture_content: bool = False,
     ) -> None:
         self.keyring = keyring
         self.router = router
@@ -91,6 +92,7 @@ class ChatCompletions:
         self.context_guard = context_guard
         self.cache = cache
         self.metrics = metrics
+        self.capture_content = capture_content  # logging.include_content: messages and answer for the request log
         self.timeouts: UpstreamSettings = client.settings
         self._forward = client.forward_headers
         self._forward_prefixes = client.forward_prefixes
@@ -133,6 +135,8 @@ class ChatCompletions:
             call = parse_chat_request(raw)
             check_caps(call, self.server)
             ex.requested_model, ex.stream = call.model, call.stream
+            if self.capture_content:
+                ex.extra["content"] = {"messages": call.body.get("messages")}
             ex.plan = plan = self.router.plan(call, ex.principal, scope["headers"])
             if self.context_guard is not None:
                 ex.plan = plan = await self.context_guard(plan, call)

@@ -123,7 +123,8 @@ async def relay_stream(
     an ordinary HTTP error. Once out, the head and any comments stay sent.
     """
     head = None if ex.started else (response.status, [*headers, *_STREAM_HEADERS])
-    tap = SSETap()
+    content = ex.extra.get("content")
+    tap = SSETap(capture=content is not None)
     out = _WholeEvents()
     chunks = response.chunks().__aiter__()
     activity.stream_open()
@@ -181,6 +182,8 @@ async def relay_stream(
             ex.generation_id = tap.generation_id or ex.generation_id
             if tap.error is not None and ex.error_code is None:
                 ex.error_code = str(tap.error.get("code", "stream_error"))
+            if content is not None and tap.text is not None:
+                content["answer"] = "".join(tap.text)
 
 
 class _WholeEvents:
@@ -312,6 +315,10 @@ def _meter_body(body: bytes, ex: Exchange) -> None:
         choice = choices[0]
         if isinstance(choice.get("finish_reason"), str):
             ex.finish_reason = choice["finish_reason"]
+        content = ex.extra.get("content")
+        message = choice.get("message")
+        if content is not None and isinstance(message, dict) and isinstance(message.get("content"), str):
+            content["answer"] = message["content"]
         if isinstance(choice.get("error"), dict):
             ex.error_code = str(choice["error"].get("code", "provider_error"))
     if isinstance(obj.get("error"), dict):

@@ -60,6 +60,8 @@ def _raw_offset(raw: bytes, data: bytes, pos: int) -> int:
 class SSETap:
     """Incremental observer of one SSE response. See the module docstring.
 
+    ``capture``: also parse every event and keep each delta's ``content`` in ``text`` (for
+    ``logging.include_content``; off, ``text`` is ``None`` and ordinary events are not parsed).
     After the stream: ``generation_id``, ``model``, ``provider`` (from the first data
     event), ``usage`` (the last top-level ``usage`` object seen, a dict), ``error`` (the
     last in-band ``error`` object), ``finish_reason``, ``done`` (``[DONE]`` seen),
@@ -79,10 +81,12 @@ class SSETap:
         "malformed",
         "model",
         "provider",
+        "text",
         "usage",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, capture: bool = False) -> None:
+        self.text: list[str] | None = [] if capture else None  # with capture: every delta's content
         self._pending = b""
         self._offset = 0
         self.error_end: int | None = None
@@ -113,7 +117,8 @@ class SSETap:
                 break
             if end > pos:
                 if (  # the usual event: one `data: {...}` line after the first, naming nothing we read
-                    self.data_events
+                    self.text is None
+                    and self.data_events
                     and data.startswith(b"data: {", pos)
                     and data[end - 1] == _CLOSE_BRACE
                     and find(b"\n", pos, end) < 0
@@ -185,7 +190,13 @@ class SSETap:
         if payload[:1] != b"{" or payload[-1:] != b"}":
             self.malformed += 1
             return
-        if not (first or b'"usage"' in payload or b'"error"' in payload or _names_finish(payload, 0, len(payload))):
+        if not (
+            first
+            or self.text is not None
+            or b'"usage"' in payload
+            or b'"error"' in payload
+            or _names_finish(payload, 0, len(payload))
+        ):
             return
         try:
             obj = orjson.loads(payload)
@@ -208,6 +219,10 @@ class SSETap:
             for choice in choices:
                 if isinstance(choice, dict) and isinstance(choice.get("finish_reason"), str):
                     self.finish_reason = choice["finish_reason"]
+                if self.text is not None and isinstance(choice, dict):
+                    delta = choice.get("delta")
+                    if isinstance(delta, dict) and isinstance(delta.get("content"), str):
+                        self.text.append(delta["content"])
 
     def _identity(self, obj: dict[str, Any]) -> None:
         for name in ("id", "model", "provider"):

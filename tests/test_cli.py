@@ -352,3 +352,22 @@ def test_a_store_report_reads_at_most_the_days_rollups_live() -> None:
 
     asyncio.run(facts_from_store(CountingLedger(), 0.0, now=1_784_073_600.0, max_days=30))  # type: ignore[arg-type]
     assert len(days) == 31 and days[-1] == "2026-07-15"
+
+
+def test_environment_overrides_are_checked_like_the_file(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name, value in (("REDIS_URL", "garbage://x"), ("OPENROUTER_BASE_URL", "notaurl")):
+        with monkeypatch.context() as env:
+            env.setenv(name, value)
+            assert main(["check", "--config", str(REPO / "config.yaml")]) == 1
+            assert f"environment: {name}: must start with" in capsys.readouterr().out
+
+
+def test_serve_refuses_an_output_file_it_cannot_write(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    config = tmp_path / "config.yaml"
+    config.write_text(f"usage:\n  log_path: {blocker}/usage.jsonl\n")
+    assert main(["serve", "--config", str(config), "--upstream", "emulator"]) == 2
+    assert "usage.log_path" in capsys.readouterr().err

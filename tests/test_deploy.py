@@ -146,6 +146,10 @@ def test_compose_runs_replicas_against_one_redis_behind_one_port() -> None:
     assert "replicas" in proxy["deploy"]
     assert proxy["environment"]["REDIS_URL"].startswith("redis://redis:")
     assert "OPENROUTER_API_KEY" in proxy["environment"]
+    # keys that work on every replica (no per-replica dev key), and local shares that add up
+    assert proxy["environment"]["PROXY_ADMIN_KEY"].startswith("${PROXY_ADMIN_KEY:?")
+    assert proxy["environment"]["PROXY_LIMITS_REPLICAS"] == "${PROXY_REPLICAS:-3}"
+    assert proxy["deploy"]["replicas"] == "${PROXY_REPLICAS:-3}"
     assert not proxy.get("ports"), "replicas must not publish a port; the lb does"
     assert any(str(p).endswith(":8080") for p in services["lb"]["ports"])
     nginx = compose["configs"]["nginx"]["content"]

@@ -107,3 +107,27 @@ def test_traces_are_optional_and_one_span_per_request() -> None:
     (span,) = spans
     assert (span["start_time"], span["end_time"]) == (1000 * 10**9, 1000 * 10**9 + 250_000_000)
     assert span["attributes"]["gen_ai.usage.output_tokens"] == 10 and "status" not in span
+
+
+def test_include_content_puts_messages_and_answer_in_the_request_log_only(
+    proxy_server: Callable[..., ProxyUnderTest],
+) -> None:
+    proxy = proxy_server(extra=ledger_config() + "  include_content: true\n")
+    messages: Any = [{"role": "user", "content": SECRET_WORDS}]
+
+    async def load() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key=ALICE_KEY, max_retries=0, timeout=10)
+        whole = await client.chat.completions.create(model="gpt-4o-mini", messages=messages)
+        stream = await client.chat.completions.create(model="gpt-4o-mini", messages=messages, stream=True)
+        streamed = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        await client.close()
+        return [whole.choices[0].message.content or "", streamed]
+
+    answers = asyncio.run(load())
+    request_log = proxy.settings.policies_dir.parent / "requests.jsonl"
+    proxy.records(2)
+    proxy.server.stop()  # flushes the request log
+    lines = [orjson.loads(line) for line in request_log.read_bytes().splitlines()]
+    assert [line["content"]["messages"] for line in lines] == [messages, messages]
+    assert sorted(line["content"]["answer"] for line in lines) == sorted(answers)
+    assert b"Zanzibar" not in proxy.usage_log.read_bytes()
