@@ -19,9 +19,11 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import SecretStr
 from starlette.applications import Starlette
@@ -43,7 +45,7 @@ from proxy.catalog import ModelCatalog, openai_model_list
 from proxy.config import Settings, load_settings
 from proxy.errors import InternalError, MethodNotAllowed, NotFound, ProxyError, StoreDown, Unavailable, render_error
 from proxy.keystore import KeySync, open_keystore
-from proxy.limits import LimitsPolicy, check_key_tiers, load_limits_policy, open_limiter
+from proxy.limits import Limiter, LimitsPolicy, check_key_tiers, load_limits_policy, open_limiter
 from proxy.observability import Observability, observability_routes
 from proxy.pacing import Pacer
 from proxy.pipeline import ChatCompletions
@@ -199,6 +201,8 @@ class ProxyApp:
         obs = Observability(
             settings, store, client, catalog, self.keyring, activity, breakers.snapshot, limiter.state, usage_log
         )
+        if obs.reconciler is not None:
+            obs.reconciler.on_correction = _budget_correction(self.keyring, limiter)
         if obs.metrics is not None:
             breakers.listeners.append(obs.metrics.breaker_state)
             obs.metrics.watch_limits(limiter.failover)
@@ -276,6 +280,22 @@ async def _until_idle(activity: Activity, timeout_s: float) -> None:
     deadline = asyncio.get_running_loop().time() + min(timeout_s, 10.0)
     while activity.requests and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110 (a counter, polled briefly)
         await asyncio.sleep(0.02)
+
+
+def _budget_correction(keyring: Keyring, limiter: Limiter) -> Callable[[dict[str, Any], int], Awaitable[bool]]:
+    """The reconciler's ``on_correction``: a settled ticket's cost delta to its key's budgets
+    (a key revoked meanwhile has none to correct)."""
+
+    async def correct(ticket: dict[str, Any], delta_nusd: int) -> bool:
+        principal = keyring.named(str(ticket.get("key")))
+        if principal is None:
+            return False
+        model = ticket.get("routed_model")
+        ts = ticket.get("ts")
+        when = float(ts) if isinstance(ts, int | float) else time.time()
+        return await limiter.correct_spend(principal, model if isinstance(model, str) else None, when, delta_nusd)
+
+    return correct
 
 
 async def _store_down(request: Request, exc: Exception) -> Response:

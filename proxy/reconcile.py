@@ -13,6 +13,10 @@ The generation can 404 for a while after completion: a ticket is first tried
 ``first_delay_s`` after the request, then retried with exponential back-off (doubling, at
 most ``max_backoff_s``) on 404, on upstream errors and on answers without ``total_cost``.
 A ticket older than ``max_age_s`` is dropped: its estimate stands (logged).
+
+The replica whose write settled a ticket then hands its cost correction to
+``on_correction`` (``proxy.app`` gives it to the limiter, so budgets end at the cost the
+ledger ends at, not at the estimate a cut or abandoned stream was settled with).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ __all__ = ["Reconciler", "adjustment_of"]
 log = logging.getLogger("proxy.reconcile")
 
 FetchGeneration = Callable[[str], Awaitable[Any]]
+OnCorrection = Callable[[dict[str, Any], int], Awaitable[Any]]  # (ticket, cost delta in nano-USD)
 _GENERATION_TOKENS = {
     "prompt_tokens": ("native_tokens_prompt", "tokens_prompt"),
     "completion_tokens": ("native_tokens_completion", "tokens_completion"),
@@ -105,6 +110,7 @@ class Reconciler:
         batch_size: int = 100,
         concurrency: int = 8,
         on_outcome: Callable[[str], None] | None = None,
+        on_correction: OnCorrection | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.usage = usage
@@ -116,6 +122,7 @@ class Reconciler:
         self.max_age_s = max_age_s
         self.batch_size = batch_size
         self.on_outcome = on_outcome
+        self.on_correction = on_correction  # e.g. the limiter's budgets (proxy.app wires it)
         self._clock = clock
         self._limit = asyncio.Semaphore(concurrency)
         self._backoff: dict[str, tuple[int, float]] = {}  # ticket id -> (failures, next try)
@@ -163,9 +170,15 @@ class Reconciler:
                 self._backoff[ref] = (failures + 1, self._clock() + delay)
                 self._told("retry")
                 return False
-            await self.usage.append([write_of(line, settles=ref)], self.retention)
+            applied = await self.usage.append([write_of(line, settles=ref)], self.retention)
             self._backoff.pop(ref, None)
             self._told("settled")
+            delta = int(line["delta"].get("cost_nusd") or 0)
+            if applied and applied[0] is not None and delta and self.on_correction is not None:
+                try:  # this replica settled the ticket: it, and only it, corrects the budgets
+                    await self.on_correction(ticket, delta)
+                except Exception:
+                    log.exception("budget correction for request %s failed", ticket.get("request_id"))
             return True
 
     async def _expire(self, ref: str, ticket: dict[str, Any]) -> None:

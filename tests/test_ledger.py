@@ -14,11 +14,16 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import httpx
+import pytest
+import yaml
+
 from proxy.accounting import counters_of_line, group_of_line
 from proxy.pricing import nano
 from proxy.store.usage import parse_id
 
-from .conftest import ProxyUnderTest
+from .conftest import ALICE_KEY, ProxyUnderTest
+from .limits_support import open_test_store
 from .usage_fixtures import (
     KINDS,
     admin_usage,
@@ -126,3 +131,42 @@ def test_the_redis_ledger_and_the_export_survive_a_restart(
     request_ids = [line["request_id"] for line in lines if line["type"] == "request"]
     assert sorted(request_ids) == sorted([f"before-{i}" for i in range(8)] + [f"after-{i}" for i in range(8)])
     assert int(admin_usage(second, "key")["total"]["requests"]) == 16  # rollups kept in Redis
+
+
+@pytest.mark.parametrize(("fault", "admission"), [("cut", "exact"), ("stall", "leased")])
+def test_a_reconciled_cost_reaches_the_budget_as_it_reaches_the_ledger(
+    tmp_path: Path, proxy_server: Callable[..., Any], store_url: str | None, fault: str, admission: str
+) -> None:
+    """A stream cut short is settled with an estimate; OpenRouter's /generation cost then
+    corrects the ledger, and the key's budget by the same amount (once, whichever replica)."""
+    open_test_store(store_url)
+    (tmp_path / "policies").mkdir(exist_ok=True)
+    policy = {"default_tier": "t", "tiers": {"t": {"budget_usd_per_day": 100}}}
+    (tmp_path / "policies" / "limits.yaml").write_text(yaml.safe_dump(policy))
+    extra = ledger_config(redis_url=store_url, export_dir=None) + "upstream:\n  read_timeout_s: 0.5\n"
+    extra += f"limits:\n  admission: {admission}\n"
+    proxy = proxy_server(extra=extra)
+    body = {
+        "model": "openai/gpt-4o-mini",
+        "messages": [{"role": "user", "content": "hello there"}],
+        "stream": True,
+        "emulator": {"fault": fault, "completion_tokens": 40},
+    }
+    with httpx.stream(
+        "POST",
+        f"{proxy.base_url}/chat/completions",
+        headers={"Authorization": f"Bearer {ALICE_KEY}"},
+        json=body,
+        timeout=10,
+    ) as response:
+        b"".join(response.iter_raw())
+
+    def settled() -> tuple[str, float] | None:
+        total = admin_usage(proxy, "key")["total"]
+        limits = httpx.get(f"{proxy.base_url}/limits", headers={"Authorization": f"Bearer {ALICE_KEY}"}).json()
+        spent = limits["budgets"][0]["spent_usd"]
+        return (total["cost_usd"], spent) if total.get("estimated") in ("0", 0) else None
+
+    ledger_cost, budget_spent = wait_for(settled, what="the reconciled cost")
+    assert float(ledger_cost) > 0
+    assert budget_spent == pytest.approx(float(ledger_cost), abs=1e-9)

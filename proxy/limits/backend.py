@@ -109,3 +109,7 @@ class Backend(Protocol):
         An empty list: the backend applies them later, in a batch, and reports each budget's
         spend then (``LeasedBackend.on_spent``). ``shape``: calls with the same shape release
         the same keys the same way."""
+
+    async def add_spend(self, keys: Sequence[str], delta: int) -> None:
+        """Add ``delta`` (nano-USD, may be negative; never below zero) to the ``spent`` of each
+        budget hold in ``keys`` that exists (a correction found after settlement)."""

@@ -152,6 +152,16 @@ class Failover:
                 self._settle_later(holds, rid)
             return None
 
+    async def add_spend(self, keys: Sequence[str], delta: int) -> bool:
+        """``Backend.add_spend`` on the shared store; False (logged) when it failed: that
+        correction is lost for the budget (the ledger keeps it)."""
+        try:
+            await self.backend.add_spend(keys, delta)
+        except StoreUnavailable as exc:
+            log.warning("a budget correction of %d nano-USD was not applied (store: %s)", delta, exc)
+            return False
+        return True
+
     def _release_later(self, checks: Sequence[Check], rid: str) -> None:
         """A reservation failed (it may have run): release its holds once the store is back."""
         holds = [Release(c.key, False) for c in checks if c.window is None]

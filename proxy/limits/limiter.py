@@ -366,6 +366,20 @@ class Limiter:
         for at, bound, period in binding.budget_releases:
             self._crossed(bound, period, spent[at] - cost, spent[at])
 
+    async def correct_spend(self, principal: Principal, model: str | None, ts: float, delta_nusd: int) -> bool:
+        """Add ``delta_nusd`` (OpenRouter's cost minus the one settled; may be negative) to the
+        budgets of ``principal``'s request at ``ts`` (Unix s), in the periods it fell in: the
+        reconciliation's correction reaches the budgets as it reaches the ledger. False when
+        the store did not take it."""
+        if not delta_nusd:
+            return True
+        keys = [
+            f"{b.key}:{period_of(b.rule.period, ts)[0]}"
+            for b in self.bounds(principal, model)
+            if b.rule.metric == "budget"
+        ]
+        return not keys or await self.failover.add_spend(keys, delta_nusd)
+
     def _spent(self, key: str, before: int, after: int) -> None:
         """A deferred settlement moved budget ``key``'s spend from ``before`` to ``after`` (nano-USD)."""
         found = self._alerting.get(key)

@@ -52,7 +52,7 @@ string.
 
 from __future__ import annotations
 
-__all__ = ["RESERVE", "SETTLE"]
+__all__ = ["ADD_SPEND", "RESERVE", "SETTLE"]
 
 _COMMON = """
 local function fmt(x) return string.format('%d', x) end
@@ -395,5 +395,23 @@ end
 local result = table.concat(out, ',')
 if ARGV[4] then redis.call('SET', KEYS[#KEYS], result, 'PX', ARGV[4]) end
 return result
+"""
+)
+
+# ``KEYS``: budget hold hashes (one hash tag); ``ARGV[1]``: nano-USD to add to each one's
+# ``spent`` (may be negative; never below zero). A hash that is gone (its period expired, or
+# it was never made) is left alone.
+ADD_SPEND = (
+    _COMMON
+    + """
+local delta = tonumber(ARGV[1])
+for _, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then
+    local spent = (tonumber(redis.call('HGET', key, 'spent')) or 0) + delta
+    if spent < 0 then spent = 0 end
+    redis.call('HSET', key, 'spent', fmt(spent))
+  end
+end
+return 1
 """
 )

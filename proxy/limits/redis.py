@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from proxy.limits.backend import Check, CheckState, Decision, Release
 from proxy.limits.cluster import ClusterScripts
 from proxy.limits.lane import EncodedKeys, ScriptLane, encode_keys
-from proxy.limits.lua import RESERVE, SETTLE
+from proxy.limits.lua import ADD_SPEND, RESERVE, SETTLE
 from proxy.store import StoreUnavailable
 from proxy.store.redis_errors import REDIS_ERRORS
 
@@ -48,6 +48,7 @@ class RedisBackend:
         self.timeout_s = timeout_s  # bounds each call (seconds)
         self._reserve = client.register_script(RESERVE)
         self._settle = client.register_script(SETTLE)
+        self._add_spend = client.register_script(ADD_SPEND)
         self._lane = ScriptLane(client) if isinstance(client, aioredis.Redis) else ClusterScripts(client)
         self._reserve_shapes: dict[Hashable, tuple[EncodedKeys, str]] = {}
         self._granting_shapes: dict[Hashable, tuple[EncodedKeys, str]] = {}
@@ -165,6 +166,18 @@ class RedisBackend:
         if once_ms:
             args.append(once_ms)
         return await self._run(self._settle, keys, args, defer=defer)
+
+    async def add_spend(self, keys: Sequence[str], delta: int) -> None:
+        """See ``Backend.add_spend`` (rare: a plain script call, not through the lane)."""
+        if not keys:
+            return
+        try:
+            async with asyncio.timeout(max(1.0, self.timeout_s)):
+                await self._add_spend(keys=list(keys), args=[delta])
+        except TimeoutError:
+            raise StoreUnavailable("Redis did not answer in time") from None
+        except REDIS_ERRORS as exc:
+            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     async def warm(self) -> None:
         """Load both scripts and open a connection now, not on the first requests (never raises)."""
