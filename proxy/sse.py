@@ -31,6 +31,7 @@ _MAX_PENDING = 1 << 20  # an "event" longer than 1 MiB without a separator is dr
 _DONE = b"[DONE]"
 _CLOSE_BRACE = ord("}")
 _FINISH = b'"finish_reason"'
+_FINISH_NULL = b'"finish_reason":null'
 _BLANKS = b" \t\r\n"
 
 
@@ -110,7 +111,7 @@ class SSETap:
         crlf = b"\r" in raw
         data = raw.replace(b"\r\n", b"\n") if crlf else raw
         pos = 0
-        find = data.find
+        find, count = data.find, data.count
         while True:
             end = find(b"\n\n", pos)
             if end < 0:
@@ -124,7 +125,7 @@ class SSETap:
                     and find(b"\n", pos, end) < 0
                     and find(b'"usage"', pos, end) < 0
                     and find(b'"error"', pos, end) < 0
-                    and not _names_finish(data, pos, end)
+                    and count(_FINISH, pos, end) == count(_FINISH_NULL, pos, end)  # (else maybe spaced JSON)
                 ):
                     self.data_events += 1  # what _event would do, without copying the event
                 else:
