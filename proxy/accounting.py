@@ -60,7 +60,7 @@ log = logging.getLogger("proxy.accounting")
 CostSource = Literal["upstream", "pricing", "generation", "none"]
 TOKEN_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
 _GROUP_MAX = 200
-_RESERVED_EXTRA = frozenset({"attempts", "estimated", "content"})
+_RESERVED_EXTRA = frozenset({"attempts", "estimated", "content", "budget"})
 
 
 def _label(value: Any) -> str:
@@ -223,6 +223,9 @@ class LedgerEntry:
         ticket = {name: line[name] for name in keep}
         ticket["routed_model"] = group_of_line(line)[2]
         ticket["cost_nusd"] = counters_of_line(line).get("cost_nusd", 0)
+        budget = self.record.extra.get("budget") if self.record.extra else None
+        if budget is not None:  # the budget keys the request charged, and how much (proxy.admission)
+            ticket["budget"] = budget
         return orjson.dumps(ticket)
 
 

@@ -130,13 +130,14 @@ class AdminAPI:
         change = _parse(_KeyChange, body)
         self._check_tier(change.tier)
         record = await self._record(name)
+        raw: bytes | None = None
         for _ in range(_UPDATE_TRIES):  # another update may land between the read and the write
             updated = _changed(record, change)
             try:
-                await self.keystore.change("put", updated, expected=record)
+                await self.keystore.change("put", updated, expected=record, expected_raw=raw)
                 break
             except KeyChanged as exc:
-                record = exc.current  # apply this change to what is stored now
+                record, raw = exc.current, exc.raw  # apply this change to what is stored now
             except KeyMissing:
                 raise NotFound(f"No key named {name!r}.") from None
         else:

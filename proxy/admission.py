@@ -11,9 +11,9 @@ whatever happened (success, upstream error, client gone). ``admit`` raises a
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
-from proxy.types import ChatCall, Principal, RoutePlan, Ticket, UsageRecord
+from proxy.types import ChatCall, Principal, RoutePlan, Ticket, Usage, UsageRecord
 
 __all__ = ["Admission", "NoLimits"]
 
@@ -32,6 +32,15 @@ class Admission(Protocol):
     async def settle(self, ticket: Ticket, record: UsageRecord) -> None:
         """Correct reservations to actual usage and release concurrency slots."""
 
+    def budget_charge(self, ticket: Ticket, usage: Usage | None) -> dict[str, Any] | None:
+        """What settling ``ticket`` with ``usage`` charges its budgets: ``{"keys": [budget
+        hold keys], "nusd": cost}``, or ``None`` (no budget, or decided without the shared
+        store). A later correction of the request's cost adjusts exactly these keys."""
+
+    async def correct_budgets(self, keys: Sequence[str], delta_nusd: int) -> bool:
+        """Add ``delta_nusd`` to the budgets ``keys`` (from ``budget_charge``); False if the
+        store did not take it."""
+
 
 _EMPTY = Ticket()
 
@@ -49,3 +58,9 @@ class NoLimits:
 
     async def settle(self, ticket: Ticket, record: UsageRecord) -> None:
         return None
+
+    def budget_charge(self, ticket: Ticket, usage: Usage | None) -> dict[str, Any] | None:
+        return None
+
+    async def correct_budgets(self, keys: Sequence[str], delta_nusd: int) -> bool:
+        return True

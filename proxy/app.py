@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +44,7 @@ from proxy.catalog import ModelCatalog, openai_model_list
 from proxy.config import Settings, load_settings
 from proxy.errors import InternalError, MethodNotAllowed, NotFound, ProxyError, StoreDown, Unavailable, render_error
 from proxy.keystore import KeySync, open_keystore
-from proxy.limits import Limiter, LimitsPolicy, check_key_tiers, load_limits_policy, open_limiter
+from proxy.limits import LimitsPolicy, check_key_tiers, load_limits_policy, open_limiter
 from proxy.observability import Observability, observability_routes
 from proxy.pacing import Pacer
 from proxy.pipeline import ChatCompletions
@@ -202,7 +201,7 @@ class ProxyApp:
             settings, store, client, catalog, self.keyring, activity, breakers.snapshot, limiter.state, usage_log
         )
         if obs.reconciler is not None:
-            obs.reconciler.on_correction = _budget_correction(self.keyring, limiter)
+            obs.reconciler.on_correction = _budget_correction(limiter)
         if obs.metrics is not None:
             breakers.listeners.append(obs.metrics.breaker_state)
             obs.metrics.watch_limits(limiter.failover)
@@ -282,18 +281,16 @@ async def _until_idle(activity: Activity, timeout_s: float) -> None:
         await asyncio.sleep(0.02)
 
 
-def _budget_correction(keyring: Keyring, limiter: Limiter) -> Callable[[dict[str, Any], int], Awaitable[bool]]:
-    """The reconciler's ``on_correction``: a settled ticket's cost delta to its key's budgets
-    (a key revoked meanwhile has none to correct)."""
+def _budget_correction(admission: Admission) -> Callable[[dict[str, Any], int], Awaitable[bool]]:
+    """The reconciler's ``on_correction``: the budgets a settled ticket's request charged
+    (its ``budget``: keys and the amount charged) move to OpenRouter's cost."""
 
     async def correct(ticket: dict[str, Any], delta_nusd: int) -> bool:
-        principal = keyring.named(str(ticket.get("key")))
-        if principal is None:
-            return False
-        model = ticket.get("routed_model")
-        ts = ticket.get("ts")
-        when = float(ts) if isinstance(ts, int | float) else time.time()
-        return await limiter.correct_spend(principal, model if isinstance(model, str) else None, when, delta_nusd)
+        budget = ticket.get("budget")
+        if not isinstance(budget, dict) or not isinstance(budget.get("keys"), list):
+            return False  # nothing was charged through the shared store (no budget, or degraded)
+        final = int(ticket.get("cost_nusd") or 0) + delta_nusd  # OpenRouter's cost, nano-USD
+        return await admission.correct_budgets(budget["keys"], final - int(budget.get("nusd") or 0))
 
     return correct
 

@@ -69,14 +69,6 @@ class Keyring:
         tier as configured (``None`` when the default tier applies)."""
         return [dataclasses.replace(e.principal, tier=e.configured_tier) for e in self._by_digest.values()]
 
-    def named(self, name: str) -> Principal | None:
-        """The principal of the key called ``name`` (config keys first), or ``None``."""
-        for entries in (self._by_digest, self._runtime):
-            for entry in entries.values():
-                if entry.principal.name == name:
-                    return entry.principal
-        return None
-
     def authenticate(self, authorization: bytes | None) -> Principal:
         """Resolve the raw ``Authorization`` header value."""
         if not authorization:

@@ -205,7 +205,8 @@ def _unwritable(settings: Settings, source: str) -> list[Problem]:
     problems = []
     for name, target in _outputs(settings):
         existing = target if target.exists() else next(p for p in target.parents if p.exists())
-        if target.is_dir() or not os.access(existing, os.W_OK):
+        blocked = existing != target and not existing.is_dir()  # a file where a folder must be
+        if blocked or target.is_dir() or not os.access(existing, os.W_OK):
             problems.append(Problem(source, None, f"{name}: {target} cannot be written"))
     return problems
 
@@ -217,8 +218,7 @@ def _open_outputs(settings: Settings, source: str) -> list[Problem]:
     for name, target in _outputs(settings):
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            with target.open("a"):
-                pass
+            os.close(os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640))  # as the writers make it
         except OSError as exc:
             problems.append(Problem(source, None, f"{name}: {target} cannot be written ({exc.strerror or exc})"))
     return problems

@@ -72,11 +72,13 @@ class KeyMissing(Exception):
 
 
 class KeyChanged(Exception):
-    """The record is no longer the one the change was made from: ``current`` is."""
+    """The record is no longer the one the change was made from: ``current`` is (``raw``:
+    its stored form, to pass back as ``expected_raw``)."""
 
-    def __init__(self, current: KeyRecord) -> None:
+    def __init__(self, current: KeyRecord, raw: bytes | None = None) -> None:
         super().__init__(current.name)
         self.current = current
+        self.raw = raw
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,11 +139,14 @@ class KeyStore(Protocol):
 
     async def records(self) -> list[KeyRecord]: ...
 
-    async def change(self, op: str, record: KeyRecord, expected: KeyRecord | None = None) -> KeyRecord | None:
+    async def change(
+        self, op: str, record: KeyRecord, expected: KeyRecord | None = None, expected_raw: bytes | None = None
+    ) -> KeyRecord | None:
         """``create`` (``KeyExists`` if the name is taken), ``put`` or ``delete``
         (``KeyMissing`` if absent); returns the previous record. With ``expected``, a
         ``put`` applies only if the stored record is still that one (else ``KeyChanged``):
-        so two concurrent updates of one key cannot lose each other's fields."""
+        so two concurrent updates of one key cannot lose each other's fields.
+        ``expected_raw``: that record as stored (from ``KeyChanged.raw``), when known."""
 
 
 class MemoryKeyStore:
@@ -155,7 +160,9 @@ class MemoryKeyStore:
     async def records(self) -> list[KeyRecord]:
         return list(self._records.values())
 
-    async def change(self, op: str, record: KeyRecord, expected: KeyRecord | None = None) -> KeyRecord | None:
+    async def change(
+        self, op: str, record: KeyRecord, expected: KeyRecord | None = None, expected_raw: bytes | None = None
+    ) -> KeyRecord | None:
         old = self._records.get(record.name)
         if op == "create" and old is not None:
             raise KeyExists(record.name)
@@ -200,22 +207,23 @@ class RedisKeyStore:
                 log.error("runtime key %r in the store is invalid and was skipped: %s", name, exc)
         return records
 
-    async def change(self, op: str, record: KeyRecord, expected: KeyRecord | None = None) -> KeyRecord | None:
-        # (a stored record is always some KeyRecord's to_json(), so comparing the JSON is exact)
-        args: list[str | bytes] = [
-            op,
-            record.name,
-            record.to_json(),
-            expected.to_json() if expected is not None else "",
-        ]
+    async def change(
+        self, op: str, record: KeyRecord, expected: KeyRecord | None = None, expected_raw: bytes | None = None
+    ) -> KeyRecord | None:
+        # The stored JSON is compared byte for byte: the proxy writes to_json(), and a record
+        # written otherwise (by hand) fails once, then matches with the raw form KeyChanged gives.
+        compare = expected_raw if expected_raw is not None else expected.to_json() if expected is not None else b""
+        args: list[str | bytes] = [op, record.name, record.to_json(), compare]
         done, old = await self._call(self._change(keys=[_RECORDS, _VERSION], args=args))
         if not int(done):
             raise KeyExists(record.name) if op == "create" else KeyMissing(record.name)
         if int(done) == 2:
+            raw = old if isinstance(old, bytes) else str(old).encode()
             try:
-                raise KeyChanged(KeyRecord.from_json(old))
+                current = KeyRecord.from_json(raw)
             except ValueError:  # a damaged record: replaced all the same (as without expected)
                 return await self.change(op, record)
+            raise KeyChanged(current, raw)
         if not old:
             return None
         try:

@@ -389,6 +389,11 @@ class ChatCompletions:
         principal, plan = ex.principal, ex.plan
         if ex.attempts:
             ex.extra["attempts"] = ex.attempts
+        usage = ex.usage
+        if ex.ticket is not None and (usage is None or usage.cost_usd is None):  # a cost to reconcile later:
+            charge = self.admission.budget_charge(ex.ticket, usage)  # what its budgets are charged now
+            if charge is not None:
+                ex.extra["budget"] = charge
         record = UsageRecord(
             request_id=ex.request_id,
             ts=ts,

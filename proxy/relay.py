@@ -279,9 +279,12 @@ async def send_cached(hit: CachedResponse, ex: Exchange, headers: list[tuple[byt
     """Answer from the response cache: the stored bytes, metered at zero upstream cost."""
     if hit.stream:
         headers.extend(_STREAM_HEADERS)
-        tap = SSETap()
+        content = ex.extra.get("content")
+        tap = SSETap(capture=content is not None)
         tap.feed(hit.body)
         tap.finish()
+        if content is not None and tap.text is not None:
+            content["answer"] = "".join(tap.text)
         ex.usage, ex.model, ex.provider = usage_from(tap.usage), tap.model, tap.provider
         ex.finish_reason, ex.done = tap.finish_reason, tap.done
     else:

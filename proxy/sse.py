@@ -61,7 +61,7 @@ def _raw_offset(raw: bytes, data: bytes, pos: int) -> int:
 class SSETap:
     """Incremental observer of one SSE response. See the module docstring.
 
-    ``capture``: also parse every event and keep each delta's ``content`` in ``text`` (for
+    ``capture``: also parse every event and keep the first choice's delta ``content`` in ``text`` (for
     ``logging.include_content``; off, ``text`` is ``None`` and ordinary events are not parsed).
     After the stream: ``generation_id``, ``model``, ``provider`` (from the first data
     event), ``usage`` (the last top-level ``usage`` object seen, a dict), ``error`` (the
@@ -220,7 +220,7 @@ class SSETap:
             for choice in choices:
                 if isinstance(choice, dict) and isinstance(choice.get("finish_reason"), str):
                     self.finish_reason = choice["finish_reason"]
-                if self.text is not None and isinstance(choice, dict):
+                if self.text is not None and isinstance(choice, dict) and choice.get("index", 0) == 0:
                     delta = choice.get("delta")
                     if isinstance(delta, dict) and isinstance(delta.get("content"), str):
                         self.text.append(delta["content"])

@@ -277,3 +277,29 @@ def test_key_fields_are_taken_as_they_are_typed_or_refused(admin_proxy: Callable
         response = admin(proxy, "POST", "/admin/keys", {"name": "strict", **bad})
         assert response.status_code == 400, bad
     assert admin(proxy, "GET", "/admin/usage?by=key,key").status_code == 400
+
+
+def test_a_record_stored_in_another_json_form_can_still_be_updated(
+    admin_proxy: Callable[..., ProxyUnderTest], redis_url: str
+) -> None:
+    """A record written by hand (same fields, other order) does not match the proxy's own
+    form byte for byte: the update retries against the stored form and lands."""
+    import orjson
+    import redis.asyncio as aioredis
+
+    from proxy.keystore import _RECORDS, _VERSION
+
+    open_test_store(redis_url)
+    proxy = admin_proxy(redis_url)
+    assert admin(proxy, "POST", "/admin/keys", {"name": "handmade", "team": "a"}).status_code == 201
+
+    async def rewrite() -> None:
+        client = aioredis.Redis.from_url(redis_url)
+        stored = orjson.loads(await client.hget(_RECORDS, "handmade"))
+        await client.hset(_RECORDS, "handmade", orjson.dumps(dict(reversed(list(stored.items())))))
+        await client.incr(_VERSION)
+        await client.aclose()
+
+    asyncio.run(rewrite())
+    patched = admin(proxy, "PATCH", "/admin/keys/handmade", {"team": "b"})
+    assert patched.status_code == 200 and patched.json()["team"] == "b"

@@ -371,3 +371,18 @@ def test_serve_refuses_an_output_file_it_cannot_write(tmp_path: Path, capsys: py
     config.write_text(f"usage:\n  log_path: {blocker}/usage.jsonl\n")
     assert main(["serve", "--config", str(config), "--upstream", "emulator"]) == 2
     assert "usage.log_path" in capsys.readouterr().err
+
+
+def test_output_files_are_made_private_and_check_sees_a_file_in_the_way(tmp_path: Path) -> None:
+    from proxy.cli import _open_outputs, _unwritable
+
+    config = tmp_path / "config.yaml"
+    config.write_text("usage:\n  log_path: var/usage.jsonl\nlogging:\n  request_log: logs/requests.jsonl\n")
+    settings = load_settings(config, {})
+    assert _unwritable(settings, "c") == [] and _open_outputs(settings, "c") == []
+    for made in (tmp_path / "var/usage.jsonl", tmp_path / "logs/requests.jsonl"):
+        assert made.stat().st_mode & 0o777 == 0o640  # request lines may hold content: not world-readable
+    (tmp_path / "blocker").write_text("")
+    config.write_text("usage:\n  log_path: blocker/usage.jsonl\n")
+    blocked = load_settings(config, {})
+    assert [p.message.split(":")[0] for p in _unwritable(blocked, "c")] == ["usage.log_path"]

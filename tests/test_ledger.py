@@ -133,12 +133,16 @@ def test_the_redis_ledger_and_the_export_survive_a_restart(
     assert int(admin_usage(second, "key")["total"]["requests"]) == 16  # rollups kept in Redis
 
 
-@pytest.mark.parametrize(("fault", "admission"), [("cut", "exact"), ("stall", "leased")])
+@pytest.mark.parametrize(
+    ("fault", "admission", "fallback"), [("cut", "exact", False), ("stall", "leased", False), ("cut", "exact", True)]
+)
 def test_a_reconciled_cost_reaches_the_budget_as_it_reaches_the_ledger(
-    tmp_path: Path, proxy_server: Callable[..., Any], store_url: str | None, fault: str, admission: str
+    tmp_path: Path, proxy_server: Callable[..., Any], store_url: str | None, fault: str, admission: str, fallback: bool
 ) -> None:
     """A stream cut short is settled with an estimate; OpenRouter's /generation cost then
-    corrects the ledger, and the key's budget by the same amount (once, whichever replica)."""
+    corrects the ledger, and the key's budget to the same figure (once, whichever replica).
+    With a fallback, the budget's estimate (priced at the plan's dearest model) and the
+    ledger's (at the model that answered) differ: both still end at OpenRouter's cost."""
     open_test_store(store_url)
     (tmp_path / "policies").mkdir(exist_ok=True)
     policy = {"default_tier": "t", "tiers": {"t": {"budget_usd_per_day": 100}}}
@@ -146,12 +150,15 @@ def test_a_reconciled_cost_reaches_the_budget_as_it_reaches_the_ledger(
     extra = ledger_config(redis_url=store_url, export_dir=None) + "upstream:\n  read_timeout_s: 0.5\n"
     extra += f"limits:\n  admission: {admission}\n"
     proxy = proxy_server(extra=extra)
-    body = {
+    body: dict[str, Any] = {
         "model": "openai/gpt-4o-mini",
         "messages": [{"role": "user", "content": "hello there"}],
         "stream": True,
         "emulator": {"fault": fault, "completion_tokens": 40},
     }
+    if fallback:
+        faults = {"openai/gpt-4o": {"fault": "error-404"}, "openai/gpt-4o-mini": {"fault": fault}}
+        body.update(model="openai/gpt-4o", models=["openai/gpt-4o-mini"], emulator={"faults": faults})
     with httpx.stream(
         "POST",
         f"{proxy.base_url}/chat/completions",

@@ -233,3 +233,14 @@ def test_error_end_is_exact_with_crlf_line_endings(size: int) -> None:
     tap = tap_of(stream, [size] * (len(stream) // size))
     assert tap.error is not None
     assert tap.error_end == len(head) + len(error) + 2  # two CRs more than LF
+
+
+def test_capture_keeps_the_first_choice_s_text_only() -> None:
+    events = b"".join(
+        b'data: {"id":"g","choices":[{"index":%d,"delta":{"content":"%s"},"finish_reason":null}]}\n\n' % (i, word)
+        for i, word in ((0, b"Hello"), (1, b"Bonjour"), (0, b" world"), (1, b" le monde"))
+    )
+    tap = SSETap(capture=True)
+    tap.feed(events + b"data: [DONE]\n\n")
+    assert tap.text == ["Hello", " world"]
+    assert SSETap().text is None

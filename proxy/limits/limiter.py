@@ -43,7 +43,7 @@ from proxy.limits.policy import Bound, KeyBudgets, LimitsPolicy, Period, Rule
 from proxy.limits.pricing import Pricer, actual_cost_nusd, max_output_tokens
 from proxy.pricing import Price
 from proxy.tokens import estimate_prompt_tokens
-from proxy.types import ChatCall, Principal, RoutePlan, Ticket, UsageRecord
+from proxy.types import ChatCall, Principal, RoutePlan, Ticket, Usage, UsageRecord
 
 __all__ = ["DEGRADED_HEADER", "BudgetsOf", "Limiter", "period_of"]
 
@@ -366,19 +366,18 @@ class Limiter:
         for at, bound, period in binding.budget_releases:
             self._crossed(bound, period, spent[at] - cost, spent[at])
 
-    async def correct_spend(self, principal: Principal, model: str | None, ts: float, delta_nusd: int) -> bool:
-        """Add ``delta_nusd`` (OpenRouter's cost minus the one settled; may be negative) to the
-        budgets of ``principal``'s request at ``ts`` (Unix s), in the periods it fell in: the
-        reconciliation's correction reaches the budgets as it reaches the ledger. False when
-        the store did not take it."""
-        if not delta_nusd:
-            return True
-        keys = [
-            f"{b.key}:{period_of(b.rule.period, ts)[0]}"
-            for b in self.bounds(principal, model)
-            if b.rule.metric == "budget"
-        ]
-        return not keys or await self.failover.add_spend(keys, delta_nusd)
+    def budget_charge(self, ticket: Ticket, usage: Usage | None) -> dict[str, Any] | None:
+        """See ``Admission.budget_charge``: the budget hold keys ``ticket`` reserved, and the
+        cost ``settle`` charges them (``actual_cost_nusd``, nano-USD)."""
+        state = ticket.state
+        if not isinstance(state, _Reserved) or state.degraded or _BUDGET not in state.binding.kinds:
+            return None
+        keys = [c.key for kind, c in zip(state.binding.kinds, state.checks, strict=True) if kind == _BUDGET]
+        return {"keys": keys, "nusd": actual_cost_nusd(usage, state.price, state.budget_nusd)}
+
+    async def correct_budgets(self, keys: Sequence[str], delta_nusd: int) -> bool:
+        """See ``Admission.correct_budgets`` (a reconciliation's correction, in nano-USD)."""
+        return not delta_nusd or not keys or await self.failover.add_spend(keys, delta_nusd)
 
     def _spent(self, key: str, before: int, after: int) -> None:
         """A deferred settlement moved budget ``key``'s spend from ``before`` to ``after`` (nano-USD)."""
