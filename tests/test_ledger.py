@@ -177,3 +177,4 @@ def test_a_reconciled_cost_reaches_the_budget_as_it_reaches_the_ledger(
     ledger_cost, budget_spent = wait_for(settled, what="the reconciled cost")
     assert float(ledger_cost) > 0
     assert budget_spent == pytest.approx(float(ledger_cost), abs=1e-9)
+    assert b'"budget"' not in proxy.usage_log.read_bytes()  # the budget keys stay internal
