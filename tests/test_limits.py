@@ -651,6 +651,9 @@ def test_a_cancelled_settlement_still_settles_the_fallbacks_tickets() -> None:
     settled: list[str] = []
 
     class Admission:
+        def budget_charge(self, ticket: Ticket, usage: Any) -> None:
+            return None
+
         async def settle(self, ticket: Ticket, rec: Any) -> None:
             if ticket.state == "primary":
                 raise asyncio.CancelledError
