@@ -34,12 +34,15 @@ class Admission(Protocol):
 
     def budget_charge(self, ticket: Ticket, usage: Usage | None) -> dict[str, Any] | None:
         """What settling ``ticket`` with ``usage`` charges its budgets: ``{"keys": [budget
-        hold keys], "nusd": cost}``, or ``None`` (no budget, or decided without the shared
-        store). A later correction of the request's cost adjusts exactly these keys."""
+        hold keys], "nusd": cost, "alerts": [[scope, subject, budget, period, limit], ...]}``,
+        or ``None`` (no budget, or decided without the shared store). A later correction of
+        the request's cost adjusts exactly these keys."""
 
-    async def correct_budgets(self, keys: Sequence[str], delta_nusd: int) -> bool:
-        """Add ``delta_nusd`` to the budgets ``keys`` (from ``budget_charge``); False if the
-        store did not take it."""
+    async def correct_budgets(
+        self, keys: Sequence[str], delta_nusd: int, alerts: Sequence[Sequence[Any]] | None = None
+    ) -> bool:
+        """Add ``delta_nusd`` to the budgets ``keys`` (from ``budget_charge``, with its
+        ``alerts``); False if the store did not take it."""
 
 
 _EMPTY = Ticket()
@@ -62,5 +65,7 @@ class NoLimits:
     def budget_charge(self, ticket: Ticket, usage: Usage | None) -> dict[str, Any] | None:
         return None
 
-    async def correct_budgets(self, keys: Sequence[str], delta_nusd: int) -> bool:
+    async def correct_budgets(
+        self, keys: Sequence[str], delta_nusd: int, alerts: Sequence[Sequence[Any]] | None = None
+    ) -> bool:
         return True

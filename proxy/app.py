@@ -290,7 +290,9 @@ def _budget_correction(admission: Admission) -> Callable[[dict[str, Any], int], 
         if not isinstance(budget, dict) or not isinstance(budget.get("keys"), list):
             return False  # nothing was charged through the shared store (no budget, or degraded)
         final = int(ticket.get("cost_nusd") or 0) + delta_nusd  # OpenRouter's cost, nano-USD
-        return await admission.correct_budgets(budget["keys"], final - int(budget.get("nusd") or 0))
+        delta = final - int(budget.get("nusd") or 0)
+        alerts = budget.get("alerts")
+        return await admission.correct_budgets(budget["keys"], delta, alerts if isinstance(alerts, list) else None)
 
     return correct
 

@@ -666,3 +666,25 @@ def test_a_cancelled_settlement_still_settles_the_fallbacks_tickets() -> None:
     with pytest.raises(asyncio.CancelledError):
         asyncio.run(ChatCompletions._settle(endpoint, ex, time.time()))
     assert settled == ["one", "two"]
+
+
+def test_a_budget_correction_moves_the_charged_keys_and_alerts_on_the_way(store_url: str | None) -> None:
+    """A request settled with an estimate; OpenRouter's cost, found later, corrects exactly
+    the budget it charged, and a threshold the correction crosses alerts as a settlement would."""
+
+    async def body(lim: Limiter, store: Store) -> None:
+        ticket = await lim.admit(principal(), call(max_tokens=10), plan())
+        estimated = Usage(7, 10, 17, cost_usd=None)
+        charge = lim.budget_charge(ticket, estimated)
+        assert charge is not None and len(charge["keys"]) == 1 and charge["nusd"] > 0
+        await lim.settle(ticket, record(estimated))
+        assert lim.alerts.fired_total == 0
+        billed = 900_000  # nano-USD: 90% of the 0.001 USD budget
+        assert await lim.correct_budgets(charge["keys"], billed - charge["nusd"], charge["alerts"])
+        assert lim.alerts.fired_total == 2  # 50% and 80%
+        status = (await lim.snapshot(principal()))[2]
+        assert [s.spent for s in status.states if s.spent] == [billed]
+        assert await lim.correct_budgets(charge["keys"], -2 * billed)  # never below zero
+        assert [s.spent for s in (await lim.snapshot(principal()))[2].states] == [0]
+
+    run(store_url, {"tiers": {"t": {"budget_usd_per_day": 0.001}}}, body)

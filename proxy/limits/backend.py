@@ -110,6 +110,7 @@ class Backend(Protocol):
         spend then (``LeasedBackend.on_spent``). ``shape``: calls with the same shape release
         the same keys the same way."""
 
-    async def add_spend(self, keys: Sequence[str], delta: int) -> None:
+    async def add_spend(self, keys: Sequence[str], delta: int) -> list[int]:
         """Add ``delta`` (nano-USD, may be negative; never below zero) to the ``spent`` of each
-        budget hold in ``keys`` that exists (a correction found after settlement)."""
+        budget hold in ``keys`` that exists (a correction found after settlement); each
+        one's ``spent`` afterwards (-1: it does not exist)."""

@@ -152,15 +152,14 @@ class Failover:
                 self._settle_later(holds, rid)
             return None
 
-    async def add_spend(self, keys: Sequence[str], delta: int) -> bool:
-        """``Backend.add_spend`` on the shared store; False (logged) when it failed: that
+    async def add_spend(self, keys: Sequence[str], delta: int) -> list[int] | None:
+        """``Backend.add_spend`` on the shared store; ``None`` (logged) when it failed: that
         correction is lost for the budget (the ledger keeps it)."""
         try:
-            await self.backend.add_spend(keys, delta)
+            return await self.backend.add_spend(keys, delta)
         except StoreUnavailable as exc:
             log.warning("a budget correction of %d nano-USD was not applied (store: %s)", delta, exc)
-            return False
-        return True
+            return None
 
     def _release_later(self, checks: Sequence[Check], rid: str) -> None:
         """A reservation failed (it may have run): release its holds once the store is back."""

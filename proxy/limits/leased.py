@@ -346,8 +346,8 @@ class LeasedBackend:
 
     # -- settlement -----------------------------------------------------------------
 
-    async def add_spend(self, keys: Sequence[str], delta: int) -> None:
-        await self.inner.add_spend(keys, delta)  # budgets' spend is Redis's, allotments or not
+    async def add_spend(self, keys: Sequence[str], delta: int) -> list[int]:
+        return await self.inner.add_spend(keys, delta)  # budgets' spend is Redis's, allotments or not
 
     async def settle(
         self, releases: Sequence[Release], rid: str, now_ms: int, *, shape: Hashable | None = None

@@ -372,12 +372,39 @@ class Limiter:
         state = ticket.state
         if not isinstance(state, _Reserved) or state.degraded or _BUDGET not in state.binding.kinds:
             return None
-        keys = [c.key for kind, c in zip(state.binding.kinds, state.checks, strict=True) if kind == _BUDGET]
-        return {"keys": keys, "nusd": actual_cost_nusd(usage, state.price, state.budget_nusd)}
+        binding = state.binding
+        keys, alerts = [], []
+        for kind, check, bound in zip(binding.kinds, state.checks, binding.bounds, strict=True):
+            if kind == _BUDGET:
+                keys.append(check.key)
+                rule = bound.rule
+                alerts.append([bound.scope, bound.subject, rule.name, check.key.rsplit(":", 1)[1], rule.limit])
+        return {"keys": keys, "nusd": actual_cost_nusd(usage, state.price, state.budget_nusd), "alerts": alerts}
 
-    async def correct_budgets(self, keys: Sequence[str], delta_nusd: int) -> bool:
-        """See ``Admission.correct_budgets`` (a reconciliation's correction, in nano-USD)."""
-        return not delta_nusd or not keys or await self.failover.add_spend(keys, delta_nusd)
+    async def correct_budgets(
+        self, keys: Sequence[str], delta_nusd: int, alerts: Sequence[Sequence[Any]] | None = None
+    ) -> bool:
+        """See ``Admission.correct_budgets`` (a reconciliation's correction, in nano-USD).
+        ``alerts``: per key ``[scope, subject, budget, period, limit]`` (``budget_charge``),
+        so a correction that crosses a threshold alerts as a settlement would."""
+        if not delta_nusd or not keys:
+            return True
+        spent = await self.failover.add_spend(keys, delta_nusd)
+        if spent is None:
+            return False
+        if alerts and delta_nusd > 0 and self.alerts.thresholds and len(alerts) == len(spent):
+            for after, (scope, subject, budget, period, limit) in zip(spent, alerts, strict=True):
+                if after >= 0:
+                    self.alerts.crossed(
+                        scope=scope,
+                        subject=subject,
+                        budget=budget,
+                        period=period,
+                        limit=int(limit),
+                        before=after - delta_nusd,
+                        after=after,
+                    )
+        return True
 
     def _spent(self, key: str, before: int, after: int) -> None:
         """A deferred settlement moved budget ``key``'s spend from ``before`` to ``after`` (nano-USD)."""

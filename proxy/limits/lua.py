@@ -400,18 +400,23 @@ return result
 
 # ``KEYS``: budget hold hashes (one hash tag); ``ARGV[1]``: nano-USD to add to each one's
 # ``spent`` (may be negative; never below zero). A hash that is gone (its period expired, or
-# it was never made) is left alone.
+# it was never made) is left alone. Returns each one's ``spent`` afterwards ("-1": gone),
+# comma-separated.
 ADD_SPEND = (
     _COMMON
     + """
 local delta = tonumber(ARGV[1])
+local out = {}
 for _, key in ipairs(KEYS) do
   if redis.call('EXISTS', key) == 1 then
     local spent = (tonumber(redis.call('HGET', key, 'spent')) or 0) + delta
     if spent < 0 then spent = 0 end
     redis.call('HSET', key, 'spent', fmt(spent))
+    out[#out + 1] = fmt(spent)
+  else
+    out[#out + 1] = '-1'
   end
 end
-return 1
+return table.concat(out, ',')
 """
 )

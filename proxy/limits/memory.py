@@ -190,11 +190,14 @@ class MemoryBackend:
             out.append(hold.spent)
         return out
 
-    async def add_spend(self, keys: Sequence[str], delta: int) -> None:
+    async def add_spend(self, keys: Sequence[str], delta: int) -> list[int]:
+        out = []
         for key in keys:
             hold = self._holds.get(key)
             if hold is not None:
                 hold.spent = max(0, hold.spent + delta)
+            out.append(-1 if hold is None else hold.spent)
+        return out
 
     def _sweep(self, now: int) -> None:
         for key in [k for k, w in self._windows.items() if (w.expires and w.expires <= now) or not w.buckets]:

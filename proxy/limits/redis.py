@@ -167,17 +167,19 @@ class RedisBackend:
             args.append(once_ms)
         return await self._run(self._settle, keys, args, defer=defer)
 
-    async def add_spend(self, keys: Sequence[str], delta: int) -> None:
+    async def add_spend(self, keys: Sequence[str], delta: int) -> list[int]:
         """See ``Backend.add_spend`` (rare: a plain script call, not through the lane)."""
         if not keys:
-            return
+            return []
         try:
             async with asyncio.timeout(max(1.0, self.timeout_s)):
-                await self._add_spend(keys=list(keys), args=[delta])
+                reply = await self._add_spend(keys=list(keys), args=[delta])
         except TimeoutError:
             raise StoreUnavailable("Redis did not answer in time") from None
         except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        text = reply.decode() if isinstance(reply, bytes) else str(reply)
+        return [int(v) for v in text.split(",")] if text else []
 
     async def warm(self) -> None:
         """Load both scripts and open a connection now, not on the first requests (never raises)."""
