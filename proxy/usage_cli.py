@@ -55,6 +55,9 @@ def cmd_usage(args: argparse.Namespace, load: LoadSettings) -> int:
     store: tuple[str, int] | None = None  # Redis URL, days its rollups live (ledger.rollup_ttl_days)
     if args.log:
         paths = [Path(args.log)]
+        if not paths[0].is_file():  # a mistyped path is not an empty log
+            print(f"no usage log at {args.log}", file=sys.stderr)
+            return 2
     elif args.dir:
         paths = export_files(Path(args.dir), since)
     else:

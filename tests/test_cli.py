@@ -386,3 +386,10 @@ def test_output_files_are_made_private_and_check_sees_a_file_in_the_way(tmp_path
     config.write_text("usage:\n  log_path: blocker/usage.jsonl\n")
     blocked = load_settings(config, {})
     assert [p.message.split(":")[0] for p in _unwritable(blocked, "c")] == ["usage.log_path"]
+
+
+def test_usage_from_a_log_that_is_not_there_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["usage", "--log", str(tmp_path / "typo.jsonl")]) == 2
+    assert "no usage log at" in capsys.readouterr().err
