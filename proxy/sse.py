@@ -30,23 +30,10 @@ __all__ = ["SSETap"]
 _MAX_PENDING = 1 << 20  # an "event" longer than 1 MiB without a separator is dropped
 _DONE = b"[DONE]"
 _CLOSE_BRACE = ord("}")
+# An event may name a finish_reason that is not null when it has more "finish_reason" than
+# "finish_reason":null (two C-level counts; spaced JSON always may, and is then parsed).
 _FINISH = b'"finish_reason"'
 _FINISH_NULL = b'"finish_reason":null'
-_BLANKS = b" \t\r\n"
-
-
-def _names_finish(data: bytes, start: int, end: int) -> bool:
-    """Whether ``data[start:end]`` has a ``"finish_reason"`` that may not be ``null``.
-
-    Compact JSON (``"finish_reason":null``) costs two searches; spaced JSON is read too.
-    """
-    at = data.find(_FINISH, start, end)
-    while at >= 0:
-        at += len(_FINISH)
-        if not data.startswith(b":null", at) and not data[at : at + 32].translate(None, _BLANKS).startswith(b":null"):
-            return True
-        at = data.find(_FINISH, at, end)
-    return False
 
 
 def _raw_offset(raw: bytes, data: bytes, pos: int) -> int:
@@ -125,7 +112,7 @@ class SSETap:
                     and find(b"\n", pos, end) < 0
                     and find(b'"usage"', pos, end) < 0
                     and find(b'"error"', pos, end) < 0
-                    and count(_FINISH, pos, end) == count(_FINISH_NULL, pos, end)  # (else maybe spaced JSON)
+                    and count(_FINISH, pos, end) == count(_FINISH_NULL, pos, end)
                 ):
                     self.data_events += 1  # what _event would do, without copying the event
                 else:
@@ -196,7 +183,7 @@ class SSETap:
             or self.text is not None
             or b'"usage"' in payload
             or b'"error"' in payload
-            or _names_finish(payload, 0, len(payload))
+            or payload.count(_FINISH) != payload.count(_FINISH_NULL)
         ):
             return
         try:

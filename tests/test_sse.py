@@ -206,7 +206,7 @@ def test_fixture_dir_exists() -> None:
     assert Path(SHARED_FIXTURES).is_dir(), "shared/openrouter/fixtures must sit beside the repository"
 
 
-def test_finish_reason_is_read_from_spaced_json_and_null_is_not_parsed() -> None:
+def test_finish_reason_is_read_from_spaced_json_and_a_null_one_is_not_taken() -> None:
     spaced = (
         b'data: {"id": "g", "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": null}]}\n\n'
         b'data: {"id": "g", "choices": [{"index": 0, "delta": {}, "finish_reason" : "length"}]}\n\n'
