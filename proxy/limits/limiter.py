@@ -373,12 +373,8 @@ class Limiter:
         if not isinstance(state, _Reserved) or state.degraded or _BUDGET not in state.binding.kinds:
             return None
         binding = state.binding
-        keys, alerts = [], []
-        for kind, check, bound in zip(binding.kinds, state.checks, binding.bounds, strict=True):
-            if kind == _BUDGET:
-                keys.append(check.key)
-                rule = bound.rule
-                alerts.append([bound.scope, bound.subject, rule.name, check.key.rsplit(":", 1)[1], rule.limit])
+        keys = [check.key for kind, check in zip(binding.kinds, state.checks, strict=True) if kind == _BUDGET]
+        alerts = [[b.scope, b.subject, b.rule.name, period, b.rule.limit] for _, b, period in binding.budget_releases]
         return {"keys": keys, "nusd": actual_cost_nusd(usage, state.price, state.budget_nusd), "alerts": alerts}
 
     async def correct_budgets(

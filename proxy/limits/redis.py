@@ -55,12 +55,19 @@ class RedisBackend:
         self._settle_shapes: dict[Hashable, EncodedKeys] = {}
 
     async def _run(
-        self, script: Any, keys: list[str] | EncodedKeys, args: list[Any], *, defer: bool = False
+        self,
+        script: Any,
+        keys: list[str] | EncodedKeys,
+        args: list[Any],
+        *,
+        defer: bool = False,
+        timeout_s: float | None = None,
     ) -> list[int]:
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         try:
-            result = await self._lane.evalsha(script, keys, args, self.timeout_s, defer=defer)
+            result = await self._lane.evalsha(script, keys, args, timeout_s, defer=defer)
         except TimeoutError:
-            raise StoreUnavailable(f"Redis did not answer within {self.timeout_s * 1000:.0f} ms") from None
+            raise StoreUnavailable(f"Redis did not answer within {timeout_s * 1000:.0f} ms") from None
         except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
         if not isinstance(result, bytes):
@@ -168,18 +175,8 @@ class RedisBackend:
         return await self._run(self._settle, keys, args, defer=defer)
 
     async def add_spend(self, keys: Sequence[str], delta: int) -> list[int]:
-        """See ``Backend.add_spend`` (rare: a plain script call, not through the lane)."""
-        if not keys:
-            return []
-        try:
-            async with asyncio.timeout(max(1.0, self.timeout_s)):
-                reply = await self._add_spend(keys=list(keys), args=[delta])
-        except TimeoutError:
-            raise StoreUnavailable("Redis did not answer in time") from None
-        except REDIS_ERRORS as exc:
-            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        text = reply.decode() if isinstance(reply, bytes) else str(reply)
-        return [int(v) for v in text.split(",")] if text else []
+        """See ``Backend.add_spend`` (off any request's path: a second, not ``timeout_s``)."""
+        return await self._run(self._add_spend, list(keys), [delta], timeout_s=max(1.0, self.timeout_s)) if keys else []
 
     async def warm(self) -> None:
         """Load both scripts and open a connection now, not on the first requests (never raises)."""
