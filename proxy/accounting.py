@@ -40,7 +40,7 @@ import orjson
 from proxy.pricing import Price, cost_of, nano
 from proxy.store.base import day_of
 from proxy.store.usage import Group, LedgerWrite
-from proxy.types import UsageRecord
+from proxy.types import PRIVATE_EXTRA, UsageRecord
 
 __all__ = [
     "TOKEN_FIELDS",
@@ -60,7 +60,7 @@ log = logging.getLogger("proxy.accounting")
 CostSource = Literal["upstream", "pricing", "generation", "none"]
 TOKEN_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
 _GROUP_MAX = 200
-_RESERVED_EXTRA = frozenset({"attempts", "estimated", "content", "budget"})
+_RESERVED_EXTRA = PRIVATE_EXTRA | {"attempts", "estimated"}  # (the last two have fields of their own)
 
 
 def _label(value: Any) -> str:

@@ -17,12 +17,11 @@ from typing import Any
 
 import orjson
 
-from proxy.types import Usage, UsageRecord
+from proxy.types import PRIVATE_EXTRA, Usage, UsageRecord
 
 __all__ = ["MAX_COST_USD", "MAX_TOKENS", "record_json", "usage_from"]
 
 
-_NOT_LOGGED = frozenset({"content", "budget"})
 MAX_TOKENS = 1_000_000_000  # per field of one answer
 MAX_COST_USD = 10_000.0  # for one answer
 
@@ -99,8 +98,8 @@ def record_json(record: UsageRecord, *, cost_usd: float | None, cost_source: str
         "error_code": record.error_code,
         "malformed_events": record.malformed_events,
     }
-    if record.extra:  # message content never goes to the usage log, nor the budget keys (internal)
-        extra = {k: v for k, v in record.extra.items() if k not in _NOT_LOGGED}
+    if record.extra:
+        extra = {k: v for k, v in record.extra.items() if k not in PRIVATE_EXTRA}
         if extra:
             line["extra"] = extra
     return orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)

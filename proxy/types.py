@@ -13,7 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ChatCall", "Principal", "RoutePlan", "Ticket", "Usage", "UsageRecord"]
+__all__ = ["PRIVATE_EXTRA", "ChatCall", "Principal", "RoutePlan", "Ticket", "Usage", "UsageRecord"]
+
+# ``UsageRecord.extra`` keys that never go into a usage-log or ledger line: message content
+# (the request log only, with ``logging.include_content``) and the budget keys a request
+# charged (the reconciliation ticket only).
+PRIVATE_EXTRA = frozenset({"content", "budget"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +112,8 @@ class UsageRecord:
     upstream was never reached). ``status`` is the HTTP status the client got. For streams,
     ``done`` says whether ``data: [DONE]`` arrived and ``cancelled`` whether the client
     hung up first; ``error_code`` holds a proxy error code, an upstream status or an
-    in-band stream error code.
+    in-band stream error code. ``extra``: anything else (``attempts``, ``estimated``,
+    ``cache``, and the ``PRIVATE_EXTRA`` keys).
     """
 
     request_id: str
