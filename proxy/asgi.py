@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from proxy.errors import BodyTooLarge, ProxyError, render_error
+from proxy.http_protocol import DISCONNECT_HOOK, DisconnectHook
 
 __all__ = [
     "ASGIApp",
@@ -76,22 +77,39 @@ class DisconnectWatch:
     Start it once the request body has been read (``receive`` then yields only
     ``http.disconnect``). The cancelled task checks ``disconnected`` to tell a client
     hang-up from a shutdown, and calls ``stop`` before its last ``send``.
+
+    Served by ``proxy.http_protocol.HeadGuardProtocol`` (``openrouter-proxy serve``), the
+    protocol tells of the hang-up through the scope's ``DisconnectHook``; under another
+    server a task waits on ``receive`` and is cancelled by ``stop``.
     """
 
-    __slots__ = ("_task", "_watcher", "disconnected")
+    __slots__ = ("_hook", "_task", "_watcher", "disconnected")
 
-    def __init__(self, receive: Receive, task: asyncio.Task[Any]) -> None:
+    def __init__(self, scope: Scope, receive: Receive, task: asyncio.Task[Any]) -> None:
         self.disconnected = False
         self._task = task
-        self._watcher = asyncio.get_running_loop().create_task(self._watch(receive))
+        extension = scope.get("extensions", {}).get(DISCONNECT_HOOK)
+        hook: DisconnectHook | None = extension["hook"] if extension else None
+        self._hook = hook
+        self._watcher: asyncio.Task[None] | None = None
+        if hook is not None:
+            hook.callback = self._disconnected
+        else:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(receive))
+
+    def _disconnected(self) -> None:
+        self.disconnected = True
+        self._task.cancel()
 
     async def _watch(self, receive: Receive) -> None:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                self.disconnected = True
-                self._task.cancel()
+                self._disconnected()
                 return
 
     def stop(self) -> None:
-        self._watcher.cancel()
+        if self._hook is not None:
+            self._hook.callback = None
+        if self._watcher is not None:
+            self._watcher.cancel()

@@ -32,6 +32,14 @@ connection is only closed. The count starts with the read after the one where th
 began (the parser does not say where in a read a head begins), so a head is cut somewhere
 between ``max_header_bytes`` and that plus one read (at most 256 KiB).
 
+**Hang-ups.** Each request's scope carries a ``DisconnectHook`` under
+``scope["extensions"][DISCONNECT_HOOK]["hook"]`` (an ASGI extension is a dict): the
+endpoint sets its ``callback``, which the protocol calls when the connection is lost before
+that request's response completed (when uvicorn's ``receive`` would next return
+``http.disconnect``). The endpoint learns of a
+hang-up without a task of its own waiting on ``receive`` that it must cancel at the end of
+every request (``proxy.asgi.DisconnectWatch``).
+
 ``serve`` passes ``head_guard_protocol(header_timeout_s, max_header_bytes)`` as uvicorn's
 ``http``: a ``functools.partial`` of the class, so it pickles into spawned workers.
 """
@@ -40,15 +48,29 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from proxy.errors import HeaderTooLarge, render_error
 
-__all__ = ["HeadGuardProtocol", "head_guard_protocol"]
+__all__ = ["DISCONNECT_HOOK", "DisconnectHook", "HeadGuardProtocol", "head_guard_protocol"]
 
 _REASONS = {431: b"Request Header Fields Too Large"}
+
+DISCONNECT_HOOK = "openrouter_proxy.disconnect"
+"""The key of a request's ``DisconnectHook`` in ``scope["extensions"]``."""
+
+
+class DisconnectHook:
+    """``callback`` (no arguments) is called once if the connection is lost before the
+    response of the request it belongs to completed; ``None`` (the default) ignores it."""
+
+    __slots__ = ("callback",)
+
+    def __init__(self) -> None:
+        self.callback: Callable[[], object] | None = None
 
 
 class HeadGuardProtocol(HttpToolsProtocol):
@@ -85,6 +107,7 @@ class HeadGuardProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.scope["extensions"] = {DISCONNECT_HOOK: {"hook": DisconnectHook()}}
         self._in_head = True
         self._heads += 1
         self._head_bytes = 0
@@ -102,6 +125,12 @@ class HeadGuardProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+        cycle = self.cycle  # uvicorn marks only the newest request's cycle, and so does this
+        if cycle is not None and cycle.disconnected:
+            hook = cycle.scope.get("extensions", {}).get(DISCONNECT_HOOK, {}).get("hook")
+            if isinstance(hook, DisconnectHook) and hook.callback is not None:
+                callback, hook.callback = hook.callback, None
+                callback()
 
     def _answering(self) -> bool:
         """A response is in progress, or requests wait for their turn (reading is paused)."""

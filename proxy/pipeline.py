@@ -142,9 +142,9 @@ class ChatCompletions:
                 ex.plan = plan = await self.context_guard(plan, call)
             ex.ticket = await self.admission.admit(ex.principal, call, plan)
             if plan.cache_ttl_s is not None and self.cache is not None:
-                await self._through_cache(self.cache, call, plan, forwarded, ex, receive, send)
+                await self._through_cache(self.cache, call, plan, forwarded, ex, scope, receive, send)
             else:
-                await self._forward_call(call, plan, forwarded, ex, receive, send)
+                await self._forward_call(call, plan, forwarded, ex, scope, receive, send)
         except ProxyError as exc:
             ex.error_code = exc.code or str(exc.status_code())
             if not ex.started:
@@ -176,6 +176,7 @@ class ChatCompletions:
         plan: RoutePlan,
         forwarded: list[tuple[bytes, bytes]],
         ex: Exchange,
+        scope: Scope,
         receive: Receive,
         send: Send,
     ) -> None:
@@ -187,7 +188,7 @@ class ChatCompletions:
             await send_cached(hit, ex, self._headers(plan.model, plan, ex), send)
             return
         recorder = BodyRecorder(send, cache.max_bytes)
-        await self._forward_call(call, plan, forwarded, ex, receive, recorder)
+        await self._forward_call(call, plan, forwarded, ex, scope, receive, recorder)
         if recorder.body is not None and ex.error_code is None and not ex.cancelled:
             await cache.store(
                 plan,
@@ -216,12 +217,13 @@ class ChatCompletions:
         plan: RoutePlan,
         forwarded: list[tuple[bytes, bytes]],
         ex: Exchange,
+        scope: Scope,
         receive: Receive,
         send: Send,
     ) -> None:
         task = asyncio.current_task()
         assert task is not None
-        watch = DisconnectWatch(receive, task)
+        watch = DisconnectWatch(scope, receive, task)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeouts.total_timeout_s
         total = Deadline(deadline)

@@ -50,9 +50,13 @@ def _close_openai_clients(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 class ServerThread:
-    """uvicorn serving ``app`` on 127.0.0.1:<free port> in a daemon thread."""
+    """uvicorn serving ``app`` on 127.0.0.1:<free port> in a daemon thread, with the HTTP
+    protocol ``openrouter-proxy serve`` uses (``http``: another, e.g. uvicorn's own
+    ``"httptools"``)."""
 
-    def __init__(self, app: Any, *, lifespan: str = "on") -> None:
+    def __init__(self, app: Any, *, lifespan: str = "on", http: Any = None) -> None:
+        from proxy.http_protocol import head_guard_protocol
+
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
@@ -64,7 +68,7 @@ class ServerThread:
             log_level=None,
             access_log=False,
             loop="uvloop",
-            http="httptools",
+            http=http or head_guard_protocol(30.0, 65536),
             timeout_graceful_shutdown=2,
         )
         self.server = uvicorn.Server(config)
@@ -256,6 +260,7 @@ def proxy_server(
         upstream_extra: str = "",
         router: Any = None,
         routing: str | None = None,
+        http: Any = None,
     ) -> ProxyUnderTest:
         path = write_config(
             tmp_path, upstream_url or f"{emulator.url}/api/v1", extra, read_timeout_s, upstream_extra, routing
@@ -264,7 +269,7 @@ def proxy_server(
         app = create_app(settings)
         if router is not None:
             app.router = router
-        return ProxyUnderTest(serve(app), app, settings)
+        return ProxyUnderTest(serve(app, http=http), app, settings)
 
     return _make
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -133,7 +134,13 @@ def test_malformed_event_is_forwarded_and_noted(proxy: ProxyUnderTest) -> None:
     assert rec["done"] is True
 
 
-def test_client_hang_up_cancels_the_upstream_stream(proxy: ProxyUnderTest, emulator_app: Any) -> None:
+@pytest.mark.parametrize("http", ["serve", "httptools"])
+def test_client_hang_up_cancels_the_upstream_stream(
+    proxy_server: Callable[..., ProxyUnderTest], emulator_app: Any, http: str
+) -> None:
+    """Served as ``openrouter-proxy serve`` does, the protocol's hook tells of the hang-up;
+    under uvicorn's own protocol, a task waiting on ``receive`` does."""
+    proxy = proxy_server(http=None if http == "serve" else http)
     upstream = UpstreamLog(emulator_app)
     with httpx.stream(
         "POST",
