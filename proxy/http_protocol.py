@@ -107,7 +107,7 @@ class HeadGuardProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self.scope["extensions"] = {DISCONNECT_HOOK: {"hook": DisconnectHook()}}
+        self.scope.setdefault("extensions", {})[DISCONNECT_HOOK] = {"hook": DisconnectHook()}
         self._in_head = True
         self._heads += 1
         self._head_bytes = 0
