@@ -93,7 +93,10 @@ class DisconnectWatch:
         self._hook = hook
         self._watcher: asyncio.Task[None] | None = None
         if hook is not None:
-            hook.callback = self._disconnected
+            if hook.lost:  # the client left before the watch began (during admission, say)
+                self._disconnected()
+            else:
+                hook.callback = self._disconnected
         else:
             self._watcher = asyncio.get_running_loop().create_task(self._watch(receive))
 

@@ -35,8 +35,11 @@ between ``max_header_bytes`` and that plus one read (at most 256 KiB).
 **Hang-ups.** Each request's scope carries a ``DisconnectHook`` under
 ``scope["extensions"][DISCONNECT_HOOK]["hook"]`` (an ASGI extension is a dict): the
 endpoint sets its ``callback``, which the protocol calls when the connection is lost before
-that request's response completed (when uvicorn's ``receive`` would next return
-``http.disconnect``). The endpoint learns of a
+that request's response completed, or finds ``lost`` set if it was lost earlier. That
+covers the request being answered as well as a pipelined one behind it (uvicorn itself
+marks only the newest as disconnected). Once a request's body is complete the protocol
+keeps reading the socket (uvicorn pauses at 64 KiB of unread body until the next
+``receive``), so that it sees the client go. The endpoint learns of a
 hang-up without a task of its own waiting on ``receive`` that it must cancel at the end of
 every request (``proxy.asgi.DisconnectWatch``).
 
@@ -51,7 +54,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from proxy.errors import HeaderTooLarge, render_error
 
@@ -65,12 +68,14 @@ DISCONNECT_HOOK = "openrouter_proxy.disconnect"
 
 class DisconnectHook:
     """``callback`` (no arguments) is called once if the connection is lost before the
-    response of the request it belongs to completed; ``None`` (the default) ignores it."""
+    response of the request it belongs to completed; ``None`` (the default) ignores it.
+    ``lost`` tells of a loss that came before any callback was set."""
 
-    __slots__ = ("callback",)
+    __slots__ = ("callback", "lost")
 
     def __init__(self) -> None:
         self.callback: Callable[[], object] | None = None
+        self.lost = False
 
 
 class HeadGuardProtocol(HttpToolsProtocol):
@@ -87,6 +92,11 @@ class HeadGuardProtocol(HttpToolsProtocol):
         self._in_head = False  # a request began and its head is not complete yet
         self._heads = 0  # request heads begun on this connection
         self._head_bytes = 0  # bytes of the current head, from the read after the one it began in
+        self._running: RequestResponseCycle | None = None  # the request being answered (pipelined ones wait)
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        self._running = cycle
+        super()._start_asgi_task(cycle, app)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -117,6 +127,11 @@ class HeadGuardProtocol(HttpToolsProtocol):
         self._disarm()
         super().on_headers_complete()
 
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        if not self.pipeline:  # uvicorn pauses reading at 64 KiB of unread body and only ``receive``
+            self.flow.resume_reading()  # resumes it: keep reading, so that a hang-up is seen
+
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if self._in_head and not self._answering():
@@ -125,12 +140,20 @@ class HeadGuardProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
-        cycle = self.cycle  # uvicorn marks only the newest request's cycle, and so does this
-        if cycle is not None and cycle.disconnected:
+        # uvicorn marks only the newest request as disconnected; the one answered may be older
+        cycles: list[RequestResponseCycle | None] = [self.cycle]
+        if self._running is not self.cycle:
+            cycles.append(self._running)
+        for cycle in cycles:
+            if cycle is None or cycle.response_complete:
+                continue
+            cycle.disconnected = True
             hook = cycle.scope.get("extensions", {}).get(DISCONNECT_HOOK, {}).get("hook")
-            if isinstance(hook, DisconnectHook) and hook.callback is not None:
-                callback, hook.callback = hook.callback, None
-                callback()
+            if isinstance(hook, DisconnectHook):
+                hook.lost = True
+                if hook.callback is not None:
+                    callback, hook.callback = hook.callback, None
+                    callback()
 
     def _answering(self) -> bool:
         """A response is in progress, or requests wait for their turn (reading is paused)."""
