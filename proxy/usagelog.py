@@ -38,6 +38,7 @@ class UsageLog:
         self._buffer = bytearray()
         self._task: asyncio.Task[None] | None = None
         self._fd: int | None = None
+        self._mid_line = False  # a failed write left the file's last line unfinished
 
     async def start(self) -> None:
         if self.path is None:
@@ -55,14 +56,20 @@ class UsageLog:
             )
 
     def flush(self) -> None:
-        """Write the buffered lines now (one ``write`` call)."""
+        """Write the buffered lines now (one ``write`` call). What a failed write leaves is
+        lost and logged; a line it broke off is ended, so later lines stay whole."""
         if not self._buffer or self._fd is None:
             return
         data, self._buffer = memoryview(self._buffer), bytearray()
+        size = len(data)
         try:
+            if self._mid_line:  # end the line a failed write broke off, so that this one starts clean
+                os.write(self._fd, b"\n")
+                self._mid_line = False
             while data:
                 data = data[os.write(self._fd, data) :]
         except OSError:
+            self._mid_line = self._mid_line or 0 < len(data) < size
             log.exception("usage log write failed; %d bytes of records lost", len(data))
 
     async def _run(self) -> None:
